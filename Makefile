@@ -1,0 +1,43 @@
+# Two set-up commands: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv when missing and install torch==2.13.0 first (a CPU build);
+# an unpinned torch would pull a CUDA build of several GB.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEBS   := mosquitto
+
+.PHONY: install debs test test-slow lint demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests need (a real Mosquitto broker), installed when missing.
+debs:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); \
+		else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); fi; \
+	fi
+
+test: $(STAMP) debs
+	$(BIN)/pytest -q
+
+test-slow: $(STAMP) debs
+	$(BIN)/pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+demo: $(STAMP)
+	$(BIN)/forecaster demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

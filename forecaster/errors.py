@@ -1,0 +1,30 @@
+"""Error hierarchy: every error the daemon raises on purpose carries data, not just text."""
+
+from __future__ import annotations
+
+
+class ForecasterError(Exception):
+    """Base of every error forecaster raises on purpose."""
+
+
+class ConfigError(ForecasterError):
+    """A configuration file or override is invalid; the message names the key path."""
+
+
+class PayloadError(ForecasterError):
+    """A message could not become a sample; `.reason` is a bounded label for metrics."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class CheckpointError(ForecasterError):
+    """A checkpoint is missing, corrupt or does not fit the model; names the file and field."""
+
+    def __init__(self, path: object, field: str, detail: str) -> None:
+        super().__init__(f"checkpoint {path}: field {field!r}: {detail}")
+        self.path = path
+        self.field = field
+        self.detail = detail

@@ -1,0 +1,131 @@
+"""Offline evaluation: replay a series through the same Engine the daemon serves with.
+
+Progressive validation: each value is first used to score the forecast made before it arrived,
+then fed to the model. The first ``warmup`` share of the series is not scored (the normaliser and
+hidden state are still settling), for the model and the naive baseline alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from forecaster.engine import Engine, Sample
+from forecaster.errors import ForecasterError
+from forecaster.model import Forecaster
+from forecaster.normalize import NormalizerConfig
+
+
+@dataclass
+class SeriesRun:
+    """``predictions[t]`` is the forecast of ``values[t + 1]`` made after seeing ``values[t]``."""
+
+    values: np.ndarray
+    predictions: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scores:
+    mse: float
+    mae: float
+    naive_mse: float
+    naive_mae: float
+    skill: float  # 1 - mse / naive_mse
+    samples: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "mse": self.mse,
+            "mae": self.mae,
+            "naive_mse": self.naive_mse,
+            "naive_mae": self.naive_mae,
+            "skill": self.skill,
+            "samples": self.samples,
+        }
+
+
+def run_series(
+    values: np.ndarray,
+    model: Forecaster,
+    normalizer: NormalizerConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    stream: str = "series",
+) -> SeriesRun:
+    """Feed ``values`` one sample per tick through a fresh Engine."""
+    engine = Engine(model, normalizer, device=device)
+    predictions = np.empty(len(values))
+    for t, value in enumerate(tqdm(values, desc="evaluate", disable=not progress, leave=False)):
+        result = engine.tick([Sample(stream, float(value), ts=float(t))])
+        if result.rejected:
+            raise ForecasterError(f"sample {t} rejected: {result.rejected[0].reason}")
+        predictions[t] = result.forecasts[0].prediction
+    return SeriesRun(np.asarray(values, dtype=np.float64), predictions)
+
+
+def score(run: SeriesRun, warmup: float = 0.1) -> Scores:
+    """Score forecasts of values ``[start, n)``, ``start = max(1, warmup * n)``."""
+    n = len(run.values)
+    start = max(1, math.ceil(warmup * n))
+    actual = run.values[start:]
+    error = actual - run.predictions[start - 1 : n - 1]
+    naive = actual - run.values[start - 1 : n - 1]
+    mse, naive_mse = float(np.mean(error**2)), float(np.mean(naive**2))
+    return Scores(
+        mse=mse,
+        mae=float(np.mean(np.abs(error))),
+        naive_mse=naive_mse,
+        naive_mae=float(np.mean(np.abs(naive))),
+        skill=1.0 - mse / naive_mse if naive_mse > 0 else float("nan"),
+        samples=len(actual),
+    )
+
+
+def read_csv(path: Path, column: str = "value") -> np.ndarray:
+    """Values of ``column`` from a CSV with a header (NAB format: ``timestamp,value``)."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise ForecasterError(f"{path}: no column {column!r} (have {reader.fieldnames})")
+        values = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                values.append(float(row[column]))
+            except (TypeError, ValueError) as exc:
+                raise ForecasterError(f"{path}:{line}: {column}={row[column]!r} is not a number") from exc
+    array = np.asarray(values)
+    if not np.isfinite(array).all():
+        raise ForecasterError(f"{path}: column {column!r} holds NaN or inf")
+    return array
+
+
+def plot_run(run: SeriesRun, path: Path, title: str, warmup: float = 0.1) -> None:
+    """Actual vs prediction (prediction drawn at the time it is for) and error over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(run.values)
+    t = np.arange(n)
+    error = run.values[1:] - run.predictions[:-1]
+    naive = run.values[1:] - run.values[:-1]
+    fig, (ax_fit, ax_err) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    ax_fit.plot(t, run.values, label="actual", lw=1.2)
+    ax_fit.plot(t[1:], run.predictions[:-1], "--", label="prediction", lw=1.0)
+    ax_fit.axvspan(0, math.ceil(warmup * n), color="grey", alpha=0.15, label="warm-up (not scored)")
+    ax_fit.set(title=title, ylabel="value")
+    ax_fit.legend(loc="upper right")
+    ax_err.plot(t[1:], np.abs(naive), lw=0.6, alpha=0.6, label="|error| naive last value")
+    ax_err.plot(t[1:], np.abs(error), lw=0.8, label="|error| model")
+    ax_err.set(xlabel="sample", ylabel="absolute error", yscale="log")
+    ax_err.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

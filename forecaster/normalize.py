@@ -1,0 +1,130 @@
+"""Per-stream online normalisation with no look-ahead, vectorised over stream slots.
+
+A model trained on unit sines must serve a stream of amplitude 1000 around 5000, so every value is
+mapped to ``z = (x - mean) / scale`` with an exponentially weighted mean and variance that have seen
+only the values up to and including ``x``. The weight starts as a plain running average (``1/n``)
+and settles at the half-life's rate, so early estimates are not biased towards zero. The model
+predicts the next value in the same ``z`` frame and the engine maps it back with the same
+statistics: the forecast for ``t+1`` uses nothing the stream has not yet sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NormalizerConfig:
+    """``ewm``: exponentially weighted mean/variance; ``none``: values pass unchanged."""
+
+    kind: Literal["ewm", "none"] = "ewm"
+    halflife: float = 500.0  # in samples
+    clip: float = 8.0  # |z| bound, so one spike cannot saturate the hidden state for long
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - math.pow(0.5, 1.0 / self.halflife)
+
+
+class Normalizer:
+    """Running statistics for ``capacity`` stream slots.
+
+    >>> norm = Normalizer(NormalizerConfig(halflife=100.0), capacity=2)
+    >>> slots = np.array([0, 1])
+    >>> norm.update(slots, np.array([5000.0, -3.0])).tolist()
+    [0.0, 0.0]
+    >>> z = norm.update(slots, np.array([5002.0, -1.0]))
+    >>> z.round(4).tolist()
+    [1.0, 1.0]
+    >>> norm.denormalize(slots, z).round(6).tolist()
+    [5002.0, -1.0]
+    """
+
+    def __init__(self, config: NormalizerConfig | None = None, capacity: int = 0) -> None:
+        self.config = config or NormalizerConfig()
+        self.count = np.zeros(capacity, dtype=np.int64)
+        self.mean = np.zeros(capacity, dtype=np.float64)
+        self.var = np.zeros(capacity, dtype=np.float64)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.count)
+
+    def grow(self, capacity: int) -> None:
+        """Make room for at least ``capacity`` slots; new slots start empty."""
+        extra = capacity - self.capacity
+        if extra > 0:
+            self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+            self.mean = np.concatenate([self.mean, np.zeros(extra)])
+            self.var = np.concatenate([self.var, np.zeros(extra)])
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.count[slots] = 0
+        self.mean[slots] = 0.0
+        self.var[slots] = 0.0
+
+    def scale(self, slots: np.ndarray) -> np.ndarray:
+        """Standard deviation, kept above zero relative to the level (a flat stream gives z=0)."""
+        return np.sqrt(self.var[slots]) + 1e-9 * (1.0 + np.abs(self.mean[slots]))
+
+    def update(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Fold ``x`` (one value per distinct slot) into the statistics, return its ``z``."""
+        if self.config.kind == "none":
+            return np.asarray(x, dtype=np.float64).copy()
+        count = self.count[slots] + 1
+        weight = np.maximum(1.0 / count, self.config.alpha)
+        delta = x - self.mean[slots]
+        mean = self.mean[slots] + weight * delta
+        var = (1.0 - weight) * (self.var[slots] + weight * delta * delta)
+        self.count[slots] = count
+        self.mean[slots] = mean
+        self.var[slots] = var
+        return self.normalize(slots, x)
+
+    def normalize(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``z`` of ``x`` under the current statistics (no update)."""
+        if self.config.kind == "none":
+            return np.asarray(x, dtype=np.float64).copy()
+        z = (x - self.mean[slots]) / self.scale(slots)
+        return np.clip(z, -self.config.clip, self.config.clip)
+
+    def denormalize(self, slots: np.ndarray, z: np.ndarray) -> np.ndarray:
+        if self.config.kind == "none":
+            return np.asarray(z, dtype=np.float64).copy()
+        return self.mean[slots] + self.scale(slots) * z
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.count = np.asarray(arrays["count"], dtype=np.int64).copy()
+        self.mean = np.asarray(arrays["mean"], dtype=np.float64).copy()
+        self.var = np.asarray(arrays["var"], dtype=np.float64).copy()
+
+
+def normalize_series(values: np.ndarray, config: NormalizerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise ``values (B, T)`` online; return ``z (B, T)`` and the next-value targets.
+
+    ``target[:, t]`` is ``values[:, t + 1]`` in the frame of the statistics at ``t``, which is
+    exactly what the engine maps a prediction back with (the last column is NaN: no next value).
+    After a single value the scale is ~0, so the first target is clipped: training masks warm-up.
+
+    >>> z, target = normalize_series(np.array([[1.0, 3.0, 5.0]]), NormalizerConfig())
+    >>> z.round(3).tolist(), target[:, :2].round(3).tolist()
+    ([[0.0, 1.0, 1.225]], [[8.0, 3.0]])
+    """
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))  # (B, T)
+    n_streams, length = values.shape
+    norm = Normalizer(config, capacity=n_streams)
+    slots = np.arange(n_streams)
+    z = np.empty_like(values)
+    target = np.full_like(values, np.nan)
+    for t in range(length):
+        z[:, t] = norm.update(slots, values[:, t])
+        if t + 1 < length:
+            target[:, t] = norm.normalize(slots, values[:, t + 1])
+    return z, target

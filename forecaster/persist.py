@@ -1,0 +1,195 @@
+"""Atomic checkpoints: weights, optimizer and every stream's serving state in one safetensors file.
+
+A checkpoint is a single ``.safetensors`` file (tensors cannot execute code when loaded, unlike a
+pickle) whose header carries a JSON manifest: ``model_args`` (the architecture travels with the
+weights, as in nanoGPT), the normaliser, the training recipe, the model version and the stream ids.
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the old file, so a
+crash leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from forecaster import __version__
+from forecaster.errors import CheckpointError
+from forecaster.model import Forecaster, ModelConfig
+from forecaster.normalize import NormalizerConfig
+
+FORMAT = "forecaster-checkpoint/1"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "default.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, loaded and checked."""
+
+    model: Forecaster
+    normalizer: NormalizerConfig
+    manifest: dict[str, Any]
+    optimizer: dict[str, Any] | None = None
+    stream_names: list[str] = field(default_factory=list)
+    stream_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def model_version(self) -> int:
+        return int(self.manifest.get("model_version", 0))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    path: Path | str,
+    model: Forecaster,
+    normalizer: NormalizerConfig,
+    *,
+    model_version: int = 0,
+    recipe: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    stream_names: list[str] | None = None,
+    stream_arrays: dict[str, np.ndarray] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write everything needed to resume serving (and learning) exactly where it stopped."""
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    }
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "forecaster_version": __version__,
+        "model_args": model.config.to_dict(),
+        "normalizer": {
+            "kind": normalizer.kind,
+            "halflife": normalizer.halflife,
+            "clip": normalizer.clip,
+        },
+        "model_version": int(model_version),
+        "recipe": recipe or {},
+        "info": info or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "streams": list(stream_names or []),
+    }
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        manifest["optimizer"] = {"param_groups": state["param_groups"], "state_keys": {}}
+        for index, entry in state["state"].items():
+            keys = []
+            for key, value in entry.items():
+                tensor = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"optim.{index}.{key}"] = tensor.detach().cpu().contiguous()
+                keys.append(key)
+            manifest["optimizer"]["state_keys"][str(index)] = keys
+    for key, array in (stream_arrays or {}).items():
+        tensors[f"streams.{key}"] = torch.from_numpy(np.ascontiguousarray(array))
+    for key, tensor in (extra or {}).items():
+        tensors[f"extra.{key}"] = tensor.detach().cpu().contiguous()
+    data = safetensors_bytes(tensors, metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+    write_atomic(Path(path), data)
+
+
+def load_checkpoint(
+    path: Path | str | None = None, device: torch.device | str = "cpu"
+) -> Checkpoint:
+    """Load and check a checkpoint; any defect raises CheckpointError naming file and field."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(path, "file", "no such file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(path, "header", f"not a readable safetensors file ({exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            path, "format", f"expected {FORMAT!r}, got {metadata.get('format')!r}"
+        )
+    try:
+        manifest = json.loads(metadata["manifest"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(path, "manifest", f"missing or not JSON ({exc})") from exc
+    try:
+        config = ModelConfig.from_dict(dict(manifest["model_args"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, "model_args", str(exc)) from exc
+    try:
+        normalizer = NormalizerConfig(**manifest["normalizer"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(path, "normalizer", str(exc)) from exc
+
+    model = Forecaster(config)
+    expected = model.state_dict()
+    weights = {}
+    for name, want in expected.items():
+        got = tensors.get(f"model.{name}")
+        if got is None:
+            raise CheckpointError(path, f"model.{name}", "missing")
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(
+                path, f"model.{name}", f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+            )
+        if not torch.isfinite(got).all():
+            raise CheckpointError(path, f"model.{name}", "holds NaN or inf")
+        weights[name] = got
+    model.load_state_dict(weights)
+    model.to(device)
+
+    optimizer = None
+    if "optimizer" in manifest:
+        opt = manifest["optimizer"]
+        state = {
+            int(index): {key: tensors[f"optim.{index}.{key}"] for key in keys}
+            for index, keys in opt["state_keys"].items()
+        }
+        optimizer = {"state": state, "param_groups": opt["param_groups"]}
+
+    names = [str(n) for n in manifest.get("streams", [])]
+    arrays = {
+        k[len("streams.") :]: v.numpy() for k, v in tensors.items() if k.startswith("streams.")
+    }
+    for key, array in arrays.items():
+        width = array.shape[1] if key == "state" else array.shape[0]
+        if width != len(names):
+            raise CheckpointError(
+                path, f"streams.{key}", f"{width} streams, manifest names {len(names)}"
+            )
+    if names and "state" in arrays:
+        want = (config.num_layers, len(names), model.state_width)
+        if tuple(arrays["state"].shape) != want:
+            raise CheckpointError(
+                path, "streams.state", f"shape {arrays['state'].shape}, expected {want}"
+            )
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return Checkpoint(model, normalizer, manifest, optimizer, names, arrays, extra)

@@ -1,0 +1,1 @@
+"""Signal simulators: sine streams (and CSV replay) for training, evaluation and the demo."""
