@@ -98,7 +98,9 @@ def read_csv(path: Path, column: str = "value") -> np.ndarray:
             try:
                 values.append(float(row[column]))
             except (TypeError, ValueError) as exc:
-                raise ForecasterError(f"{path}:{line}: {column}={row[column]!r} is not a number") from exc
+                raise ForecasterError(
+                    f"{path}:{line}: {column}={row[column]!r} is not a number"
+                ) from exc
     array = np.asarray(values)
     if not np.isfinite(array).all():
         raise ForecasterError(f"{path}: column {column!r} holds NaN or inf")

@@ -45,6 +45,8 @@ class Recipe:
     freq_low: float = 0.25
     freq_high: float = 3.0
     max_noise: float = 0.3
+    clean_share: float = 0.4
+    switch_share: float = 0.2
 
 
 @dataclass
@@ -103,6 +105,8 @@ def train_default(
             rng,
             freq_range=(recipe.freq_low, recipe.freq_high),
             max_noise=recipe.max_noise,
+            clean_share=recipe.clean_share,
+            switch_share=recipe.switch_share,
         )
         z, target = normalize_series(raw, normalizer)  # (B, T + 1) each
         x = torch.tensor(z[:, :-1], dtype=torch.float32).unsqueeze(-1)  # (B, T, 1)

@@ -1,0 +1,171 @@
+"""Command line: ``forecaster {run,demo,train,evaluate,check-config,plot}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from forecaster.errors import ForecasterError
+
+log = logging.getLogger("forecaster")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from forecaster.model import ModelConfig
+    from forecaster.train import Recipe, plot_training, save_result, train_default, train_seed
+
+    torch.set_num_threads(args.threads)
+    if args.recipe == "seed":
+        result = train_seed(steps=args.steps or 100, seed=args.seed)
+    else:
+        recipe = Recipe(seed=args.seed, **({"episodes": args.steps} if args.steps else {}))
+        config = ModelConfig(args.cell, args.hidden_size, args.num_layers)
+        result = train_default(recipe, config)
+    save_result(result, args.out)
+    print(f"checkpoint: {args.out} (final loss {sum(result.losses[-20:]) / 20:.3g})")
+    if args.plot:
+        plot_training(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from forecaster.evaluate import plot_run, read_csv, run_series, score
+    from forecaster.persist import load_checkpoint
+    from simulators.signals import sine_wave
+
+    torch.set_num_threads(1)
+    checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    if args.csv:
+        values = read_csv(args.csv, args.column)
+        title = f"{args.csv.name}"
+    else:
+        values = sine_wave(
+            args.samples,
+            amplitude=args.amplitude,
+            offset=args.offset,
+            freq_scale=args.freq_scale,
+            noise=args.noise,
+            seed=args.seed,
+        )
+        title = (
+            f"sine: amplitude {args.amplitude:g}, offset {args.offset:g}, "
+            f"freq x{args.freq_scale:g}, noise {args.noise:g}"
+        )
+    run = run_series(
+        values, checkpoint.model, checkpoint.normalizer, device=args.device, progress=not args.json
+    )
+    scores = score(run, args.warmup)
+    if args.plot:
+        plot_run(run, args.plot, title, args.warmup)
+    if args.json:
+        print(json.dumps(scores.as_dict()))
+    else:
+        print(title)
+        print(f"  samples scored  {scores.samples}")
+        print(f"  model   MSE {scores.mse:.6g}  MAE {scores.mae:.6g}")
+        print(f"  naive   MSE {scores.naive_mse:.6g}  MAE {scores.naive_mae:.6g}")
+        print(f"  skill   {scores.skill:.4f}  (1 - MSE/naive MSE)")
+        if args.plot:
+            print(f"  plot    {args.plot}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from forecaster.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: ok")
+    if args.verbose:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from forecaster.config import load_config
+    from forecaster.daemon import Daemon
+
+    config = load_config(args.config)
+    logging.getLogger().setLevel(config.logging.level if not args.verbose else logging.DEBUG)
+    daemon = Daemon(config)
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    daemon.run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model offline on sine signals")
+    train.add_argument("--recipe", choices=["default", "seed"], default="default")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, help="seed: optimizer steps; default: episodes")
+    train.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
+    train.add_argument("--hidden-size", type=int, default=32)
+    train.add_argument("--num-layers", type=int, default=1)
+    train.add_argument("--threads", type=int, default=1, help="torch threads")
+    train.add_argument("--out", type=Path, default=Path("model.safetensors"))
+    train.add_argument("--plot", type=Path, help="PNG: loss curve and prediction vs actual")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="replay a series through the engine and score it")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--sine", action="store_true", help="the seed's sine (default source)")
+    source.add_argument("--csv", type=Path, help="CSV file (NAB format: timestamp,value)")
+    ev.add_argument("--column", default="value", help="CSV column to forecast")
+    ev.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma")
+    ev.add_argument("--amplitude", type=float, default=1.0)
+    ev.add_argument("--offset", type=float, default=0.0)
+    ev.add_argument("--freq-scale", type=float, default=1.0, help="2 = twice the seed's frequency")
+    ev.add_argument("--samples", type=int, default=2000)
+    ev.add_argument("--seed", type=int, default=0, help="noise seed")
+    ev.add_argument("--warmup", type=float, default=0.1, help="share of samples not scored")
+    ev.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped one)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--plot", type=Path, help="PNG: actual vs prediction and error over time")
+    ev.set_defaults(func=cmd_evaluate)
+
+    run = sub.add_parser("run", help="run the daemon: MQTT in, forecasts out, /metrics")
+    run.add_argument("-c", "--config", type=Path, help="YAML config (default: built-in defaults)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file without connecting")
+    check.add_argument("config", type=Path)
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ForecasterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Composition root: build the stages in order, run the engine loop, stop them in reverse.
+
+Start: checkpoint (the state folder's, else the configured model) -> engine -> metrics endpoint ->
+MQTT link. Each loop iteration drains whatever is queued (up to ``max_batch``) into one tick and
+never waits to fill a batch: one sample at light load, large ticks under heavy load. Stop (SIGTERM):
+stop intake, finish what is queued, checkpoint every stream, publish ``stopped``, disconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from forecaster.config import Config
+from forecaster.engine import Engine, Forecast, Sample
+from forecaster.errors import CheckpointError, PayloadError
+from forecaster.metrics import HttpEndpoint, Metrics
+from forecaster.mqtt import MqttLink, RawMessage
+from forecaster.parse import PayloadParser, TopicTemplate
+from forecaster.persist import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class RateLimitedLog:
+    """At most one warning per key every ``interval`` seconds, with the count suppressed since."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        suppressed = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        if suppressed:
+            message += " (%d more like this suppressed)"
+            args = (*args, suppressed)
+        log.warning(message, *args)
+
+
+def forecast_payload(forecast: Forecast) -> str:
+    """The documented forecast message (see README: "Forecast messages")."""
+    return json.dumps(
+        {
+            "stream": forecast.stream,
+            "seq": forecast.seq,
+            "ts": forecast.ts,
+            "value": forecast.value,
+            "prediction": forecast.prediction,
+            "error": forecast.error,
+            "model_version": forecast.model_version,
+        }
+    )
+
+
+class Daemon:
+    """The long-running service; ``run()`` blocks until ``request_stop()`` (SIGTERM/SIGINT)."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.inbox: queue.Queue[RawMessage] = queue.Queue(maxsize=config.engine.queue_size)
+        payload = config.mqtt.payload
+        self.parser = PayloadParser(
+            config.mqtt.input_topics,
+            value_field=payload.value_field,
+            ts_field=payload.ts_field,
+            seq_field=payload.seq_field,
+            max_bytes=payload.max_bytes,
+        )
+        self.output = TopicTemplate.compile(config.mqtt.output_topic)
+        self.state_path = Path(config.state.dir) / "checkpoint.safetensors"
+        self.link = MqttLink(config.mqtt, self.inbox, self.metrics)
+        self.engine: Engine | None = None
+        self.http: HttpEndpoint | None = None
+        self.rate_limited = RateLimitedLog()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._last_checkpoint = time.monotonic()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        torch.set_num_threads(self.config.model.threads)
+        self.engine = self._build_engine()
+        self.metrics.model_version.set(self.engine.model_version)
+        self.metrics.streams_active.set(len(self.engine.streams))
+        if self.config.metrics.enabled:
+            m = self.config.metrics
+            self.http = HttpEndpoint(self.registry, m.host, m.port, self.healthy, self.ready)
+            self.http.start()
+            log.info("metrics on http://%s:%d/metrics", m.host, self.http.port)
+        self.link.start()
+
+    def _build_engine(self) -> Engine:
+        device = self.config.model.device
+        if self.state_path.exists():
+            checkpoint = load_checkpoint(self.state_path, device)
+            log.info(
+                "restored %s: %d streams, model version %d",
+                self.state_path,
+                len(checkpoint.stream_names),
+                checkpoint.model_version,
+            )
+        else:
+            checkpoint = load_checkpoint(self.config.model.checkpoint, device)
+            log.info(
+                "no saved state in %s; starting from the model checkpoint", self.state_path.parent
+            )
+        engine = Engine(
+            checkpoint.model,
+            checkpoint.normalizer,
+            device=device,
+            max_abs_value=self.config.engine.max_abs_value,
+            model_version=checkpoint.model_version,
+        )
+        if checkpoint.stream_names:
+            engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
+        return engine
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Engine loop; returns after a clean shutdown."""
+        try:
+            while not self._stop.is_set():
+                self.step(timeout=0.2)
+                self._housekeeping()
+        finally:
+            self.shutdown()
+
+    def shutdown(self, drain_s: float = 3.0) -> None:
+        if self._stopped.is_set():
+            return
+        log.info("stopping: intake off, finishing queued samples")
+        self.link.stop_intake()
+        deadline = time.monotonic() + drain_s
+        while not self.inbox.empty() and time.monotonic() < deadline:
+            self.step(timeout=0.0)
+        self.checkpoint()
+        self.link.close()
+        if self.http is not None:
+            self.http.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self, timeout: float) -> int:
+        """One tick over whatever is queued (up to ``max_batch``); returns samples processed."""
+        self._heartbeat = time.monotonic()
+        try:
+            batch = [self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()]
+        except queue.Empty:
+            return 0
+        limit = self.config.engine.max_batch
+        while len(batch) < limit:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        self.metrics.queue_depth.set(self.inbox.qsize())
+        self.metrics.samples_received.inc(len(batch))
+        samples: list[Sample] = []
+        received: list[float] = []
+        for raw in batch:
+            try:
+                samples.append(self.parser.parse(raw.topic, raw.payload, raw.received))
+                received.append(raw.received)
+            except PayloadError as exc:
+                self._reject(exc.reason, raw.topic, exc.detail)
+            except Exception:
+                log.exception("unexpected error parsing a message on %s", raw.topic)
+                self._reject("internal_error", raw.topic, "parser")
+        if samples:
+            self._tick(samples, received)
+        return len(batch)
+
+    def _tick(self, samples: list[Sample], received: list[float]) -> None:
+        assert self.engine is not None
+        started = time.perf_counter()
+        try:
+            result = self.engine.tick(samples)
+        except Exception:
+            log.exception("engine tick failed on %d samples", len(samples))
+            for _ in samples:
+                self.metrics.rejected.labels("internal_error").inc()
+            return
+        self.metrics.tick_duration.observe(time.perf_counter() - started)
+        self.metrics.tick_batch.observe(len(samples))
+        rejected = {id(r.sample) for r in result.rejected}
+        for rejection in result.rejected:
+            self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
+        accepted_at = [t for s, t in zip(samples, received, strict=True) if id(s) not in rejected]
+        qos = self.config.mqtt.qos_out
+        for forecast, arrived in zip(result.forecasts, accepted_at, strict=True):
+            payload = forecast_payload(forecast)
+            if self.link.publish(self.output.topic_for(forecast.stream), payload, qos):
+                self.metrics.forecasts_published.inc()
+                self.metrics.latency.observe(max(0.0, time.time() - arrived))
+        self.metrics.observe_forecasts(result.forecasts)
+        self.metrics.streams_active.set(len(self.engine.streams))
+
+    def _reject(self, reason: str, where: str, detail: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        self.rate_limited.warning(
+            reason, "rejected sample (%s) on %s: %s", reason, where[:200], detail[:200]
+        )
+
+    def _housekeeping(self) -> None:
+        self.link.watchdog()
+        if time.monotonic() - self._last_checkpoint >= self.config.state.checkpoint_interval:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Weights and every stream's state, written atomically."""
+        if self.engine is None:
+            return
+        self._last_checkpoint = time.monotonic()
+        table = self.engine.streams
+        try:
+            save_checkpoint(
+                self.state_path,
+                self.engine.model,
+                self.engine.normalizer_config,
+                model_version=self.engine.model_version,
+                stream_names=list(table.names),
+                stream_arrays=table.arrays(),
+            )
+        except (OSError, CheckpointError):
+            log.exception("checkpoint to %s failed", self.state_path)
+            self.metrics.checkpointed(False)
+            return
+        self.metrics.checkpointed(True)
+        log.debug("checkpoint: %d streams -> %s", len(table), self.state_path)
+
+    # -- health -------------------------------------------------------------------------------
+    def healthy(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > 10.0 and not self._stopped.is_set():
+            return False, f"engine loop stalled for {stalled:.0f}s"
+        return True, "engine loop running"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.engine is None:
+            return False, "model not loaded"
+        if not self.link.is_connected.is_set():
+            return False, "broker not connected"
+        if not self.link.is_subscribed.is_set():
+            return False, "not subscribed"
+        return True, "connected, subscribed, model loaded"

@@ -1,0 +1,297 @@
+"""Every Prometheus metric, built against an injected registry; ``/metrics``, ``/healthz``, ``/readyz``.
+
+Names follow Prometheus conventions: prefix ``forecaster_``, base units (seconds), ``_total`` on
+counters. Per-stream series carry a ``stream`` label for the first ``stream_label_cap`` streams seen;
+later streams are folded into ``stream="_other"`` so a fleet of sensors cannot explode the series
+count. No metric is ever given a non-finite value: one NaN observed by a histogram makes its
+``_sum`` NaN forever.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+from forecaster import __version__
+from forecaster.engine import Forecast
+from forecaster.mqtt import LinkEvents
+from forecaster.parse import REASONS
+
+OTHER = "_other"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+ERROR_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    1000,
+)
+
+
+class RollingError:
+    """EWMA of absolute and squared error, for the model and the naive last-value forecast."""
+
+    __slots__ = ("abs", "n", "naive_abs", "naive_sq", "sq")
+
+    def __init__(self) -> None:
+        self.abs = self.sq = self.naive_abs = self.naive_sq = 0.0
+        self.n = 0
+
+    def update(self, error: float, naive: float, alpha: float) -> None:
+        self.n += 1
+        weight = max(alpha, 1.0 / self.n)  # plain average until the half-life takes over
+        self.abs += weight * (abs(error) - self.abs)
+        self.sq += weight * (error * error - self.sq)
+        self.naive_abs += weight * (abs(naive) - self.naive_abs)
+        self.naive_sq += weight * (naive * naive - self.naive_sq)
+
+    @property
+    def skill(self) -> float:
+        return 1.0 - self.sq / self.naive_sq if self.naive_sq > 0 else 0.0
+
+
+class Metrics(LinkEvents):
+    """The daemon's metrics; the MQTT link reports through the ``LinkEvents`` hooks."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        stream_label_cap: int = 100,
+        error_halflife: float = 100.0,
+    ) -> None:
+        self.registry = registry
+        self.stream_label_cap = stream_label_cap
+        self.alpha = 1.0 - 0.5 ** (1.0 / error_halflife)
+        self._rolling: dict[str, RollingError] = {}
+        self._labelled: set[str] = set()
+        r = registry
+        self.samples_received = Counter(
+            "forecaster_samples_received_total",
+            "MQTT messages taken off the receive queue",
+            registry=r,
+        )
+        self.forecasts_published = Counter(
+            "forecaster_forecasts_published_total", "Forecasts handed to the broker", registry=r
+        )
+        self.rejected = Counter(
+            "forecaster_samples_rejected_total",
+            "Samples refused before touching any state, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REASONS:
+            self.rejected.labels(reason)
+        self.messages_dropped = Counter(
+            "forecaster_messages_dropped_total",
+            "Messages lost by the daemon (queue full, publish refused), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.callback_errors = Counter(
+            "forecaster_callback_errors_total",
+            "Exceptions caught in MQTT callbacks (the network loop keeps running)",
+            ["callback"],
+            registry=r,
+        )
+        self.loop_restarts = Counter(
+            "forecaster_mqtt_loop_restarts_total",
+            "Network loop restarts by the watchdog",
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "forecaster_broker_connected", "1 while connected to the broker", registry=r
+        )
+        self.reconnects = Counter(
+            "forecaster_reconnects_total", "Successful reconnections after the first", registry=r
+        )
+        self.abs_error = Histogram(
+            "forecaster_abs_error",
+            "Absolute one-step prediction error over all streams (stream units)",
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "forecaster_latency_seconds",
+            "Receive to publish, per forecast",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tick_duration = Histogram(
+            "forecaster_tick_duration_seconds",
+            "Engine tick duration",
+            buckets=TICK_BUCKETS,
+            registry=r,
+        )
+        self.tick_batch = Histogram(
+            "forecaster_tick_batch_size",
+            "Samples per engine tick",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "forecaster_queue_depth", "Messages waiting in the receive queue", registry=r
+        )
+        self.streams_active = Gauge(
+            "forecaster_streams_active", "Streams with serving state", registry=r
+        )
+        self.checkpoint_age = Gauge(
+            "forecaster_checkpoint_age_seconds", "Seconds since the last checkpoint", registry=r
+        )
+        self.checkpoints = Counter(
+            "forecaster_checkpoints_total", "Checkpoints written", ["result"], registry=r
+        )
+        self.model_version = Gauge(
+            "forecaster_model_version", "Version of the weights serving now", registry=r
+        )
+        self.info = Info("forecaster_build", "Build information", registry=r)
+        self.info.info({"version": __version__})
+        per_stream = ["stream"]
+        self.stream_mae = Gauge(
+            "forecaster_stream_mae", "Rolling (EWMA) MAE of the model", per_stream, registry=r
+        )
+        self.stream_rmse = Gauge(
+            "forecaster_stream_rmse", "Rolling (EWMA) RMSE of the model", per_stream, registry=r
+        )
+        self.stream_naive_mae = Gauge(
+            "forecaster_stream_naive_mae",
+            "Rolling MAE of the last-value forecast",
+            per_stream,
+            registry=r,
+        )
+        self.stream_naive_rmse = Gauge(
+            "forecaster_stream_naive_rmse",
+            "Rolling RMSE of the last-value forecast",
+            per_stream,
+            registry=r,
+        )
+        self.stream_skill = Gauge(
+            "forecaster_stream_skill",
+            "1 - MSE/naive MSE (rolling); below 0 the model loses",
+            per_stream,
+            registry=r,
+        )
+        self.stream_value = Gauge(
+            "forecaster_stream_last_value", "Last value received", per_stream, registry=r
+        )
+        self.stream_prediction = Gauge(
+            "forecaster_stream_last_prediction",
+            "Last prediction made (for the next value)",
+            per_stream,
+            registry=r,
+        )
+        self._checkpoint_at = time.monotonic()
+        self.checkpoint_age.set_function(lambda: time.monotonic() - self._checkpoint_at)
+
+    # -- LinkEvents ---------------------------------------------------------------------------
+    def connected(self, up: bool) -> None:
+        self.broker_connected.set(1 if up else 0)
+
+    def reconnected(self) -> None:
+        self.reconnects.inc()
+
+    def dropped(self, reason: str) -> None:
+        self.messages_dropped.labels(reason).inc()
+
+    def callback_error(self, callback: str) -> None:
+        self.callback_errors.labels(callback).inc()
+
+    def loop_restarted(self) -> None:
+        self.loop_restarts.inc()
+
+    # -- engine side --------------------------------------------------------------------------
+    def checkpointed(self, ok: bool) -> None:
+        self.checkpoints.labels("ok" if ok else "error").inc()
+        if ok:
+            self._checkpoint_at = time.monotonic()
+
+    def label_for(self, stream: str) -> str:
+        if stream in self._labelled:
+            return stream
+        if len(self._labelled) < self.stream_label_cap:
+            self._labelled.add(stream)
+            return stream
+        return OTHER
+
+    def observe_forecasts(self, forecasts: Iterable[Forecast]) -> None:
+        """Error metrics for a tick's forecasts (errors are finite: the engine saw to that)."""
+        for forecast in forecasts:
+            label = self.label_for(forecast.stream)
+            if label != OTHER:
+                self.stream_value.labels(label).set(forecast.value)
+                self.stream_prediction.labels(label).set(_finite(forecast.prediction))
+            if forecast.error is None or forecast.naive_error is None:
+                continue
+            error, naive = _finite(forecast.error), _finite(forecast.naive_error)
+            self.abs_error.observe(abs(error))
+            rolling = self._rolling.setdefault(label, RollingError())
+            rolling.update(error, naive, self.alpha)
+            self.stream_mae.labels(label).set(rolling.abs)
+            self.stream_rmse.labels(label).set(math.sqrt(rolling.sq))
+            self.stream_naive_mae.labels(label).set(rolling.naive_abs)
+            self.stream_naive_rmse.labels(label).set(math.sqrt(rolling.naive_sq))
+            self.stream_skill.labels(label).set(rolling.skill)
+
+
+def _finite(x: float, bound: float = 1e300) -> float:
+    """Clamp into the finite range (a forecast far outside it must not poison a histogram)."""
+    if math.isnan(x):
+        return 0.0
+    return max(-bound, min(bound, x))
+
+
+class HttpEndpoint:
+    """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        healthy: Callable[[], tuple[bool, str]],
+        ready: Callable[[], tuple[bool, str]],
+    ) -> None:
+        metrics_app = make_wsgi_app(registry)
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            if path in ("/healthz", "/readyz"):
+                ok, detail = (healthy if path == "/healthz" else ready)()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+                return [f"{'ok' if ok else 'not ok'}: {detail}\n".encode()]
+            return metrics_app(environ, start_response)
+
+        self.server = make_server(
+            host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
+        )
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,227 @@
+"""paho-mqtt 2.x link: connect/reconnect, subscribe -> bounded queue, publish forecasts, status.
+
+Callbacks only convert and enqueue (as aiomqtt does); all work happens in the engine thread. paho
+re-raises an exception from a callback and its network thread then dies silently (paho #894), so
+every callback is wrapped: an exception is logged, counted and swallowed, and a watchdog restarts
+the network loop if it ever stops. ``TCP_NODELAY`` is set on the socket: with Nagle on, p50 latency
+at 1k msg/s was 26 ms instead of 0.4 ms on these machines.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from forecaster.config import MqttConfig, template_filter
+
+log = logging.getLogger(__name__)
+
+STATUS_ONLINE, STATUS_OFFLINE, STATUS_STOPPED = "online", "offline", "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A message as the callback saw it; parsing happens on the engine thread."""
+
+    topic: str
+    payload: bytes
+    received: float
+    qos: int
+
+
+class LinkEvents:
+    """Hooks the link reports through (the metrics module implements them); no-ops by default."""
+
+    def connected(self, up: bool) -> None: ...
+    def reconnected(self) -> None: ...
+    def dropped(self, reason: str) -> None: ...
+    def callback_error(self, callback: str) -> None: ...
+    def loop_restarted(self) -> None: ...
+
+
+def _guarded(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Never let an exception escape into paho's network thread."""
+
+    def wrap(method: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(method)
+        def guarded(self: MqttLink, *args: Any) -> None:
+            try:
+                method(self, *args)
+            except Exception:
+                self.events.callback_error(name)
+                log.exception("error in paho callback %s (counted, loop keeps running)", name)
+
+        return guarded
+
+    return wrap
+
+
+class MqttLink:
+    """One paho client: subscribes the input templates, publishes forecasts and status."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        inbox: queue.Queue[RawMessage],
+        events: LinkEvents | None = None,
+        on_message_hook: Callable[[RawMessage], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.inbox = inbox
+        self.events = events or LinkEvents()
+        self.on_message_hook = on_message_hook  # test seam: runs inside the guarded callback
+        self.filters = [template_filter(t) for t in config.input_topics]
+        self.is_connected = threading.Event()
+        self.is_subscribed = threading.Event()
+        self.accepting = True
+        self.connects = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        v5 = config.protocol == "5"
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            reconnect_on_failure=True,
+        )
+        self.client.suppress_exceptions = True  # backstop behind the guards below
+        if config.username:
+            self.client.username_pw_set(config.username, config.password)
+        self.client.will_set(config.status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        self.client.reconnect_delay_set(
+            int(max(1, config.reconnect_min_delay)), int(max(1, config.reconnect_max_delay))
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_socket_open = self._on_socket_open
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; works while the broker is still down (retries, logged)."""
+        self.client.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        self._start_loop()
+
+    def _start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mqtt-loop", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.loop_forever(retry_first_connection=True)
+                return
+            except Exception:
+                self.events.callback_error("loop")
+                log.exception("paho network loop failed; restarting it")
+                time.sleep(min(self.config.reconnect_min_delay, 1.0))
+
+    def watchdog(self) -> None:
+        """Called from the engine thread: restart the network loop if its thread died."""
+        if self._stop.is_set() or self._thread is None or self._thread.is_alive():
+            return
+        log.error("paho network thread is dead; restarting it")
+        self.events.loop_restarted()
+        self._start_loop()
+
+    def stop_intake(self) -> None:
+        """Stop taking new samples (the broker keeps QoS>0 ones for the session)."""
+        self.accepting = False
+        if self.is_connected.is_set():
+            self.client.unsubscribe(self.filters)
+
+    def close(self, status: str = STATUS_STOPPED, timeout: float = 2.0) -> None:
+        """Publish the final status, wait for outgoing messages, disconnect, join the loop."""
+        if self.is_connected.is_set():
+            info = self.client.publish(self.config.status_topic, status, qos=1, retain=True)
+            deadline = time.monotonic() + timeout
+            while not info.is_published() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- outgoing ----------------------------------------------------------------------------
+    def publish(self, topic: str, payload: str | bytes, qos: int, retain: bool = False) -> bool:
+        """Publish and check the return code; a message paho could not take is counted."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            return True
+        self.events.dropped(
+            "not_connected" if info.rc == paho.MQTT_ERR_NO_CONN else "publish_error"
+        )
+        return False
+
+    # -- callbacks (convert and enqueue, nothing more) ----------------------------------------
+    @_guarded("on_socket_open")
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if hasattr(sock, "setsockopt"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @_guarded("on_connect")
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning(
+                "broker %s:%s refused the connection: %s",
+                self.config.host,
+                self.config.port,
+                reason,
+            )
+            return
+        self.connects += 1
+        if self.connects > 1:
+            self.events.reconnected()
+        log.info(
+            "connected to %s:%s (connection %d)", self.config.host, self.config.port, self.connects
+        )
+        self.is_connected.set()
+        self.events.connected(True)
+        if self.accepting:
+            client.subscribe([(f, self.config.qos_in) for f in self.filters])
+        client.publish(self.config.status_topic, STATUS_ONLINE, qos=1, retain=True)
+
+    @_guarded("on_subscribe")
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            log.error("subscription refused for %s: %s", self.filters, failed)
+            return
+        log.info("subscribed to %s (qos %d)", self.filters, self.config.qos_in)
+        self.is_subscribed.set()
+
+    @_guarded("on_disconnect")
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        was_connected = self.is_connected.is_set()
+        self.is_connected.clear()
+        self.is_subscribed.clear()
+        self.events.connected(False)
+        if was_connected and not self._stop.is_set():
+            log.warning("lost the broker (%s); reconnecting with backoff", reason)
+
+    @_guarded("on_message")
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        raw = RawMessage(message.topic, message.payload, time.time(), message.qos)
+        if self.on_message_hook is not None:
+            self.on_message_hook(raw)
+        try:
+            self.inbox.put_nowait(raw)
+        except queue.Full:
+            self.events.dropped("queue_full")

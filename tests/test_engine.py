@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forecaster.engine import Engine, Sample
+from forecaster.model import Forecaster
+from forecaster.normalize import NormalizerConfig, normalize_series
+
+NORM = NormalizerConfig(halflife=40.0)
+
+
+def _state_bytes(engine: Engine) -> dict[str, bytes]:
+    return {k: v.tobytes() for k, v in engine.streams.arrays().items()}
+
+
+def test_engine_equals_forward_over_whole_normalised_sequence(any_cell_model: Forecaster) -> None:
+    rng = np.random.default_rng(0)
+    values = 1000 * np.sin(np.arange(300) * 0.2) + 5000 + rng.normal(0, 30, 300)
+    engine = Engine(any_cell_model, NORM)
+    predictions = [engine.tick([Sample("a", float(v))]).forecasts[0].prediction for v in values]
+
+    z, _ = normalize_series(values[None, :], NORM)  # (1, T)
+    with torch.no_grad():
+        z_hat, _ = any_cell_model(torch.tensor(z, dtype=torch.float32).unsqueeze(-1))  # (1, T, 1)
+    # Map the whole-sequence outputs back with the statistics each step had.
+    from forecaster.normalize import Normalizer
+
+    norm = Normalizer(NORM, 1)
+    expected = []
+    for t, v in enumerate(values):
+        norm.update(np.array([0]), np.array([v]))
+        expected.append(norm.denormalize(np.array([0]), z_hat[0, t, 0].double().numpy()[None])[0])
+    scale = np.array([norm.scale(np.array([0]))[0]])
+    assert np.max(np.abs(np.array(predictions) - np.array(expected)) / scale) < 1e-5
+
+
+def test_interleaved_uneven_streams_equal_each_stream_alone(tiny_model: Forecaster) -> None:
+    rng = np.random.default_rng(1)
+    n_streams = 1000
+    lengths = rng.integers(1, 12, n_streams)
+    series = {f"s{i}": rng.normal(i, 1 + i % 7, lengths[i]) for i in range(n_streams)}
+    # Interleave in a random arrival order that keeps each stream's own order.
+    arrivals = [s for s, vals in series.items() for _ in vals]
+    rng.shuffle(arrivals)
+    cursor = dict.fromkeys(series, 0)
+    samples = []
+    for stream in arrivals:
+        samples.append(Sample(stream, float(series[stream][cursor[stream]])))
+        cursor[stream] += 1
+    together = Engine(tiny_model, NORM)
+    got: dict[str, list[float]] = {s: [] for s in series}
+    position = 0
+    while position < len(samples):  # uneven ticks, several samples of a stream per tick
+        size = int(rng.integers(1, 400))
+        for forecast in together.tick(samples[position : position + size]).forecasts:
+            got[forecast.stream].append(forecast.prediction)
+        position += size
+    for stream in list(series)[:: 25]:  # alone: every 25th stream, to stay fast
+        alone = Engine(tiny_model, NORM)
+        want = [alone.tick([Sample(stream, float(v))]).forecasts[0].prediction for v in series[stream]]
+        np.testing.assert_allclose(got[stream], want, rtol=1e-5, atol=1e-5)
+    assert all(len(got[s]) == len(series[s]) for s in series)
+
+
+def test_samples_of_one_stream_in_one_tick_are_stepped_in_order(tiny_model: Forecaster) -> None:
+    values = [1.0, 4.0, 2.0, 8.0, 5.0]
+    batched = Engine(tiny_model, NORM).tick([Sample("x", v) for v in values]).forecasts
+    single = Engine(tiny_model, NORM)
+    one_by_one = [single.tick([Sample("x", v)]).forecasts[0] for v in values]
+    assert [f.seq for f in batched] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(
+        [f.prediction for f in batched], [f.prediction for f in one_by_one], rtol=1e-6
+    )
+
+
+def test_scoring_uses_the_forecast_made_before_the_value(tiny_model: Forecaster) -> None:
+    engine = Engine(tiny_model, NORM)
+    first = engine.tick([Sample("x", 3.0)]).forecasts[0]
+    assert first.error is None and first.naive_error is None
+    second = engine.tick([Sample("x", 5.0)]).forecasts[0]
+    assert second.error == pytest.approx(5.0 - first.prediction)
+    assert second.naive_error == pytest.approx(2.0)
+
+
+BAD_VALUES = [
+    (float("nan"), "non_finite"),
+    (float("inf"), "non_finite"),
+    (float("-inf"), "non_finite"),
+    ("0.5", "not_a_number"),
+    (None, "not_a_number"),
+    (True, "not_a_number"),
+    (10**400, "out_of_range"),
+    (1e300, "out_of_range"),
+]
+
+
+@pytest.mark.parametrize(("value", "reason"), BAD_VALUES)
+def test_bad_values_are_rejected_and_touch_no_state(
+    any_cell_model: Forecaster, value: object, reason: str
+) -> None:
+    engine = Engine(any_cell_model, NORM)
+    for v in (1.0, 2.0, 3.0):
+        engine.tick([Sample("x", v)])
+    before = _state_bytes(engine)
+    result = engine.tick([Sample("x", value), Sample("new", value)])  # type: ignore[arg-type]
+    assert [r.reason for r in result.rejected] == [reason, reason]
+    assert result.forecasts == []
+    assert _state_bytes(engine) == before
+    assert "new" not in engine.streams
+    # The stream keeps serving as if the bad sample never came.
+    clean = Engine(any_cell_model, NORM)
+    for v in (1.0, 2.0, 3.0):
+        clean.tick([Sample("x", v)])
+    assert engine.tick([Sample("x", 4.0)]).forecasts == clean.tick([Sample("x", 4.0)]).forecasts
+
+
+def test_bad_stream_ids_and_duplicates_are_rejected(tiny_model: Forecaster) -> None:
+    engine = Engine(tiny_model, NORM)
+    result = engine.tick(
+        [Sample("", 1.0), Sample("a/b", 1.0), Sample("a#", 1.0), Sample("a+", 1.0)]
+    )
+    assert {r.reason for r in result.rejected} == {"bad_stream"}
+    assert len(engine.streams) == 0
+    assert engine.tick([Sample("a", 1.0, seq=5)]).forecasts[0].seq == 5
+    result = engine.tick([Sample("a", 2.0, seq=5), Sample("a", 2.0, seq=3), Sample("a", 2.0)])
+    assert [r.reason for r in result.rejected] == ["duplicate", "duplicate"]
+    assert [f.seq for f in result.forecasts] == [6]

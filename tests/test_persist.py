@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from forecaster.engine import Engine, Sample
+from forecaster.errors import CheckpointError
+from forecaster.model import Forecaster, ModelConfig
+from forecaster.normalize import NormalizerConfig
+from forecaster.persist import DEFAULT_CHECKPOINT, FORMAT, load_checkpoint, save_checkpoint
+
+
+def _predictions(model: Forecaster, norm: NormalizerConfig, values: np.ndarray) -> list[float]:
+    engine = Engine(model, norm)
+    return [engine.tick([Sample("s", float(v))]).forecasts[0].prediction for v in values]
+
+
+def test_round_trip_gives_identical_predictions(any_cell_model: Forecaster, tmp_path: Path) -> None:
+    norm = NormalizerConfig(halflife=50.0)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, any_cell_model, norm, model_version=7, recipe={"name": "test"})
+    loaded = load_checkpoint(path)
+    assert loaded.model_version == 7
+    assert loaded.manifest["model_args"] == any_cell_model.config.to_dict()
+    assert loaded.normalizer == norm
+    values = np.sin(np.arange(100) / 3) * 40 + 7
+    assert _predictions(loaded.model, loaded.normalizer, values) == _predictions(
+        any_cell_model, norm, values
+    )
+
+
+def test_shipped_model_loads() -> None:
+    checkpoint = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert checkpoint.manifest["model_args"] == {"cell": "rnn", "hidden_size": 32, "num_layers": 1}
+    assert checkpoint.manifest["recipe"]["name"] == "default"
+    assert DEFAULT_CHECKPOINT.stat().st_size < 64 * 1024
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors.*'file'"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_header"])
+def test_corrupt_file_is_a_checkpoint_error(tiny_model: Forecaster, tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model, NormalizerConfig())
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 100)
+    else:
+        path.write_bytes(data[:8] + b"{" * 20 + data[28:])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert info.value.field == "header"
+
+
+def test_wrong_shapes_name_the_field(tiny_model: Forecaster, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model, NormalizerConfig())
+    loaded = load_checkpoint(path)
+    # Same manifest, but weights of a wider model.
+    wide = Forecaster(ModelConfig("rnn", 16, 1))
+    tensors = {f"model.{k}": v.contiguous() for k, v in wide.state_dict().items()}
+    metadata = {"format": FORMAT, "manifest": json.dumps(loaded.manifest)}
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert info.value.field.startswith("model.rnn.weight") or info.value.field.startswith("model.")
+    assert "shape" in str(info.value) and str(path) in str(info.value)
+
+
+def test_bad_manifest_names_the_field(tiny_model: Forecaster, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    tensors = {f"model.{k}": v.contiguous() for k, v in tiny_model.state_dict().items()}
+    manifest = {"model_args": {"cell": "rnn", "hidden_size": 8, "num_layers": 1, "dropout": 1}}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
+    with pytest.raises(CheckpointError, match="model_args"):
+        load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused(tiny_model: Forecaster, tmp_path: Path) -> None:
+    with torch.no_grad():
+        tiny_model.fc.bias.fill_(float("nan"))
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model, NormalizerConfig())
+    with pytest.raises(CheckpointError, match=r"model\.fc\.bias"):
+        load_checkpoint(path)
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tiny_model: Forecaster, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    for version in range(3):
+        save_checkpoint(path, tiny_model, NormalizerConfig(), model_version=version)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert load_checkpoint(path).model_version == 2
