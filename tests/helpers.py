@@ -1,0 +1,85 @@
+"""Helpers for end-to-end tests: a daemon in a thread, offline reference forecasts, scrapes."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from forecaster.config import Config
+from forecaster.daemon import Daemon
+from forecaster.engine import Engine, Sample
+from forecaster.persist import load_checkpoint
+
+
+def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -> Config:
+    data: dict[str, Any] = {
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "client_id": f"{prefix}-forecaster",
+            "input_topics": [f"{prefix}/sensors/{{stream}}/value"],
+            "output_topic": f"{prefix}/forecasts/{{stream}}",
+            "status_topic": f"{prefix}/status",
+            "reconnect_min_delay": 1,
+            "reconnect_max_delay": 2,
+        },
+        "state": {"dir": str(state_dir), "checkpoint_interval": 3600},
+        "metrics": {"port": 0},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return Config.model_validate(data)
+
+
+class RunningDaemon:
+    """``Daemon`` on a thread, as ``forecaster run`` drives it on its main thread."""
+
+    def __init__(self, config: Config, wait_ready: bool = True) -> None:
+        self.daemon = Daemon(config)
+        self.daemon.start()
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.daemon.ready()[0]:
+            assert time.monotonic() < deadline, f"daemon not ready: {self.daemon.ready()[1]}"
+            time.sleep(0.05)
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.daemon.http is not None
+        return f"http://127.0.0.1:{self.daemon.http.port}"
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self) -> None:
+        self.daemon.request_stop()
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == name or key == f"{name}{{{want}}}":
+            return float(value)
+    return 0.0
+
+
+def offline_predictions(values: list[float], stream: str = "s") -> list[float]:
+    """What the shipped model predicts for ``values`` through a fresh Engine, one per tick."""
+    checkpoint = load_checkpoint()
+    engine = Engine(checkpoint.model, checkpoint.normalizer)
+    return [engine.tick([Sample(stream, v)]).forecasts[0].prediction for v in values]

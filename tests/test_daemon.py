@@ -1,0 +1,201 @@
+"""End to end over a real Mosquitto broker: simulator -> daemon -> subscriber."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulators.sine import SineSpec, SineStreams, publish_sine
+from tests.conftest import Broker, Collector
+from tests.helpers import RunningDaemon, daemon_config, metric_value, offline_predictions
+
+
+def by_stream(forecasts: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for f in forecasts:
+        out.setdefault(f["stream"], []).append(f)
+    return out
+
+
+def test_simulator_to_daemon_to_subscriber(broker: Broker, prefix: str, tmp_path: Path, publisher) -> None:
+    collector = Collector(broker, f"{prefix}/forecasts/+")
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    streams = SineStreams(SineSpec(streams=3, seed=4, noise=0.05))
+    count = 60
+    sent = publish_sine(
+        publisher, streams, rate=0, count=count, topic=f"{prefix}/sensors/{{stream}}/value", qos=1
+    )
+    assert sent == 3 * count
+    forecasts = collector.wait_for(sent)
+    time.sleep(0.3)  # nothing more may arrive
+    assert len(collector.json()) == sent
+    rounds = [values for _, values, _ in SineStreams(SineSpec(streams=3, seed=4, noise=0.05)).rounds(count)]
+    for i, (stream, got) in enumerate(sorted(by_stream(forecasts).items())):
+        assert [f["seq"] for f in got] == list(range(1, count + 1))
+        values = [float(r[i]) for r in rounds]
+        assert [f["value"] for f in got] == values
+        np.testing.assert_allclose([f["prediction"] for f in got], offline_predictions(values), atol=1e-5)
+        assert got[0]["error"] is None and got[1]["error"] == pytest.approx(values[1] - got[0]["prediction"])
+        assert set(got[0]) == {"stream", "seq", "ts", "value", "prediction", "error", "model_version"}
+    metrics = running.scrape()
+    assert metric_value(metrics, "forecaster_forecasts_published_total") == sent
+    running.stop()
+    collector.close()
+
+
+def test_hundred_interleaved_streams_are_independent(broker: Broker, prefix: str, tmp_path: Path, publisher) -> None:
+    collector = Collector(broker, f"{prefix}/forecasts/+")
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    rng = np.random.default_rng(3)
+    series = {f"s{i}": [float(v) for v in rng.normal(i, 1 + i % 5, 8)] for i in range(100)}
+    order = [s for s in series for _ in range(8)]
+    rng.shuffle(order)
+    cursor = dict.fromkeys(series, 0)
+    for stream in order:
+        value = series[stream][cursor[stream]]
+        cursor[stream] += 1
+        publisher.publish(f"{prefix}/sensors/{stream}/value", repr(value), qos=1)
+    got = by_stream(collector.wait_for(800))
+    assert sum(len(v) for v in got.values()) == 800
+    for stream in list(series)[::10]:
+        np.testing.assert_allclose(
+            [f["prediction"] for f in got[stream]], offline_predictions(series[stream]), atol=1e-5
+        )
+    running.stop()
+    collector.close()
+
+
+MALFORMED = [
+    (b"hello", "not_a_number"),
+    (b"NaN", "non_finite"),
+    (b"Infinity", "non_finite"),
+    (b'{"value": NaN}', "non_finite"),
+    (b"1e400", "out_of_range"),
+    (b"", "empty"),
+    (b"1" * 1_000_000, "too_large"),
+    (b'{"value": 1', "invalid_json"),
+    (b'{"temperature": 1.0}', "missing_value"),
+    (b'{"value": true}', "not_a_number"),
+    (b"\xff\xfe", "not_utf8"),
+]
+
+
+def test_malformed_payloads_are_counted_and_touch_nothing(
+    broker: Broker, prefix: str, tmp_path: Path, publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = Collector(broker, f"{prefix}/forecasts/+")
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    topic = f"{prefix}/sensors/victim/value"
+    good = [1.0, 2.0, 4.0, 3.0]
+    publisher.publish(topic, b"1.0", qos=1)
+    publisher.publish(topic, b"2.0", qos=1)
+    for payload, _ in MALFORMED:
+        publisher.publish(topic, payload, qos=1)
+    publisher.publish(f"{prefix}/sensors/a/b/value", b"1.0", qos=1)  # no template matches
+    publisher.publish(topic, b'{"value": 4.0}', qos=1)
+    publisher.publish(topic, b"3.0", qos=1)
+    forecasts = collector.wait_for(4)
+    time.sleep(0.3)
+    assert [f["value"] for f in collector.json()] == good
+    np.testing.assert_allclose([f["prediction"] for f in forecasts], offline_predictions(good), atol=1e-5)
+    metrics = running.scrape()
+    expected: dict[str, int] = {}
+    for _, reason in MALFORMED:
+        expected[reason] = expected.get(reason, 0) + 1
+    for reason, count in expected.items():
+        assert metric_value(metrics, "forecaster_samples_rejected_total", reason=reason) == count, reason
+    # Unknown topics never reach us through the subscription; a stream id with wildcards can only
+    # arrive through a template, and parse refuses it (tests/test_parse.py).
+    assert "rejected sample (not_a_number)" in caplog.text
+    running.stop()
+    collector.close()
+
+
+def test_reconnects_and_resubscribes_after_broker_restart(
+    broker: Broker, prefix: str, tmp_path: Path
+) -> None:
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    broker.restart(down_for=1.0)
+    running.wait_ready(timeout=20)
+    from tests.conftest import Collector as C
+
+    collector = C(broker, f"{prefix}/forecasts/+")
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    pub = paho.Client(CallbackAPIVersion.VERSION2)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    for v in (1.0, 2.0, 3.0):
+        pub.publish(f"{prefix}/sensors/x/value", str(v), qos=1)
+    assert len(collector.wait_for(3)) == 3
+    assert metric_value(running.scrape(), "forecaster_reconnects_total") >= 1
+    pub.loop_stop()
+    running.stop()
+    collector.close()
+
+
+def test_starts_while_broker_is_down(tmp_path: Path, prefix: str) -> None:
+    folder = tmp_path / "late"
+    folder.mkdir()
+    late = Broker(folder)
+    running = RunningDaemon(daemon_config(late, prefix, tmp_path / "state"), wait_ready=False)
+    time.sleep(1.5)
+    assert not running.daemon.ready()[0]
+    late.start()
+    try:
+        running.wait_ready(timeout=20)
+        collector = Collector(late, f"{prefix}/status")
+        assert collector.wait_raw(1)[0][1] == b"online"
+        running.stop()
+        collector.close()
+    finally:
+        late.stop()
+
+
+def test_exception_in_message_handling_keeps_serving(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    collector = Collector(broker, f"{prefix}/forecasts/+")
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+
+    def explode(raw) -> None:  # noqa: ANN001
+        if raw.payload == b"99":
+            raise RuntimeError("injected")
+
+    running.daemon.link.on_message_hook = explode
+    publisher.publish(f"{prefix}/sensors/x/value", b"99", qos=1)
+    publisher.publish(f"{prefix}/sensors/x/value", b"1.5", qos=1)
+    forecasts = collector.wait_for(1)
+    assert [f["value"] for f in forecasts] == [1.5]
+    assert metric_value(running.scrape(), "forecaster_callback_errors_total", callback="on_message") == 1
+    running.stop()
+    collector.close()
+
+
+def test_status_topic_online_then_stopped(broker: Broker, prefix: str, tmp_path: Path) -> None:
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    running.stop()
+    collector = Collector(broker, f"{prefix}/status")
+    assert collector.wait_raw(1)[0][1:] == (b"stopped", True)
+    collector.close()
+
+
+def test_metrics_and_health_endpoints(broker: Broker, prefix: str, tmp_path: Path) -> None:
+    import urllib.request
+
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    with urllib.request.urlopen(f"{running.metrics_url}/healthz") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"{running.metrics_url}/readyz") as r:
+        assert r.status == 200 and b"subscribed" in r.read()
+    assert metric_value(running.scrape(), "forecaster_broker_connected") == 1
+    broker.stop()
+    time.sleep(0.5)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{running.metrics_url}/readyz")
+    assert info.value.code == 503
+    running.stop()
