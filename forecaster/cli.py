@@ -109,6 +109,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from forecaster.demo import run_demo
+
+    return run_demo(args.duration, args.streams, args.rate, args.metrics_port, args.broker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon: MQTT in, forecasts out, /metrics")
     run.add_argument("-c", "--config", type=Path, help="YAML config (default: built-in defaults)")
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="broker + simulator + daemon + live view, one command")
+    demo.add_argument("--duration", type=float, help="seconds, then exit 0 (default: until Ctrl-C)")
+    demo.add_argument("--streams", type=int, default=4)
+    demo.add_argument("--rate", type=float, default=20.0, help="samples/s per stream")
+    demo.add_argument("--metrics-port", type=int, default=9108)
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="embedded broker: mosquitto when on PATH, else amqtt (pure Python)",
+    )
+    demo.set_defaults(func=cmd_demo)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("config", type=Path)

@@ -89,6 +89,7 @@ class Daemon:
         self.rate_limited = RateLimitedLog()
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._shutdown_lock = threading.Lock()
         self._heartbeat = time.monotonic()
         self._last_checkpoint = time.monotonic()
 
@@ -144,8 +145,11 @@ class Daemon:
             self.shutdown()
 
     def shutdown(self, drain_s: float = 3.0) -> None:
-        if self._stopped.is_set():
-            return
+        with self._shutdown_lock:
+            if not self._stopped.is_set():
+                self._shutdown(drain_s)
+
+    def _shutdown(self, drain_s: float) -> None:
         log.info("stopping: intake off, finishing queued samples")
         self.link.stop_intake()
         deadline = time.monotonic() + drain_s

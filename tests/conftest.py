@@ -55,7 +55,9 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def mosquitto_path() -> str:
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    path = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     if path is None:
         pytest.fail("mosquitto is not installed: run `make test` (it installs it with apt-get)")
     return path
@@ -121,7 +123,9 @@ class Collector:
     def __init__(self, broker: Broker, topic_filter: str, qos: int = 1) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}")
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}"
+        )
         subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: subscribed.set()

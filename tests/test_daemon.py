@@ -20,7 +20,9 @@ def by_stream(forecasts: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def test_simulator_to_daemon_to_subscriber(broker: Broker, prefix: str, tmp_path: Path, publisher) -> None:
+def test_simulator_to_daemon_to_subscriber(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
     collector = Collector(broker, f"{prefix}/forecasts/+")
     running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
     streams = SineStreams(SineSpec(streams=3, seed=4, noise=0.05))
@@ -32,21 +34,38 @@ def test_simulator_to_daemon_to_subscriber(broker: Broker, prefix: str, tmp_path
     forecasts = collector.wait_for(sent)
     time.sleep(0.3)  # nothing more may arrive
     assert len(collector.json()) == sent
-    rounds = [values for _, values, _ in SineStreams(SineSpec(streams=3, seed=4, noise=0.05)).rounds(count)]
+    rounds = [
+        values
+        for _, values, _ in SineStreams(SineSpec(streams=3, seed=4, noise=0.05)).rounds(count)
+    ]
     for i, (stream, got) in enumerate(sorted(by_stream(forecasts).items())):
         assert [f["seq"] for f in got] == list(range(1, count + 1))
         values = [float(r[i]) for r in rounds]
         assert [f["value"] for f in got] == values
-        np.testing.assert_allclose([f["prediction"] for f in got], offline_predictions(values), atol=1e-5)
-        assert got[0]["error"] is None and got[1]["error"] == pytest.approx(values[1] - got[0]["prediction"])
-        assert set(got[0]) == {"stream", "seq", "ts", "value", "prediction", "error", "model_version"}
+        np.testing.assert_allclose(
+            [f["prediction"] for f in got], offline_predictions(values), atol=1e-5
+        )
+        assert got[0]["error"] is None and got[1]["error"] == pytest.approx(
+            values[1] - got[0]["prediction"]
+        )
+        assert set(got[0]) == {
+            "stream",
+            "seq",
+            "ts",
+            "value",
+            "prediction",
+            "error",
+            "model_version",
+        }
     metrics = running.scrape()
     assert metric_value(metrics, "forecaster_forecasts_published_total") == sent
     running.stop()
     collector.close()
 
 
-def test_hundred_interleaved_streams_are_independent(broker: Broker, prefix: str, tmp_path: Path, publisher) -> None:
+def test_hundred_interleaved_streams_are_independent(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
     collector = Collector(broker, f"{prefix}/forecasts/+")
     running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
     rng = np.random.default_rng(3)
@@ -100,13 +119,17 @@ def test_malformed_payloads_are_counted_and_touch_nothing(
     forecasts = collector.wait_for(4)
     time.sleep(0.3)
     assert [f["value"] for f in collector.json()] == good
-    np.testing.assert_allclose([f["prediction"] for f in forecasts], offline_predictions(good), atol=1e-5)
+    np.testing.assert_allclose(
+        [f["prediction"] for f in forecasts], offline_predictions(good), atol=1e-5
+    )
     metrics = running.scrape()
     expected: dict[str, int] = {}
     for _, reason in MALFORMED:
         expected[reason] = expected.get(reason, 0) + 1
     for reason, count in expected.items():
-        assert metric_value(metrics, "forecaster_samples_rejected_total", reason=reason) == count, reason
+        assert metric_value(metrics, "forecaster_samples_rejected_total", reason=reason) == count, (
+            reason
+        )
     # Unknown topics never reach us through the subscription; a stream id with wildcards can only
     # arrive through a template, and parse refuses it (tests/test_parse.py).
     assert "rejected sample (not_a_number)" in caplog.text
@@ -162,7 +185,7 @@ def test_exception_in_message_handling_keeps_serving(
     collector = Collector(broker, f"{prefix}/forecasts/+")
     running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
 
-    def explode(raw) -> None:  # noqa: ANN001
+    def explode(raw) -> None:
         if raw.payload == b"99":
             raise RuntimeError("injected")
 
@@ -171,7 +194,10 @@ def test_exception_in_message_handling_keeps_serving(
     publisher.publish(f"{prefix}/sensors/x/value", b"1.5", qos=1)
     forecasts = collector.wait_for(1)
     assert [f["value"] for f in forecasts] == [1.5]
-    assert metric_value(running.scrape(), "forecaster_callback_errors_total", callback="on_message") == 1
+    assert (
+        metric_value(running.scrape(), "forecaster_callback_errors_total", callback="on_message")
+        == 1
+    )
     running.stop()
     collector.close()
 

@@ -47,7 +47,9 @@ def test_missing_file_names_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_header"])
-def test_corrupt_file_is_a_checkpoint_error(tiny_model: Forecaster, tmp_path: Path, damage: str) -> None:
+def test_corrupt_file_is_a_checkpoint_error(
+    tiny_model: Forecaster, tmp_path: Path, damage: str
+) -> None:
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, tiny_model, NormalizerConfig())
     data = path.read_bytes()

@@ -1,0 +1,138 @@
+"""The daemon as users run it: ``forecaster run -c FILE`` in its own process, stopped by signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tests.conftest import Broker, Collector
+from tests.helpers import offline_predictions
+
+
+def write_config(path: Path, broker: Broker, prefix: str, state: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "client_id": f"{prefix}-fc",
+                    "input_topics": [f"{prefix}/in/{{stream}}"],
+                    "output_topic": f"{prefix}/out/{{stream}}",
+                    "status_topic": f"{prefix}/status",
+                },
+                "state": {"dir": str(state)},
+                "metrics": {"port": 0},
+            }
+        )
+    )
+    return path
+
+
+def start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "forecaster.cli", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_status(collector: Collector, status: bytes, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(payload == status for _, payload, _ in collector.messages[-1:]):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"status {status!r} not seen; got {collector.messages}")
+
+
+def test_sigterm_restart_continue_equals_uninterrupted(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    config = write_config(tmp_path / "c.yaml", broker, prefix, tmp_path / "state")
+    status = Collector(broker, f"{prefix}/status")
+    forecasts = Collector(broker, f"{prefix}/out/+")
+    rng = np.random.default_rng(5)
+    values = {
+        s: [float(v) for v in 50 + 10 * np.sin(np.arange(40) / 3) + rng.normal(0, 1, 40)]
+        for s in "ab"
+    }
+
+    proc = start(config)
+    wait_status(status, b"online")
+    time.sleep(0.3)  # subscription settles
+    for i in range(20):
+        for s in "ab":
+            publisher.publish(f"{prefix}/in/{s}", str(values[s][i]), qos=1)
+    forecasts.wait_for(40)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, output
+    assert time.monotonic() - began < 8
+    wait_status(status, b"stopped")
+    assert (tmp_path / "state" / "checkpoint.safetensors").exists()
+
+    proc = start(config)
+    wait_status(status, b"online")
+    time.sleep(0.3)
+    for i in range(20, 40):
+        for s in "ab":
+            publisher.publish(f"{prefix}/in/{s}", str(values[s][i]), qos=1)
+    got = forecasts.wait_for(80)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    for s in "ab":
+        mine = [f for f in got if f["stream"] == s]
+        assert [f["seq"] for f in mine] == list(range(1, 41))
+        np.testing.assert_allclose(
+            [f["prediction"] for f in mine], offline_predictions(values[s]), atol=1e-5
+        )
+    status.close()
+    forecasts.close()
+
+
+def test_sigkill_leaves_offline_last_will(broker: Broker, prefix: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", broker, prefix, tmp_path / "state")
+    status = Collector(broker, f"{prefix}/status")
+    proc = start(config)
+    wait_status(status, b"online")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    wait_status(status, b"offline", timeout=30)  # the broker publishes the will on socket close
+    status.close()
+
+
+def test_demo_runs_bounded_on_the_embedded_python_broker() -> None:
+    """What `make demo` does on a machine without mosquitto (the amqtt path), bounded."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forecaster.cli",
+            "demo",
+            "--duration",
+            "20",
+            "--broker",
+            "amqtt",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "broker: amqtt" in result.stdout
+    assert "sine-000" in result.stdout and "sine-003" in result.stdout
+    received = int(result.stdout.rsplit("done: ", 1)[1].split()[0])
+    assert received > 4 * 20 * 10  # 4 streams at 20/s for most of 20 s
