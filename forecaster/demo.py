@@ -23,12 +23,13 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from forecaster.config import Config
+from forecaster.config import load_config
 from forecaster.daemon import Daemon
 from simulators.client import connected_client
 from simulators.sine import SineSpec, SineStreams, publish_sine
 
 log = logging.getLogger(__name__)
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 
 
 def free_port() -> int:
@@ -142,20 +143,12 @@ def run_demo(
     folder = Path(tempfile.mkdtemp(prefix="forecaster-demo-"))
     proc, port, name = start_broker(folder, broker)
     print(f"broker: {name} on 127.0.0.1:{port}", flush=True)
-    config = Config.model_validate(
-        {
-            "mqtt": {
-                "port": port,
-                "protocol": "3.1.1",
-                "client_id": "forecaster-demo",
-                "input_topics": ["demo/sensors/{stream}/value"],
-                "output_topic": "demo/forecasts/{stream}",
-                "status_topic": "demo/status",
-            },
-            "state": {"dir": str(folder / "state")},
-            "metrics": {"port": metrics_port},
-        }
-    )
+    overrides = {
+        "FORECASTER_MQTT__PORT": str(port),
+        "FORECASTER_STATE__DIR": str(folder / "state"),
+        "FORECASTER_METRICS__PORT": str(metrics_port),
+    }
+    config = load_config(DEMO_CONFIG, environ=overrides)
     daemon = Daemon(config)
     stop = threading.Event()
     view: LiveView | None = None

@@ -38,7 +38,7 @@ def test_simulator_to_daemon_to_subscriber(
         values
         for _, values, _ in SineStreams(SineSpec(streams=3, seed=4, noise=0.05)).rounds(count)
     ]
-    for i, (stream, got) in enumerate(sorted(by_stream(forecasts).items())):
+    for i, (_stream, got) in enumerate(sorted(by_stream(forecasts).items())):
         assert [f["seq"] for f in got] == list(range(1, count + 1))
         values = [float(r[i]) for r in rounds]
         assert [f["value"] for f in got] == values

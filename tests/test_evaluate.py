@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forecaster.errors import ForecasterError
+from forecaster.evaluate import SeriesRun, read_csv, score
+
+
+def evaluate(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", "evaluate", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+
+
+def test_score_is_progressive_and_skips_warmup() -> None:
+    values = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    predictions = values + 1.0  # a perfect trend follower
+    scores = score(SeriesRun(values, predictions), warmup=0.5)
+    assert (
+        scores.samples == 5
+        and scores.mse == 0.0
+        and scores.naive_mse == 1.0
+        and scores.skill == 1.0
+    )
+
+
+# The README's "must reach" figures for the shipped model (the README quotes these commands).
+@pytest.mark.parametrize(
+    ("args", "check"),
+    [
+        ((), lambda r: r["mse"] <= 1e-4 and 0.011 < r["naive_mse"] < 0.013),
+        (("--noise", "0.1"), lambda r: r["mse"] <= 0.012),
+        (("--amplitude", "1000", "--offset", "5000"), lambda r: r["skill"] >= 0.95),
+        (("--freq-scale", "0.5"), lambda r: r["skill"] >= 0.9),
+        (("--freq-scale", "2"), lambda r: r["skill"] >= 0.9),
+    ],
+)
+def test_shipped_model_reaches_the_targets(args: tuple[str, ...], check) -> None:
+    result = evaluate("--sine", *args)
+    assert set(result) == {"mse", "mae", "naive_mse", "naive_mae", "skill", "samples"}
+    assert check(result), result
+
+
+def test_csv_source_and_plot(tmp_path: Path) -> None:
+    csv = tmp_path / "series.csv"
+    t = np.arange(300)
+    rows = [f"2020-01-01 00:{i // 60:02d}:{i % 60:02d},{50 + 5 * np.sin(i / 4):.6f}" for i in t]
+    csv.write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    plot = tmp_path / "run.png"
+    result = evaluate("--csv", str(csv), "--plot", str(plot))
+    assert result["samples"] == 270 and result["skill"] > 0.5
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_csv_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,value\n1,2\n2,oops\n")
+    with pytest.raises(ForecasterError, match=r"bad.csv:3: value='oops'"):
+        read_csv(bad)
+    with pytest.raises(ForecasterError, match="no column 'temp'"):
+        read_csv(bad, "temp")

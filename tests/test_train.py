@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forecaster.evaluate import run_series, score
+from forecaster.model import ModelConfig
+from forecaster.persist import load_checkpoint
+from forecaster.train import Recipe, train_default, train_seed
+from simulators.signals import sine_wave
+
+
+def test_seed_recipe_is_the_tutorials_experiment() -> None:
+    result = train_seed(steps=100, seed=0, progress=False)
+    assert len(result.losses) == 100
+    assert result.normalizer.kind == "none"
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10]) / 10
+    assert result.recipe == {"name": "seed", "seed": 0, "steps": 100, "lr": 0.01, "window": 20}
+
+
+def test_train_command_writes_checkpoint_and_plot(tmp_path: Path) -> None:
+    out, plot = tmp_path / "seed.safetensors", tmp_path / "seed.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forecaster.cli",
+            "train",
+            "--recipe",
+            "seed",
+            "--out",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train seed" in result.stderr  # the progress bar
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.manifest["recipe"]["name"] == "seed"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_recipe_learns_on_a_tiny_budget() -> None:
+    recipe = Recipe(episodes=6, streams=16, length=240, window=40)
+    result = train_default(recipe, ModelConfig("gru", 8, 1), progress=False)
+    assert all(np.isfinite(result.losses))
+    assert np.mean(result.losses[-6:]) < np.mean(result.losses[:6])
+    assert result.recipe["episodes"] == 6
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    recipe = Recipe(episodes=2, streams=8, length=120, window=30)
+    a = train_default(recipe, ModelConfig("rnn", 8, 1), progress=False)
+    b = train_default(recipe, ModelConfig("rnn", 8, 1), progress=False)
+    assert a.losses == b.losses
+
+
+@pytest.mark.slow
+def test_default_recipe_reproduces_the_shipped_quality() -> None:
+    """`forecaster train --seed 0` gives a model that meets the README's figures."""
+    result = train_default(Recipe(seed=0), progress=False)
+    clean = score(run_series(sine_wave(2000), result.model, result.normalizer, progress=False))
+    noisy = score(
+        run_series(sine_wave(2000, noise=0.1), result.model, result.normalizer, progress=False)
+    )
+    assert clean.mse <= 1e-4
+    assert noisy.mse <= 0.012
