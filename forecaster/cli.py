@@ -115,6 +115,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.duration, args.streams, args.rate, args.metrics_port, args.broker)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from forecaster.evaluate import collect_forecasts, plot_forecasts, read_forecast_records
+
+    if args.file:
+        records = read_forecast_records(args.file)
+    else:
+        host, _, port = args.broker.rpartition(":")
+        records = collect_forecasts(
+            host or "localhost", int(port), args.topic, args.duration, args.protocol
+        )
+        if args.record:
+            args.record.write_text("".join(json.dumps(r) + "\n" for r in records))
+            print(f"recorded {len(records)} forecasts to {args.record}")
+    streams = [s for s in args.streams.split(",") if s] if args.streams else None
+    drawn = plot_forecasts(records, streams, args.out)
+    print(f"plot: {args.out} ({', '.join(drawn)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded broker: mosquitto when on PATH, else amqtt (pure Python)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    plot = sub.add_parser("plot", help="PNG of actual vs predicted and error over time per stream")
+    plot_source = plot.add_mutually_exclusive_group(required=True)
+    plot_source.add_argument("--file", type=Path, help="recorded forecasts, one JSON per line")
+    plot_source.add_argument("--broker", help="HOST:PORT: record the daemon's forecast topic")
+    plot.add_argument(
+        "--topic", default="forecasts/+", help="forecast topic filter (with --broker)"
+    )
+    plot.add_argument("--duration", type=float, default=30.0, help="seconds to record")
+    plot.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    plot.add_argument("--record", type=Path, help="also save what was recorded (JSON lines)")
+    plot.add_argument("--streams", help="comma-separated stream ids (default: the first 4)")
+    plot.add_argument("--out", type=Path, default=Path("forecasts.png"))
+    plot.set_defaults(func=cmd_plot)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("config", type=Path)

@@ -160,6 +160,8 @@ class MetricsConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
+    stream_label_cap: int = Field(100, ge=0)  # streams beyond it share stream="_other"
+    error_halflife: PositiveFloat = 100.0  # samples; rolling MAE/RMSE/skill are EWMAs
 
 
 class LoggingConfig(Section):

@@ -71,7 +71,11 @@ class Daemon:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(
+            self.registry,
+            stream_label_cap=config.metrics.stream_label_cap,
+            error_halflife=config.metrics.error_halflife,
+        )
         self.inbox: queue.Queue[RawMessage] = queue.Queue(maxsize=config.engine.queue_size)
         payload = config.mqtt.payload
         self.parser = PayloadParser(

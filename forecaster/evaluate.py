@@ -7,8 +7,11 @@ hidden state are still settling), for the model and the naive baseline alike.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +134,82 @@ def plot_run(run: SeriesRun, path: Path, title: str, warmup: float = 0.1) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def read_forecast_records(path: Path) -> list[dict]:
+    """Forecast messages recorded one JSON object per line (``forecaster plot --record``)."""
+    records = []
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as exc:
+                    raise ForecasterError(f"{path}:{line_no}: not a JSON forecast ({exc})") from exc
+    return records
+
+
+def collect_forecasts(
+    host: str, port: int, topic: str, duration: float, protocol: str = "5"
+) -> list[dict]:
+    """Subscribe to the daemon's forecast topic for ``duration`` seconds and keep every message."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    records: list[dict] = []
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+    )
+    client.on_connect = lambda c, *a: c.subscribe(topic, 1)
+
+    def on_message(c: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(message.payload))
+
+    client.on_message = on_message
+    client.connect(host, port)
+    client.loop_start()
+    for _ in tqdm(range(int(duration * 10)), desc=f"recording {topic}", leave=False):
+        time.sleep(0.1)
+    client.loop_stop()
+    client.disconnect()
+    return records
+
+
+def plot_forecasts(records: list[dict], streams: list[str] | None, path: Path) -> list[str]:
+    """Per stream: actual vs predicted (each prediction drawn at the sample it is for), and the
+    absolute error of the model and of the naive last value over time. Returns the streams drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_stream: dict[str, list[dict]] = {}
+    for record in records:
+        by_stream.setdefault(str(record.get("stream")), []).append(record)
+    chosen = streams or sorted(by_stream)[:4]
+    missing = [s for s in chosen if s not in by_stream]
+    if missing or not chosen:
+        raise ForecasterError(
+            f"no forecasts for {missing or 'any stream'}; have {sorted(by_stream)[:10]}"
+        )
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(14, 3.2 * len(chosen)), squeeze=False)
+    for row, stream in enumerate(chosen):
+        items = sorted(by_stream[stream], key=lambda r: r["seq"])
+        seq = np.array([r["seq"] for r in items])
+        value = np.array([r["value"] for r in items], dtype=float)
+        prediction = np.array([r["prediction"] for r in items], dtype=float)
+        ax_fit, ax_err = axes[row]
+        ax_fit.plot(seq, value, lw=1.2, label="actual")
+        ax_fit.plot(seq + 1, prediction, "--", lw=1.0, label="predicted")
+        ax_fit.set(title=f"{stream}: actual vs predicted", xlabel="seq")
+        ax_fit.legend(loc="upper right")
+        error = np.array([abs(r["error"]) if r.get("error") is not None else np.nan for r in items])
+        ax_err.plot(seq[1:], np.abs(np.diff(value)), lw=0.6, alpha=0.6, label="|error| naive")
+        ax_err.plot(seq, error, lw=0.8, label="|error| model")
+        ax_err.set(title=f"{stream}: error over time", xlabel="seq", yscale="log")
+        ax_err.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return chosen

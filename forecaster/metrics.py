@@ -192,6 +192,9 @@ class Metrics(LinkEvents):
             per_stream,
             registry=r,
         )
+        self.stream_samples = Counter(
+            "forecaster_stream_samples_total", "Samples accepted per stream", per_stream, registry=r
+        )
         self.stream_value = Gauge(
             "forecaster_stream_last_value", "Last value received", per_stream, registry=r
         )
@@ -238,12 +241,14 @@ class Metrics(LinkEvents):
         """Error metrics for a tick's forecasts (errors are finite: the engine saw to that)."""
         for forecast in forecasts:
             label = self.label_for(forecast.stream)
+            self.stream_samples.labels(label).inc()
             if label != OTHER:
-                self.stream_value.labels(label).set(forecast.value)
+                self.stream_value.labels(label).set(_finite(forecast.value))
                 self.stream_prediction.labels(label).set(_finite(forecast.prediction))
             if forecast.error is None or forecast.naive_error is None:
                 continue
-            error, naive = _finite(forecast.error), _finite(forecast.naive_error)
+            # Clamped so that squares stay finite too.
+            error, naive = _finite(forecast.error, 1e150), _finite(forecast.naive_error, 1e150)
             self.abs_error.observe(abs(error))
             rolling = self._rolling.setdefault(label, RollingError())
             rolling.update(error, naive, self.alpha)

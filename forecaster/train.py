@@ -47,6 +47,10 @@ class Recipe:
     max_noise: float = 0.3
     clean_share: float = 0.4
     switch_share: float = 0.2
+    # Each stream's loss is divided by (its noise variance in z units + floor): the objective is
+    # excess error relative to what is predictable, so the noisiest streams cannot dominate it.
+    relative_loss: bool = True
+    loss_floor: float = 0.02
 
 
 @dataclass
@@ -99,7 +103,7 @@ def train_default(
     losses: list[float] = []
     bar = tqdm(total=total, desc="train", disable=not progress)
     for _ in range(recipe.episodes):
-        raw = random_sines(
+        raw, rel_noise = random_sines(
             recipe.streams,
             recipe.length + 1,
             rng,
@@ -107,12 +111,17 @@ def train_default(
             max_noise=recipe.max_noise,
             clean_share=recipe.clean_share,
             switch_share=recipe.switch_share,
+            return_noise=True,
         )
         z, target = normalize_series(raw, normalizer)  # (B, T + 1) each
         x = torch.tensor(z[:, :-1], dtype=torch.float32).unsqueeze(-1)  # (B, T, 1)
         y = torch.tensor(target[:, :-1], dtype=torch.float32).unsqueeze(-1)  # (B, T, 1)
-        mask = torch.ones_like(y)
+        mask = torch.ones_like(y)  # (B, T, 1): per-sample loss weight
         mask[:, : recipe.warmup] = 0.0
+        if recipe.relative_loss:
+            z_noise_var = 2.0 * rel_noise**2  # a sine's variance is amplitude² / 2
+            weight = 1.0 / (z_noise_var + recipe.loss_floor)
+            mask *= torch.tensor(weight / weight.mean(), dtype=torch.float32).view(-1, 1, 1)
         state = None
         for w in range(windows):
             span = slice(w * recipe.window, (w + 1) * recipe.window)

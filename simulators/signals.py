@@ -43,10 +43,12 @@ def random_sines(
     max_noise: float = 0.3,
     clean_share: float = 0.4,
     switch_share: float = 0.2,
-) -> np.ndarray:
+    return_noise: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``(n_streams, length)`` sine-like streams with random frequency, phase, amplitude, offset,
     noise (relative to amplitude; ``clean_share`` of streams have none) and, for ``switch_share``
-    of them, one regime change (new frequency and amplitude) at a random time."""
+    of them, one regime change (new frequency and amplitude) at a random time. With
+    ``return_noise`` also the relative noise level of each stream, ``(n_streams,)``."""
     t = np.arange(length, dtype=np.float64)
 
     def draw_freq(size: int) -> np.ndarray:
@@ -68,4 +70,5 @@ def random_sines(
     rel_noise = np.exp(rng.uniform(np.log(0.005), np.log(max_noise), (n_streams, 1)))
     rel_noise[rng.random(n_streams) < clean_share] = 0.0
     noise = rel_noise * amplitude * rng.standard_normal((n_streams, length))
-    return offset + scale * np.sin(angle) + noise
+    values = offset + scale * np.sin(angle) + noise
+    return (values, rel_noise[:, 0]) if return_noise else values

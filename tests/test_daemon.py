@@ -224,4 +224,97 @@ def test_metrics_and_health_endpoints(broker: Broker, prefix: str, tmp_path: Pat
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{running.metrics_url}/readyz")
     assert info.value.code == 503
+    with urllib.request.urlopen(f"{running.metrics_url}/healthz") as r:
+        assert r.status == 200  # alive, just not connected
+    broker.start()
+    running.wait_ready(timeout=20)
+    with urllib.request.urlopen(f"{running.metrics_url}/readyz") as r:
+        assert r.status == 200
     running.stop()
+
+
+def test_plot_from_the_forecast_topic_and_from_a_recording(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    stop = threading.Event()
+    sim = threading.Thread(
+        target=publish_sine,
+        args=(publisher, SineStreams(SineSpec(streams=2, seed=1))),
+        kwargs={
+            "rate": 40,
+            "count": None,
+            "topic": f"{prefix}/sensors/{{stream}}/value",
+            "stop": stop,
+        },
+    )
+    sim.start()
+    record, png = tmp_path / "rec.jsonl", tmp_path / "live.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "forecaster.cli",
+        "plot",
+        "--broker",
+        f"{broker.host}:{broker.port}",
+    ]
+    result = subprocess.run(
+        [
+            *cmd,
+            "--topic",
+            f"{prefix}/forecasts/+",
+            "--duration",
+            "3",
+            "--record",
+            str(record),
+            "--out",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    stop.set()
+    sim.join(5)
+    running.stop()
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG" and "sine-000, sine-001" in result.stdout
+    assert len(record.read_text().splitlines()) > 50
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forecaster.cli",
+            "plot",
+            "--file",
+            str(record),
+            "--streams",
+            "sine-001",
+            "--out",
+            str(tmp_path / "one.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forecaster.cli",
+            "plot",
+            "--file",
+            str(record),
+            "--streams",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "nope" in missing.stderr
