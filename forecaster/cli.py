@@ -134,6 +134,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from forecaster.bench import bench_scrape, print_scrape
+
+    if args.part == "scrape":
+        print_scrape(bench_scrape(args.streams, args.cap), args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -199,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--streams", help="comma-separated stream ids (default: the first 4)")
     plot.add_argument("--out", type=Path, default=Path("forecasts.png"))
     plot.set_defaults(func=cmd_plot)
+
+    bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
+    bench.add_argument("part", choices=["scrape"], help="scrape: /metrics size and latency")
+    bench.add_argument("--streams", type=int, default=5000)
+    bench.add_argument("--cap", type=int, default=100, help="metrics.stream_label_cap")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("config", type=Path)

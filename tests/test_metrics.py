@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -155,7 +156,7 @@ class Prometheus:
 
 def test_end_to_end_through_a_real_prometheus(
     broker, prefix: str, tmp_path: Path, publisher
-) -> None:  # noqa: ANN001
+) -> None:
     import threading
 
     from simulators.sine import SineSpec, SineStreams, publish_sine
@@ -203,7 +204,7 @@ def test_end_to_end_through_a_real_prometheus(
             mine = [f for f in forecasts if f["stream"] == stream]
             rolling = RollingError()
             alpha = 1 - 0.5 ** (1 / 20)
-            for previous, f in zip(mine, mine[1:], strict=False):
+            for previous, f in itertools.pairwise(mine):
                 rolling.update(f["error"], f["value"] - previous["value"], alpha)
             assert mae[stream] == pytest.approx(rolling.abs, rel=0.10)
             # The rate the engine saw: samples timestamped in the same window (a loaded machine
