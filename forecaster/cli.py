@@ -59,8 +59,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"sine: amplitude {args.amplitude:g}, offset {args.offset:g}, "
             f"freq x{args.freq_scale:g}, noise {args.noise:g}"
         )
+    learn = None
+    if args.learn:
+        from forecaster.config import OnlineLearningConfig
+
+        learn = OnlineLearningConfig(enabled=True, seed=args.seed)
+        if args.config:
+            from forecaster.config import load_config
+
+            learn = load_config(args.config).online_learning.model_copy(update={"enabled": True})
     run = run_series(
-        values, checkpoint.model, checkpoint.normalizer, device=args.device, progress=not args.json
+        values,
+        checkpoint.model,
+        checkpoint.normalizer,
+        device=args.device,
+        progress=not args.json,
+        learn=learn,
     )
     scores = score(run, args.warmup)
     if args.plot:
@@ -173,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--warmup", type=float, default=0.1, help="share of samples not scored")
     ev.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped one)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--learn", action="store_true", help="fine-tune online while replaying")
+    ev.add_argument("-c", "--config", type=Path, help="take online_learning settings from a config")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--plot", type=Path, help="PNG: actual vs prediction and error over time")
     ev.set_defaults(func=cmd_evaluate)

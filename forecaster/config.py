@@ -151,6 +151,27 @@ class EngineConfig(Section):
     max_abs_value: PositiveFloat = 1e15  # larger magnitudes are rejected as out_of_range
 
 
+class OnlineLearningConfig(Section):
+    """Fine-tuning on the live streams, off the forecasting path (off by default)."""
+
+    enabled: bool = False
+    window: int = Field(32, ge=2)  # truncated-BPTT window, in samples
+    update_every: int = Field(32, ge=1)  # samples (over all streams) between updates
+    streams_per_update: int = Field(64, ge=1)  # windows per minibatch at most
+    windows_per_stream: int = Field(4, ge=1)  # recent complete windows kept per stream
+    optimizer: Literal["adam"] = "adam"
+    lr: PositiveFloat = 0.003
+    clip: PositiveFloat = 1.0  # gradient-norm clipping
+    max_updates_per_s: PositiveFloat = 20.0
+    warmup: int = Field(
+        20, ge=0
+    )  # a stream's first samples are not learned from (normaliser settling)
+    rollback_factor: PositiveFloat = 2.0  # roll back when error after an update > factor x before
+    rollback_samples: int = Field(400, ge=1)  # samples watched after an update before it is trusted
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # lr multiplier after a rollback
+    seed: int = 0
+
+
 class StateConfig(Section):
     dir: Path = Path("state")
     checkpoint_interval: PositiveFloat = 60.0  # seconds between periodic checkpoints
@@ -172,6 +193,7 @@ class Config(Section):
     mqtt: MqttConfig = MqttConfig()
     model: ModelSection = ModelSection()
     engine: EngineConfig = EngineConfig()
+    online_learning: OnlineLearningConfig = OnlineLearningConfig()
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()

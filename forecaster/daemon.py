@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry
 from forecaster.config import Config
 from forecaster.engine import Engine, Forecast, Sample
 from forecaster.errors import CheckpointError, PayloadError
+from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.parse import PayloadParser, TopicTemplate
-from forecaster.persist import load_checkpoint, save_checkpoint
+from forecaster.persist import Checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Daemon:
         self.state_path = Path(config.state.dir) / "checkpoint.safetensors"
         self.link = MqttLink(config.mqtt, self.inbox, self.metrics)
         self.engine: Engine | None = None
+        self.learner: Learner | None = None
         self.http: HttpEndpoint | None = None
         self.rate_limited = RateLimitedLog()
         self._stop = threading.Event()
@@ -100,7 +102,13 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         torch.set_num_threads(self.config.model.threads)
-        self.engine = self._build_engine()
+        self.engine, checkpoint = self._build_engine()
+        if self.config.online_learning.enabled:
+            self.learner = Learner(self.engine, self.config.online_learning, background=True)
+            self.learner.load_state_tensors(checkpoint.extra)
+            if checkpoint.optimizer is not None:
+                self.learner.optimizer.load_state_dict(checkpoint.optimizer)
+            log.info("online learning on (version %d)", self.learner.version)
         self.metrics.model_version.set(self.engine.model_version)
         self.metrics.streams_active.set(len(self.engine.streams))
         if self.config.metrics.enabled:
@@ -110,7 +118,7 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", m.host, self.http.port)
         self.link.start()
 
-    def _build_engine(self) -> Engine:
+    def _build_engine(self) -> tuple[Engine, Checkpoint]:
         device = self.config.model.device
         if self.state_path.exists():
             checkpoint = load_checkpoint(self.state_path, device)
@@ -134,7 +142,7 @@ class Daemon:
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
-        return engine
+        return engine, checkpoint
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -160,6 +168,8 @@ class Daemon:
         while not self.inbox.empty() and time.monotonic() < deadline:
             self.step(timeout=0.0)
         self.checkpoint()
+        if self.learner is not None:
+            self.learner.close()
         self.link.close()
         if self.http is not None:
             self.http.close()
@@ -195,6 +205,8 @@ class Daemon:
                 self._reject("internal_error", raw.topic, "parser")
         if samples:
             self._tick(samples, received)
+        if self.learner is not None:
+            self.learner.after_tick()
         return len(batch)
 
     def _tick(self, samples: list[Sample], received: list[float]) -> None:
@@ -230,6 +242,10 @@ class Daemon:
 
     def _housekeeping(self) -> None:
         self.link.watchdog()
+        if self.learner is not None:
+            self.learner.after_tick()
+            self.metrics.observe_learner(self.learner.stats)
+            self.metrics.model_version.set(self.learner.version)
         if time.monotonic() - self._last_checkpoint >= self.config.state.checkpoint_interval:
             self.checkpoint()
 
@@ -239,15 +255,29 @@ class Daemon:
             return
         self._last_checkpoint = time.monotonic()
         table = self.engine.streams
+        learner = self.learner
         try:
-            save_checkpoint(
-                self.state_path,
-                self.engine.model,
-                self.engine.normalizer_config,
-                model_version=self.engine.model_version,
-                stream_names=list(table.names),
-                stream_arrays=table.arrays(),
-            )
+            if learner is None:
+                save_checkpoint(
+                    self.state_path,
+                    self.engine.model,
+                    self.engine.normalizer_config,
+                    model_version=self.engine.model_version,
+                    stream_names=list(table.names),
+                    stream_arrays=table.arrays(),
+                )
+            else:
+                with learner.train_lock:  # a consistent optimizer state (waits one step at most)
+                    save_checkpoint(
+                        self.state_path,
+                        self.engine.model,
+                        self.engine.normalizer_config,
+                        model_version=self.engine.model_version,
+                        stream_names=list(table.names),
+                        stream_arrays=table.arrays(),
+                        optimizer=learner.optimizer,
+                        extra=learner.state_tensors(),
+                    )
         except (OSError, CheckpointError):
             log.exception("checkpoint to %s failed", self.state_path)
             self.metrics.checkpointed(False)

@@ -9,7 +9,7 @@ score the forecast made at t-1 against the arriving value, step the state, forec
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +53,17 @@ class Rejection:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """What one batched step saw, for the online learner (arrays indexed like ``slots``)."""
+
+    slots: np.ndarray  # (B,)
+    count: np.ndarray  # (B,) samples each stream had before this one (normaliser warm-up)
+    z_in: np.ndarray  # (B,) normalised input fed to the model
+    z_target: np.ndarray  # (B,) the arriving value in the frame its forecast was made in
+    state_before: torch.Tensor  # (num_layers, B, width) state before stepping z_in
+
+
 @dataclass(slots=True)
 class TickResult:
     forecasts: list[Forecast] = field(default_factory=list)
@@ -77,6 +88,15 @@ class Engine:
         self.streams = StreamTable(self.model, self.normalizer_config, self.device)
         self.max_abs_value = max_abs_value
         self.model_version = model_version
+        # Called with a StepRecord after every batched step (the learner's window feed).
+        self.observer: Callable[[StepRecord], None] | None = None
+
+    def swap_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Serve new weights from the next tick on (called between ticks only)."""
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():
+                tensor.copy_(weights[name])
+        self.model_version = version
 
     def reject_reason(self, sample: Sample) -> str | None:
         """Why ``sample`` must not touch any state, or None when it may."""
@@ -145,12 +165,19 @@ class Engine:
         values = np.fromiter((b[2] for b in batch), dtype=np.float64, count=len(batch))
         error = values - table.last_prediction[slots]  # NaN where there was no forecast yet
         naive_error = values - table.last_value[slots]
+        observer = self.observer
+        if observer is not None:  # the value in the frame its forecast was made in
+            count = table.normalizer.count[slots].copy()
+            z_target = table.normalizer.normalize(slots, values)
         z = table.normalizer.update(slots, values)
         index = torch.from_numpy(slots).to(self.device)
         state = table.state.index_select(1, index)  # (num_layers, B, width)
         z_next, state = self.model.step(
             torch.from_numpy(z.astype(np.float32)).to(self.device), state
         )
+        if observer is not None:
+            before = table.state.index_select(1, index)  # (num_layers, B, width)
+            observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
         prediction = table.normalizer.denormalize(slots, z_next.double().cpu().numpy())
         table.last_prediction[slots] = prediction

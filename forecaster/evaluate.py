@@ -8,6 +8,7 @@ hidden state are still settling), for the model and the naive baseline alike.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, Sample
 from forecaster.errors import ForecasterError
+from forecaster.learner import Learner
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
 
@@ -30,6 +33,8 @@ class SeriesRun:
 
     values: np.ndarray
     predictions: np.ndarray
+    versions: np.ndarray | None = None  # model_version of each forecast
+    learner: Learner | None = None
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,37 @@ def run_series(
     device: str = "cpu",
     progress: bool = True,
     stream: str = "series",
+    learn: OnlineLearningConfig | None = None,
 ) -> SeriesRun:
-    """Feed ``values`` one sample per tick through a fresh Engine."""
+    """Feed ``values`` one sample per tick through a fresh Engine (and, with ``learn``, the same
+    Learner the daemon runs, driven synchronously: deterministic for its seed)."""
+    if learn is not None:
+        model = copy.deepcopy(model)  # the learner changes the weights it serves
     engine = Engine(model, normalizer, device=device)
+    learner = Learner(engine, learn) if learn is not None else None
     predictions = np.empty(len(values))
+    versions = np.zeros(len(values), dtype=np.int64)
     for t, value in enumerate(tqdm(values, desc="evaluate", disable=not progress, leave=False)):
         result = engine.tick([Sample(stream, float(value), ts=float(t))])
         if result.rejected:
             raise ForecasterError(f"sample {t} rejected: {result.rejected[0].reason}")
         predictions[t] = result.forecasts[0].prediction
-    return SeriesRun(np.asarray(values, dtype=np.float64), predictions)
+        versions[t] = result.forecasts[0].model_version
+        if learner is not None:
+            learner.after_tick()
+    return SeriesRun(np.asarray(values, dtype=np.float64), predictions, versions, learner)
+
+
+def rolling_mse(run: SeriesRun, halflife: float = 100.0) -> np.ndarray:
+    """EWMA of the squared error; element ``t`` scores the forecast of ``values[t]`` (t >= 1)."""
+    error = run.values[1:] - run.predictions[:-1]
+    alpha = 1.0 - 0.5 ** (1.0 / halflife)
+    out = np.empty(len(error))
+    level = error[0] ** 2
+    for t, e in enumerate(error):
+        level += alpha * (e * e - level)
+        out[t] = level
+    return np.concatenate([[np.nan], out])
 
 
 def score(run: SeriesRun, warmup: float = 0.1) -> Scores:

@@ -165,6 +165,26 @@ class Metrics(LinkEvents):
         self.model_version = Gauge(
             "forecaster_model_version", "Version of the weights serving now", registry=r
         )
+        self.learn_updates = Counter(
+            "forecaster_learning_updates_total", "Online-learning updates served", registry=r
+        )
+        self.learn_skipped = Counter(
+            "forecaster_learning_skipped_total",
+            "Online-learning updates skipped, by reason (non_finite, behind)",
+            ["reason"],
+            registry=r,
+        )
+        self.learn_rollbacks = Counter(
+            "forecaster_learning_rollbacks_total",
+            "Updates rolled back by the error guard",
+            registry=r,
+        )
+        self.learn_loss = Gauge(
+            "forecaster_learning_loss",
+            "Training loss (normalised MSE) of the last update",
+            registry=r,
+        )
+        self._learn_seen = (0, 0, 0, 0)
         self.info = Info("forecaster_build", "Build information", registry=r)
         self.info.info({"version": __version__})
         per_stream = ["stream"]
@@ -222,6 +242,18 @@ class Metrics(LinkEvents):
 
     def loop_restarted(self) -> None:
         self.loop_restarts.inc()
+
+    def observe_learner(self, stats: object) -> None:
+        """Fold the learner's running totals into counters (increments since the last call)."""
+        now = (stats.updates, stats.skipped_nonfinite, stats.skipped_behind, stats.rollbacks)  # type: ignore[attr-defined]
+        before, self._learn_seen = self._learn_seen, now
+        self.learn_updates.inc(max(0, now[0] - before[0]))
+        self.learn_skipped.labels("non_finite").inc(max(0, now[1] - before[1]))
+        self.learn_skipped.labels("behind").inc(max(0, now[2] - before[2]))
+        self.learn_rollbacks.inc(max(0, now[3] - before[3]))
+        loss = stats.last_loss  # type: ignore[attr-defined]
+        if math.isfinite(loss):
+            self.learn_loss.set(loss)
 
     # -- engine side --------------------------------------------------------------------------
     def checkpointed(self, ok: bool) -> None:

@@ -73,9 +73,10 @@ class Normalizer:
 
     def update(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Fold ``x`` (one value per distinct slot) into the statistics, return its ``z``."""
-        if self.config.kind == "none":
-            return np.asarray(x, dtype=np.float64).copy()
         count = self.count[slots] + 1
+        if self.config.kind == "none":
+            self.count[slots] = count
+            return np.asarray(x, dtype=np.float64).copy()
         weight = np.maximum(1.0 / count, self.config.alpha)
         delta = x - self.mean[slots]
         mean = self.mean[slots] + weight * delta

@@ -14,6 +14,8 @@ import torch
 from forecaster.model import Forecaster
 from forecaster.normalize import Normalizer, NormalizerConfig
 
+FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts")
+
 
 class StreamTable:
     """Slots for streams, grown by doubling; state that a checkpoint must carry."""
@@ -63,7 +65,7 @@ class StreamTable:
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
         self.normalizer.grow(capacity)
         self.seq = np.concatenate([self.seq, np.zeros(extra, dtype=np.int64)])
-        for name in ("last_value", "last_prediction", "last_ts"):
+        for name in FLOAT_COLUMNS:
             setattr(self, name, np.concatenate([getattr(self, name), np.full(extra, np.nan)]))
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -93,7 +95,8 @@ class StreamTable:
             getattr(self.normalizer, key)[:n] = values
         self.seq = np.zeros(capacity, dtype=np.int64)
         self.seq[:n] = arrays["seq"]
-        for name in ("last_value", "last_prediction", "last_ts"):
+        for name in FLOAT_COLUMNS:
             column = np.full(capacity, np.nan)
-            column[:n] = arrays[name]
+            if name in arrays:
+                column[:n] = arrays[name]
             setattr(self, name, column)

@@ -49,7 +49,7 @@ class Recipe:
     switch_share: float = 0.2
     # Each stream's loss is divided by (its noise variance in z units + floor): the objective is
     # excess error relative to what is predictable, so the noisiest streams cannot dominate it.
-    relative_loss: bool = True
+    relative_loss: bool = False
     loss_floor: float = 0.02
 
 

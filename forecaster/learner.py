@@ -1,0 +1,359 @@
+"""Online fine-tuning off the hot path: windows, truncated BPTT, clipping, rollback guard.
+
+The engine reports every batched step (``StepRecord``); the learner cuts each stream's normalised
+inputs into windows of ``window`` samples, each with the hidden state the engine had at its start
+and the targets the engine later scored. Every ``update_every`` samples it trains a copy of the
+model on a minibatch of recent windows — on a background thread in the daemon, inline in
+``forecaster evaluate --learn`` — and hands the new weights over; the engine swaps them between
+ticks, so a forecast never waits for a backward pass.
+
+Guards: a step whose loss or gradient is not finite is skipped before the optimizer touches
+anything (weights stay byte-identical); an update after which the error grows beyond
+``rollback_factor`` times its earlier level for ``rollback_samples`` samples is rolled back to the
+last good weights and the learning rate is cut; when training falls behind, updates are skipped
+(at most one is ever in flight) and counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from forecaster.config import OnlineLearningConfig
+from forecaster.engine import Engine, StepRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """One stream's inputs, the targets scored for them, and the state at the window's start."""
+
+    start_state: torch.Tensor  # (num_layers, width)
+    inputs: list[float] = field(default_factory=list)
+    targets: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LearnerStats:
+    updates: int = 0
+    skipped_nonfinite: int = 0
+    skipped_behind: int = 0
+    rollbacks: int = 0
+    last_loss: float = math.nan
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, window, 1)
+    y: torch.Tensor  # (B, window, 1)
+    h0: torch.Tensor  # (num_layers, B, width)
+
+
+class Learner:
+    """Fine-tunes ``engine``'s model from what the engine serves; see the module docstring."""
+
+    def __init__(
+        self, engine: Engine, config: OnlineLearningConfig, *, background: bool = False
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.background = background
+        self.model = copy.deepcopy(engine.model).eval()
+        self.lr = config.lr
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        self.rng = np.random.default_rng(config.seed)
+        self.open: dict[int, Window] = {}  # slot -> window being filled
+        self.ready: dict[int, deque[Window]] = {}  # slot -> recent complete windows
+        self.samples_since_update = 0
+        self.stats = LearnerStats()
+        self.version = engine.model_version
+        # Rollback guard: EWMA of the squared z-error, and the weights last known to be good.
+        self.error_level = math.nan
+        self.naive_level = math.nan
+        self.good_weights = _copy_weights(engine.model)
+        self.probation: dict[str, float] | None = None
+        self._last_update_at = 0.0
+        self._handover: tuple[dict[str, torch.Tensor], float] | None = None
+        self._handover_lock = threading.Lock()
+        self.train_lock = threading.Lock()  # held during a step; checkpoints take it too
+        self._restore_to: dict[str, torch.Tensor] | None = None  # applied by the trainer
+        self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+        engine.observer = self.observe
+        if background:
+            self._thread = threading.Thread(target=self._work, name="learner", daemon=True)
+            self._thread.start()
+
+    # -- fed by the engine (engine thread) ------------------------------------------------------
+    def observe(self, record: StepRecord) -> None:
+        window = self.config.window
+        for i, slot in enumerate(record.slots.tolist()):
+            if record.count[i] < self.config.warmup:
+                self.open.pop(slot, None)  # nothing learnable yet: the normaliser is settling
+                continue
+            current = self.open.get(slot)
+            if current is not None and len(current.targets) < len(current.inputs):
+                current.targets.append(float(record.z_target[i]))
+                if len(current.targets) == window:
+                    self.ready.setdefault(
+                        slot, deque(maxlen=self.config.windows_per_stream)
+                    ).append(current)
+                    current = None
+            if current is None:
+                current = Window(record.state_before[:, i].detach().clone())
+                self.open[slot] = current
+            current.inputs.append(float(record.z_in[i]))
+        self._watch_errors(record.z_error, record.z_naive_error)
+        self.samples_since_update += len(record.slots)
+
+    def _watch_errors(self, z_error: np.ndarray, z_naive_error: np.ndarray) -> None:
+        """Track the model's error relative to the naive forecast's on the same samples, so that a
+        change in the data (which raises both) is not blamed on an update."""
+        known = np.isfinite(z_error) & np.isfinite(z_naive_error)
+        if not known.any():
+            return
+        squared = np.minimum(z_error[known] ** 2, 1e6)
+        naive = np.minimum(z_naive_error[known] ** 2, 1e6)
+        alpha = 1.0 / self.config.rollback_samples
+        for value, base in zip(squared.tolist(), naive.tolist(), strict=True):
+            if math.isnan(self.error_level):
+                self.error_level, self.naive_level = value, base
+            else:
+                self.error_level += alpha * (value - self.error_level)
+                self.naive_level += alpha * (base - self.naive_level)
+        if self.probation is not None:
+            self.probation["sum"] += float(squared.sum())
+            self.probation["naive"] += float(naive.sum())
+            self.probation["n"] += float(squared.size)
+
+    # -- between ticks (engine thread) ----------------------------------------------------------
+    def after_tick(self) -> None:
+        """Swap in finished weights, judge the last update, start the next one when due."""
+        self._apply_handover()
+        self._judge_probation()
+        if self.samples_since_update < self.config.update_every:
+            return
+        now = time.monotonic()
+        if self.background and now - self._last_update_at < 1.0 / self.config.max_updates_per_s:
+            return  # rate cap: wait, the windows keep filling
+        batch = self._make_batch()
+        if batch is None:
+            return
+        self.samples_since_update = 0
+        self._last_update_at = now
+        if not self.background:
+            loss = self.train_step(batch)
+            if loss is not None:
+                self._offer(loss)
+                self._apply_handover()
+            return
+        try:
+            self._jobs.put_nowait(batch)
+        except queue.Full:
+            self.stats.skipped_behind += 1  # one update in flight at most; never queue more
+
+    def _make_batch(self) -> Batch | None:
+        windows = [w for ready in self.ready.values() for w in ready]
+        if not windows:
+            return None
+        if len(windows) > self.config.streams_per_update:
+            chosen = self.rng.choice(len(windows), self.config.streams_per_update, replace=False)
+            windows = [windows[i] for i in sorted(chosen)]
+        x = torch.tensor([w.inputs for w in windows], dtype=torch.float32).unsqueeze(-1)
+        y = torch.tensor([w.targets for w in windows], dtype=torch.float32).unsqueeze(-1)
+        h0 = torch.stack([w.start_state for w in windows], dim=1)  # (num_layers, B, width)
+        device = self.engine.device
+        return Batch(x.to(device), y.to(device), h0.to(device))  # x, y: (B, window, 1)
+
+    def _apply_handover(self) -> None:
+        with self._handover_lock:
+            handover, self._handover = self._handover, None
+        if handover is None:
+            return
+        weights, loss = handover
+        self.version += 1
+        self.engine.swap_weights(weights, self.version)
+        self.stats.updates += 1
+        self.stats.last_loss = loss
+        if self.probation is None:
+            before = _ratio(self.error_level, self.naive_level)
+            self.probation = {"before": before, "sum": 0.0, "naive": 0.0, "n": 0.0}
+
+    def _judge_probation(self) -> None:
+        probation = self.probation
+        if probation is None or probation["n"] < self.config.rollback_samples:
+            return
+        self.probation = None
+        after = _ratio(probation["sum"], probation["naive"])
+        if after > self.config.rollback_factor * probation["before"]:
+            self.rollback(after, probation["before"])
+        else:
+            self.good_weights = _copy_weights(self.engine.model)
+            self.lr = min(self.config.lr, self.lr / self.config.rollback_lr_factor)
+
+    def rollback(self, after: float, before: float) -> None:
+        """Serve the last good weights again; the trainer restarts from them at a lower lr."""
+        self.stats.rollbacks += 1
+        self.lr *= self.config.rollback_lr_factor
+        log.warning(
+            "online update rolled back: error/naive error %.4g after vs %.4g before (x%.1f); lr now %.3g",
+            after,
+            before,
+            after / max(before, 1e-12),
+            self.lr,
+        )
+        self.version += 1
+        self.engine.swap_weights(self.good_weights, self.version)
+        with self._handover_lock:
+            self._handover = None
+            self._restore_to = _clone(self.good_weights)
+        if not self.background:
+            self._restore()
+
+    # -- training (background thread, or inline) ------------------------------------------------
+    def train_step(self, batch: Batch) -> float | None:
+        """One TBPTT step; ``None`` (and nothing changed) when the loss or a gradient is not finite."""
+        with self.train_lock:
+            return self._train_step(batch)
+
+    def _train_step(self, batch: Batch) -> float | None:
+        self._restore()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.model.train()
+        try:
+            prediction, _ = self.model(batch.x, batch.h0)
+            loss = nn.functional.mse_loss(prediction, batch.y)
+            if not torch.isfinite(loss):
+                self.stats.skipped_nonfinite += 1
+                return None
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+            if not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.stats.skipped_nonfinite += 1
+                return None
+            self.optimizer.step()
+            return float(loss.detach())
+        finally:
+            self.model.eval()
+
+    def _restore(self) -> None:
+        with self._handover_lock:
+            weights, self._restore_to = self._restore_to, None
+        if weights is not None:
+            self.model.load_state_dict(weights)
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+
+    def _offer(self, loss: float) -> None:
+        with self._handover_lock:
+            self._handover = (_copy_weights(self.model), loss)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._jobs.get()
+            if batch is None:
+                return
+            try:
+                loss = self.train_step(batch)
+                if loss is not None:
+                    self._offer(loss)
+            except Exception:
+                log.exception("online update failed; skipped")
+                self.stats.skipped_nonfinite += 1
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(5)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Windows and guard state as tensors for the checkpoint (``extra.learner.*``)."""
+        window = self.config.window
+        rows: list[tuple[int, int, Window]] = []  # (slot, kind 0=open 1=ready, window)
+        for slot, ready in self.ready.items():
+            rows.extend((slot, 1, w) for w in ready)
+        rows.extend((slot, 0, w) for slot, w in self.open.items())
+        n = len(rows)
+        width = self.engine.model.state_width
+        layers = self.engine.model.config.num_layers
+        inputs = torch.full((n, window), math.nan, dtype=torch.float64)
+        targets = torch.full((n, window), math.nan, dtype=torch.float64)
+        states = torch.zeros(layers, n, width)
+        for i, (_, _, w) in enumerate(rows):
+            inputs[i, : len(w.inputs)] = torch.tensor(w.inputs, dtype=torch.float64)
+            targets[i, : len(w.targets)] = torch.tensor(w.targets, dtype=torch.float64)
+            states[:, i] = w.start_state.cpu()
+        return {
+            "learner.slot": torch.tensor([r[0] for r in rows], dtype=torch.int64),
+            "learner.kind": torch.tensor([r[1] for r in rows], dtype=torch.int64),
+            "learner.inputs": inputs,
+            "learner.targets": targets,
+            "learner.start_state": states,
+            "learner.scalars": torch.tensor(
+                [
+                    self.samples_since_update,
+                    self.version,
+                    self.lr,
+                    self.error_level,
+                    self.stats.updates,
+                    self.stats.rollbacks,
+                ],
+                dtype=torch.float64,
+            ),
+        }
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "learner.slot" not in tensors:
+            return
+        self.open.clear()
+        self.ready.clear()
+        for i, (slot, kind) in enumerate(
+            zip(tensors["learner.slot"].tolist(), tensors["learner.kind"].tolist(), strict=True)
+        ):
+            inputs = [v for v in tensors["learner.inputs"][i].tolist() if not math.isnan(v)]
+            targets = [v for v in tensors["learner.targets"][i].tolist() if not math.isnan(v)]
+            window = Window(
+                tensors["learner.start_state"][:, i].to(self.engine.device), inputs, targets
+            )
+            if kind == 1:
+                self.ready.setdefault(slot, deque(maxlen=self.config.windows_per_stream)).append(
+                    window
+                )
+            else:
+                self.open[slot] = window
+        scalars = tensors["learner.scalars"].tolist()
+        self.samples_since_update = int(scalars[0])
+        self.version = int(scalars[1])
+        self.lr = float(scalars[2])
+        self.error_level = float(scalars[3])
+        self.stats.updates, self.stats.rollbacks = int(scalars[4]), int(scalars[5])
+        self.naive_level = float(scalars[6])
+
+
+def _ratio(error: float, naive: float) -> float:
+    """Model error relative to the naive forecast's (inf when nothing is known yet)."""
+    if math.isnan(error) or math.isnan(naive):
+        return math.inf
+    return error / max(naive, 1e-12)
+
+
+def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _clone(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in weights.items()}
