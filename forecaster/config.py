@@ -156,19 +156,19 @@ class OnlineLearningConfig(Section):
 
     enabled: bool = False
     window: int = Field(32, ge=2)  # truncated-BPTT window, in samples
-    update_every: int = Field(32, ge=1)  # samples (over all streams) between updates
+    update_every: int = Field(4, ge=1)  # samples (over all streams) between updates
     streams_per_update: int = Field(64, ge=1)  # windows per minibatch at most
-    windows_per_stream: int = Field(4, ge=1)  # recent complete windows kept per stream
+    windows_per_stream: int = Field(32, ge=1)  # recent complete windows kept per stream
     optimizer: Literal["adam"] = "adam"
-    lr: PositiveFloat = 0.003
+    lr: PositiveFloat = 0.005
     clip: PositiveFloat = 1.0  # gradient-norm clipping
-    max_updates_per_s: PositiveFloat = 20.0
+    max_updates_per_s: PositiveFloat = 50.0
     warmup: int = Field(
         20, ge=0
     )  # a stream's first samples are not learned from (normaliser settling)
-    rollback_factor: PositiveFloat = 2.0  # roll back when error after an update > factor x before
+    rollback_factor: PositiveFloat = 2.0  # roll back when loss > factor x the good weights' loss
     rollback_samples: int = Field(400, ge=1)  # samples watched after an update before it is trusted
-    rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # lr multiplier after a rollback
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # lr multiplier after each rollback (kept)
     seed: int = 0
 
 

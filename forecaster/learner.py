@@ -76,15 +76,17 @@ class Learner:
         self.open: dict[int, Window] = {}  # slot -> window being filled
         self.ready: dict[int, deque[Window]] = {}  # slot -> recent complete windows
         self.samples_since_update = 0
+        self.samples_seen = 0
         self.stats = LearnerStats()
         self.version = engine.model_version
-        # Rollback guard: EWMA of the squared z-error, and the weights last known to be good.
-        self.error_level = math.nan
-        self.naive_level = math.nan
+        # Rollback guard: the weights last known to be good, kept as a model so each training
+        # step can score them on the same fresh windows as the weights being served.
         self.good_weights = _copy_weights(engine.model)
+        self.good_model = copy.deepcopy(engine.model).eval()
+        self._promote: dict[str, torch.Tensor] | None = None  # new good weights, for the trainer
         self.probation: dict[str, float] | None = None
         self._last_update_at = 0.0
-        self._handover: tuple[dict[str, torch.Tensor], float] | None = None
+        self._handover: tuple[dict[str, torch.Tensor], float, float] | None = None
         self._handover_lock = threading.Lock()
         self.train_lock = threading.Lock()  # held during a step; checkpoints take it too
         self._restore_to: dict[str, torch.Tensor] | None = None  # applied by the trainer
@@ -114,28 +116,8 @@ class Learner:
                 current = Window(record.state_before[:, i].detach().clone())
                 self.open[slot] = current
             current.inputs.append(float(record.z_in[i]))
-        self._watch_errors(record.z_error, record.z_naive_error)
         self.samples_since_update += len(record.slots)
-
-    def _watch_errors(self, z_error: np.ndarray, z_naive_error: np.ndarray) -> None:
-        """Track the model's error relative to the naive forecast's on the same samples, so that a
-        change in the data (which raises both) is not blamed on an update."""
-        known = np.isfinite(z_error) & np.isfinite(z_naive_error)
-        if not known.any():
-            return
-        squared = np.minimum(z_error[known] ** 2, 1e6)
-        naive = np.minimum(z_naive_error[known] ** 2, 1e6)
-        alpha = 1.0 / self.config.rollback_samples
-        for value, base in zip(squared.tolist(), naive.tolist(), strict=True):
-            if math.isnan(self.error_level):
-                self.error_level, self.naive_level = value, base
-            else:
-                self.error_level += alpha * (value - self.error_level)
-                self.naive_level += alpha * (base - self.naive_level)
-        if self.probation is not None:
-            self.probation["sum"] += float(squared.sum())
-            self.probation["naive"] += float(naive.sum())
-            self.probation["n"] += float(squared.size)
+        self.samples_seen += len(record.slots)
 
     # -- between ticks (engine thread) ----------------------------------------------------------
     def after_tick(self) -> None:
@@ -153,9 +135,9 @@ class Learner:
         self.samples_since_update = 0
         self._last_update_at = now
         if not self.background:
-            loss = self.train_step(batch)
-            if loss is not None:
-                self._offer(loss)
+            losses = self.train_step(batch)
+            if losses is not None:
+                self._offer(losses)
                 self._apply_handover()
             return
         try:
@@ -181,33 +163,43 @@ class Learner:
             handover, self._handover = self._handover, None
         if handover is None:
             return
-        weights, loss = handover
+        weights, loss, good_loss = handover
+        if self.probation is not None:  # the served weights vs the good ones, same windows
+            self.probation["served"] += loss
+            self.probation["good"] += good_loss
         self.version += 1
         self.engine.swap_weights(weights, self.version)
         self.stats.updates += 1
         self.stats.last_loss = loss
         if self.probation is None:
-            before = _ratio(self.error_level, self.naive_level)
-            self.probation = {"before": before, "sum": 0.0, "naive": 0.0, "n": 0.0}
+            self.probation = {"served": 0.0, "good": 0.0, "since": self.samples_seen}
 
     def _judge_probation(self) -> None:
+        """After ``rollback_samples`` samples, keep the new weights or go back to the good ones."""
         probation = self.probation
-        if probation is None or probation["n"] < self.config.rollback_samples:
+        if (
+            probation is None
+            or self.samples_seen - probation["since"] < self.config.rollback_samples
+        ):
             return
+        if probation["good"] <= 0:
+            return  # no training step has scored both yet
         self.probation = None
-        after = _ratio(probation["sum"], probation["naive"])
-        if after > self.config.rollback_factor * probation["before"]:
-            self.rollback(after, probation["before"])
+        if probation["served"] > self.config.rollback_factor * probation["good"]:
+            self.rollback(probation["served"], probation["good"])
         else:
             self.good_weights = _copy_weights(self.engine.model)
-            self.lr = min(self.config.lr, self.lr / self.config.rollback_lr_factor)
+            with self._handover_lock:
+                self._promote = _clone(self.good_weights)
+            if not self.background:
+                self._sync_good()
 
     def rollback(self, after: float, before: float) -> None:
         """Serve the last good weights again; the trainer restarts from them at a lower lr."""
         self.stats.rollbacks += 1
         self.lr *= self.config.rollback_lr_factor
         log.warning(
-            "online update rolled back: error/naive error %.4g after vs %.4g before (x%.1f); lr now %.3g",
+            "online update rolled back: loss %.4g vs %.4g for the last good weights (x%.1f); lr now %.3g",
             after,
             before,
             after / max(before, 1e-12),
@@ -222,15 +214,20 @@ class Learner:
             self._restore()
 
     # -- training (background thread, or inline) ------------------------------------------------
-    def train_step(self, batch: Batch) -> float | None:
-        """One TBPTT step; ``None`` (and nothing changed) when the loss or a gradient is not finite."""
+    def train_step(self, batch: Batch) -> tuple[float, float] | None:
+        """One TBPTT step. Returns the batch's loss for the weights before the step and for the
+        last good weights; ``None`` (and nothing changed) when a loss or gradient is not finite."""
         with self.train_lock:
             return self._train_step(batch)
 
-    def _train_step(self, batch: Batch) -> float | None:
+    def _train_step(self, batch: Batch) -> tuple[float, float] | None:
         self._restore()
+        self._sync_good()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+        with torch.no_grad():
+            good_prediction, _ = self.good_model(batch.x, batch.h0)
+            good_loss = float(nn.functional.mse_loss(good_prediction, batch.y))
         self.model.train()
         try:
             prediction, _ = self.model(batch.x, batch.h0)
@@ -246,7 +243,7 @@ class Learner:
                 self.stats.skipped_nonfinite += 1
                 return None
             self.optimizer.step()
-            return float(loss.detach())
+            return float(loss.detach()), good_loss
         finally:
             self.model.eval()
 
@@ -257,9 +254,15 @@ class Learner:
             self.model.load_state_dict(weights)
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
 
-    def _offer(self, loss: float) -> None:
+    def _sync_good(self) -> None:
         with self._handover_lock:
-            self._handover = (_copy_weights(self.model), loss)
+            weights, self._promote = self._promote, None
+        if weights is not None:
+            self.good_model.load_state_dict(weights)
+
+    def _offer(self, losses: tuple[float, float]) -> None:
+        with self._handover_lock:
+            self._handover = (_copy_weights(self.model), *losses)
 
     def _work(self) -> None:
         while True:
@@ -267,9 +270,9 @@ class Learner:
             if batch is None:
                 return
             try:
-                loss = self.train_step(batch)
-                if loss is not None:
-                    self._offer(loss)
+                losses = self.train_step(batch)
+                if losses is not None:
+                    self._offer(losses)
             except Exception:
                 log.exception("online update failed; skipped")
                 self.stats.skipped_nonfinite += 1
@@ -308,7 +311,6 @@ class Learner:
                     self.samples_since_update,
                     self.version,
                     self.lr,
-                    self.error_level,
                     self.stats.updates,
                     self.stats.rollbacks,
                 ],
@@ -339,16 +341,7 @@ class Learner:
         self.samples_since_update = int(scalars[0])
         self.version = int(scalars[1])
         self.lr = float(scalars[2])
-        self.error_level = float(scalars[3])
-        self.stats.updates, self.stats.rollbacks = int(scalars[4]), int(scalars[5])
-        self.naive_level = float(scalars[6])
-
-
-def _ratio(error: float, naive: float) -> float:
-    """Model error relative to the naive forecast's (inf when nothing is known yet)."""
-    if math.isnan(error) or math.isnan(naive):
-        return math.inf
-    return error / max(naive, 1e-12)
+        self.stats.updates, self.stats.rollbacks = int(scalars[3]), int(scalars[4])
 
 
 def _copy_weights(model: nn.Module) -> dict[str, torch.Tensor]:

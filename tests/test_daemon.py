@@ -318,3 +318,40 @@ def test_plot_from_the_forecast_topic_and_from_a_recording(
         timeout=60,
     )
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_online_learning_in_the_daemon_persists_across_restart(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    from forecaster.persist import load_checkpoint
+
+    learn = {"enabled": True, "update_every": 8, "window": 16, "warmup": 5}
+    collector = Collector(broker, f"{prefix}/forecasts/+")
+    running = RunningDaemon(
+        daemon_config(broker, prefix, tmp_path / "state", online_learning=learn)
+    )
+    streams = SineStreams(SineSpec(streams=2, seed=7, freq_scale=(2.5, 3.0)))
+    topic = f"{prefix}/sensors/{{stream}}/value"
+    publish_sine(publisher, streams, rate=200, count=300, topic=topic, qos=1)
+    forecasts = collector.wait_for(600)
+    versions = [f["model_version"] for f in forecasts]
+    assert versions == sorted(versions) and versions[-1] > 0  # weights were swapped in, in order
+    deadline = time.monotonic() + 5
+    while metric_value(running.scrape(), "forecaster_learning_updates_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert metric_value(running.scrape(), "forecaster_model_version") > 0
+    running.stop()
+    saved = load_checkpoint(tmp_path / "state" / "checkpoint.safetensors")
+    assert saved.optimizer is not None and saved.optimizer["state"]
+    assert "learner.inputs" in saved.extra and saved.model_version == running.daemon.learner.version
+
+    again = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state", online_learning=learn))
+    assert again.daemon.learner is not None
+    assert again.daemon.learner.version == saved.model_version  # resumes where it stopped
+    assert sum(len(w) for w in again.daemon.learner.ready.values()) > 0
+    publish_sine(publisher, streams, rate=200, count=50, topic=topic, qos=1)
+    more = collector.wait_for(700)
+    assert min(f["model_version"] for f in more[600:]) >= saved.model_version
+    again.stop()
+    collector.close()

@@ -1,0 +1,97 @@
+"""Online learning, driven synchronously as `forecaster evaluate --learn` drives it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from forecaster.config import OnlineLearningConfig
+from forecaster.engine import Engine, Sample
+from forecaster.evaluate import SeriesRun, rolling_mse, run_series, score
+from forecaster.learner import Learner
+from forecaster.model import Forecaster, ModelConfig
+from forecaster.normalize import NormalizerConfig
+from forecaster.train import train_seed
+from simulators.signals import sine_wave
+
+LEARN = OnlineLearningConfig(enabled=True)
+
+
+def test_fine_tunes_the_seed_model_to_three_times_its_frequency() -> None:
+    seed = train_seed(steps=100, seed=0, progress=False)
+    values = sine_wave(5000, freq_scale=3.0)
+    off = rolling_mse(run_series(values, seed.model, seed.normalizer, progress=False))
+    run = run_series(values, seed.model, seed.normalizer, progress=False, learn=LEARN)
+    on = rolling_mse(run)
+    assert on[300] > 0.01  # the seed model does not know this frequency ...
+    assert on[-1] <= on[300] / 10  # ... and learns it: the rolling MSE falls at least 10x
+    assert off[-1] > 10 * on[-1]
+    assert run.versions is not None and run.versions[-1] > run.versions[0] == 0
+    stats = run.learner.stats if run.learner else None
+    assert stats is not None and stats.updates + stats.rollbacks == run.versions[-1]
+
+
+def test_random_weights_learn_a_sine_online() -> None:
+    torch.manual_seed(0)
+    model = Forecaster(ModelConfig())
+    values = sine_wave(20_000)
+    run = run_series(values, model, NormalizerConfig(), progress=False, learn=LEARN)
+    tail = SeriesRun(run.values[-2000:], run.predictions[-2000:])
+    assert score(tail, warmup=0.0).skill >= 0.9
+
+
+def test_learning_is_deterministic_for_a_seed() -> None:
+    seed = train_seed(steps=30, seed=0, progress=False)
+    values = sine_wave(1500, freq_scale=2.0, noise=0.05)
+    a = run_series(values, seed.model, seed.normalizer, progress=False, learn=LEARN)
+    b = run_series(values, seed.model, seed.normalizer, progress=False, learn=LEARN)
+    assert np.array_equal(a.predictions, b.predictions)
+
+
+def _learner_with_windows(tiny_model: Forecaster) -> tuple[Engine, Learner]:
+    engine = Engine(tiny_model, NormalizerConfig())
+    learner = Learner(
+        engine, OnlineLearningConfig(enabled=True, window=8, update_every=10**9, warmup=2)
+    )
+    for v in sine_wave(200):
+        engine.tick([Sample("a", float(v))])
+    return engine, learner
+
+
+def test_nan_in_a_training_window_never_changes_the_weights(tiny_model: Forecaster) -> None:
+    engine, learner = _learner_with_windows(tiny_model)
+    learner.ready[0][-1].inputs[3] = math.nan
+    learner.ready[0][-1].targets[5] = math.inf
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    optimizer_before = str(learner.optimizer.state_dict())
+    for _ in range(5):
+        batch = learner._make_batch()
+        assert batch is not None and not torch.isfinite(batch.x).all()
+        assert learner.train_step(batch) is None
+    after = learner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # byte-identical
+    assert str(learner.optimizer.state_dict()) == optimizer_before
+    assert learner.stats.skipped_nonfinite == 5 and learner.stats.updates == 0
+
+
+def test_a_bad_update_is_rolled_back_and_the_error_recovers() -> None:
+    seed = train_seed(steps=100, seed=0, progress=False)
+    engine = Engine(seed.model, seed.normalizer)
+    learner = Learner(engine, OnlineLearningConfig(enabled=True, lr=1e-3, rollback_samples=200))
+    values = sine_wave(6000)
+    errors = np.full(len(values), np.nan)
+    injected_at = None
+    for t, value in enumerate(values):
+        forecast = engine.tick([Sample("a", float(value))]).forecasts[0]
+        errors[t] = (forecast.error or 0.0) ** 2
+        if t == 2000:  # one deliberately bad update: learning rate 10
+            learner.lr, injected_at = 10.0, learner.version
+        learner.after_tick()
+        if injected_at is not None and learner.version == injected_at + 1 and learner.lr == 10.0:
+            learner.lr = 1e-3  # back to normal for the updates after the bad one
+    earlier = errors[1500:2000].mean()
+    assert learner.stats.rollbacks >= 1
+    assert errors[2000:2600].max() > 100 * earlier  # the bad update did hurt ...
+    assert errors[-500:].mean() <= 2 * earlier  # ... and the error is back to its earlier level
