@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -82,13 +84,21 @@ def drift_signal(before: int, after: int, seed: int = 0) -> np.ndarray:
     return clean + 0.1 * np.random.default_rng(seed).standard_normal(len(t))
 
 
-def recovery_samples(rolling: np.ndarray, switch: int, threshold: float) -> int | None:
-    """Samples after ``switch`` from which the rolling MSE stays within ``threshold``."""
-    above = np.flatnonzero(rolling[switch:] > threshold)
-    if len(above) == 0:
-        return 0
-    last = int(above[-1]) + 1
-    return None if switch + last >= len(rolling) else last
+def recovery_samples(
+    rolling: np.ndarray, switch: int, threshold: float, sustained: bool = False
+) -> int | None:
+    """Samples after ``switch`` until the rolling MSE is back within ``threshold`` (with
+    ``sustained``: from when on it stays there); None if it never is."""
+    after = rolling[switch:]
+    if sustained:
+        above = np.flatnonzero(after > threshold)
+        if len(above) == 0:
+            return 0
+        last = int(above[-1]) + 1
+        return None if last >= len(after) else last
+    peak = int(np.argmax(after[: max(1, len(after) // 4)]))  # first let the switch register
+    back = np.flatnonzero(after[peak:] <= threshold)
+    return int(peak + back[0]) if len(back) else None
 
 
 def bench_drift_offline(
@@ -121,7 +131,169 @@ def bench_drift_offline(
         "mse_after_off": mse(off, tail, before + after),
         "mse_after_on": mse(on, tail, before + after),
         "recovery_samples": recovery_samples(rolling_mse(on), before, 2 * mse_before),
+        "recovery_samples_sustained": recovery_samples(
+            rolling_mse(on), before, 2 * mse_before, sustained=True
+        ),
         "recovery_samples_off": recovery_samples(rolling_mse(off), before, 2 * mse_before),
         "updates": on.learner.stats.updates if on.learner else 0,
         "rollbacks": on.learner.stats.rollbacks if on.learner else 0,
     }
+
+
+def bench_drift_live(
+    learn: bool, rounds: int, streams: int, rate: float, folder: Path, port: int
+) -> dict[str, float]:
+    """One daemon process (learning off or on) fed the drift signal over a real broker; latency
+    is publisher -> forecast received, from the sample's own timestamp."""
+    import signal
+    import subprocess
+    import sys
+
+    import paho.mqtt.client as paho
+    import yaml
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from simulators.client import connected_client
+
+    tag = "on" if learn else "off"
+    config = folder / f"drift-{tag}.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {
+                    "port": port,
+                    "client_id": f"bench-drift-{tag}",
+                    "qos_in": 0,
+                    "input_topics": ["drift/in/{stream}"],
+                    "output_topic": "drift/out/{stream}",
+                    "status_topic": "drift/status",
+                },
+                "online_learning": {"enabled": learn},
+                "state": {"dir": str(folder / f"state-{tag}")},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    latencies: list[float] = []
+    errors: list[tuple[int, float]] = []
+    online = threading.Event()
+
+    def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        if message.topic == "drift/status":
+            if message.payload == b"online":
+                online.set()
+            return
+        now = time.time()
+        body = json.loads(message.payload)
+        latencies.append(now - body["ts"])
+        if body["error"] is not None:
+            errors.append((body["seq"], body["error"] ** 2))
+
+    collector = paho.Client(CallbackAPIVersion.VERSION2)
+    collector.on_connect = lambda c, *a: c.subscribe([("drift/out/+", 0), ("drift/status", 0)])
+    collector.on_message = on_message
+    collector.connect("127.0.0.1", port)
+    collector.loop_start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forecaster.cli", "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    publisher = connected_client("127.0.0.1", port, "bench-drift-pub")
+    try:
+        if not online.wait(30):
+            raise RuntimeError("the daemon did not come online")
+        time.sleep(0.5)
+        values = drift_signal(rounds // 2, rounds - rounds // 2)
+        started = time.monotonic()
+        for index in tqdm(range(rounds), desc=f"live, learning {tag}", leave=False):
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for s in range(streams):
+                body = json.dumps({"value": float(values[index]), "ts": time.time()})
+                publisher.publish(f"drift/in/s{s}", body, qos=0)
+        deadline = time.monotonic() + 10
+        while len(latencies) < rounds * streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        publisher.loop_stop()
+        collector.loop_stop()
+    after = [e for seq, e in errors if seq > rounds // 2 + rounds // 6]
+    return {
+        "forecasts": len(latencies),
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+        "mse_after": float(np.mean(after)) if after else float("nan"),
+    }
+
+
+def bench_drift(
+    live: bool = True, rounds: int = 3000, streams: int = 10, rate: float = 100.0
+) -> dict[str, object]:
+    """Offline figures through the Engine, then the same signal live, learning off and on."""
+    import shutil
+    import tempfile
+
+    from forecaster.demo import start_broker
+
+    result: dict[str, object] = dict(bench_drift_offline())
+    result["signal"] = DRIFT_SIGNAL
+    if not live:
+        return result
+    folder = Path(tempfile.mkdtemp(prefix="forecaster-bench-"))
+    broker, port, name = start_broker(folder, "auto")
+    try:
+        off = bench_drift_live(False, rounds, streams, rate, folder, port)
+        on = bench_drift_live(True, rounds, streams, rate, folder, port)
+    finally:
+        broker.terminate()
+        broker.wait(5)
+        shutil.rmtree(folder, ignore_errors=True)
+    result.update(
+        {
+            "p99_latency_ms_off": off["p99_ms"],
+            "p99_latency_ms_on": on["p99_ms"],
+            "p50_latency_ms_off": off["p50_ms"],
+            "p50_latency_ms_on": on["p50_ms"],
+            "live": {
+                "broker": name,
+                "streams": streams,
+                "samples_per_s": streams * rate,
+                "rounds": rounds,
+                "off": off,
+                "on": on,
+            },
+        }
+    )
+    return result
+
+
+def print_drift(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    r = result
+    print(f"drift: {r['signal']}")
+    print(f"  offline, MSE before the switch          {r['mse_before']:.4g}")
+    print(
+        f"  offline, MSE after, learning off        {r['mse_after_off']:.4g}  ({r['mse_after_off'] / r['mse_before']:.1f}x before)"
+    )
+    print(
+        f"  offline, MSE after, learning on         {r['mse_after_on']:.4g}  ({r['mse_after_on'] / r['mse_before']:.2f}x before)"
+    )
+    print(
+        f"  samples until the rolling MSE is back within 2x of before: {r['recovery_samples']}"
+        f" (stays there from {r['recovery_samples_sustained']}; learning off: {r['recovery_samples_off']})"
+    )
+    if "live" in r:
+        live = r["live"]
+        print(
+            f"  live ({live['broker']}, {live['streams']} streams, {live['samples_per_s']:.0f} samples/s):"
+        )
+        print(
+            f"    p99 latency off {r['p99_latency_ms_off']:.2f} ms, on {r['p99_latency_ms_on']:.2f} ms "
+            f"(ratio {r['p99_latency_ms_on'] / r['p99_latency_ms_off']:.2f})"
+        )

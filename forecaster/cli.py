@@ -149,10 +149,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from forecaster.bench import bench_scrape, print_scrape
+    from forecaster import bench
 
     if args.part == "scrape":
-        print_scrape(bench_scrape(args.streams, args.cap), args.json)
+        bench.print_scrape(bench.bench_scrape(args.streams, args.cap), args.json)
+    elif args.part == "drift":
+        bench.print_drift(bench.bench_drift(live=not args.offline), args.json)
     return 0
 
 
@@ -225,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
-    bench.add_argument("part", choices=["scrape"], help="scrape: /metrics size and latency")
+    bench.add_argument(
+        "part",
+        choices=["scrape", "drift"],
+        help="scrape: /metrics size and latency; drift: learning off vs on across a regime change",
+    )
+    bench.add_argument("--offline", action="store_true", help="drift: skip the live broker runs")
     bench.add_argument("--streams", type=int, default=5000)
     bench.add_argument("--cap", type=int, default=100, help="metrics.stream_label_cap")
     bench.add_argument("--json", action="store_true")

@@ -61,7 +61,7 @@ def _learner_with_windows(tiny_model: Forecaster) -> tuple[Engine, Learner]:
 
 
 def test_nan_in_a_training_window_never_changes_the_weights(tiny_model: Forecaster) -> None:
-    engine, learner = _learner_with_windows(tiny_model)
+    _engine, learner = _learner_with_windows(tiny_model)
     learner.ready[0][-1].inputs[3] = math.nan
     learner.ready[0][-1].targets[5] = math.inf
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}
