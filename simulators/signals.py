@@ -43,12 +43,10 @@ def random_sines(
     max_noise: float = 0.3,
     clean_share: float = 0.4,
     switch_share: float = 0.2,
-    return_noise: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """``(n_streams, length)`` sine-like streams with random frequency, phase, amplitude, offset,
     noise (relative to amplitude; ``clean_share`` of streams have none) and, for ``switch_share``
-    of them, one regime change (new frequency and amplitude) at a random time. With
-    ``return_noise`` also the relative noise level of each stream, ``(n_streams,)``."""
+    of them, one regime change (new frequency and amplitude) at a random time."""
     t = np.arange(length, dtype=np.float64)
 
     def draw_freq(size: int) -> np.ndarray:
@@ -70,5 +68,4 @@ def random_sines(
     rel_noise = np.exp(rng.uniform(np.log(0.005), np.log(max_noise), (n_streams, 1)))
     rel_noise[rng.random(n_streams) < clean_share] = 0.0
     noise = rel_noise * amplitude * rng.standard_normal((n_streams, length))
-    values = offset + scale * np.sin(angle) + noise
-    return (values, rel_noise[:, 0]) if return_noise else values
+    return offset + scale * np.sin(angle) + noise
