@@ -90,7 +90,7 @@ class Learner:
         self._handover_lock = threading.Lock()
         self.train_lock = threading.Lock()  # held during a step; checkpoints take it too
         self._restore_to: dict[str, torch.Tensor] | None = None  # applied by the trainer
-        self._jobs: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[list[Window] | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         engine.observer = self.observe
         if background:
@@ -129,8 +129,8 @@ class Learner:
         now = time.monotonic()
         if self.background and now - self._last_update_at < 1.0 / self.config.max_updates_per_s:
             return  # rate cap: wait, the windows keep filling
-        batch = self._make_batch()
-        if batch is None:
+        batch = self.pick_windows()
+        if not batch:
             return
         self.samples_since_update = 0
         self._last_update_at = now
@@ -145,13 +145,17 @@ class Learner:
         except queue.Full:
             self.stats.skipped_behind += 1  # one update in flight at most; never queue more
 
-    def _make_batch(self) -> Batch | None:
+    def pick_windows(self) -> list[Window]:
+        """Up to ``streams_per_update`` recent complete windows (complete windows never change,
+        so the trainer may read them while the engine goes on)."""
         windows = [w for ready in self.ready.values() for w in ready]
-        if not windows:
-            return None
         if len(windows) > self.config.streams_per_update:
             chosen = self.rng.choice(len(windows), self.config.streams_per_update, replace=False)
             windows = [windows[i] for i in sorted(chosen)]
+        return windows
+
+    def make_batch(self, windows: list[Window]) -> Batch:
+        """Tensors for a minibatch; built on the trainer's thread, off the forecasting path."""
         x = torch.tensor([w.inputs for w in windows], dtype=torch.float32).unsqueeze(-1)
         y = torch.tensor([w.targets for w in windows], dtype=torch.float32).unsqueeze(-1)
         h0 = torch.stack([w.start_state for w in windows], dim=1)  # (num_layers, B, width)
@@ -214,9 +218,10 @@ class Learner:
             self._restore()
 
     # -- training (background thread, or inline) ------------------------------------------------
-    def train_step(self, batch: Batch) -> tuple[float, float] | None:
+    def train_step(self, windows: list[Window]) -> tuple[float, float] | None:
         """One TBPTT step. Returns the batch's loss for the weights before the step and for the
         last good weights; ``None`` (and nothing changed) when a loss or gradient is not finite."""
+        batch = self.make_batch(windows)
         with self.train_lock:
             return self._train_step(batch)
 
@@ -265,6 +270,9 @@ class Learner:
             self._handover = (_copy_weights(self.model), *losses)
 
     def _work(self) -> None:
+        # One intra-op thread, set on this thread too (OpenMP settings are per thread): the
+        # trainer must never take the second core away from the forecasting thread and broker.
+        torch.set_num_threads(1)
         while True:
             batch = self._jobs.get()
             if batch is None:
