@@ -16,9 +16,11 @@ last good weights and the learning rate is cut; when training falls behind, upda
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -273,6 +275,10 @@ class Learner:
         # One intra-op thread, set on this thread too (OpenMP settings are per thread): the
         # trainer must never take the second core away from the forecasting thread and broker.
         torch.set_num_threads(1)
+        # Lowest CPU priority for this thread only (Linux schedules threads by their own nice
+        # value): the forecasting thread, paho and the broker always run first.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             batch = self._jobs.get()
             if batch is None:
