@@ -8,6 +8,7 @@ stop intake, finish what is queued, checkpoint every stream, publish ``stopped``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -260,8 +261,10 @@ class Daemon:
         self._last_checkpoint = time.monotonic()
         table = self.engine.streams
         learner = self.learner
+        # With learning on, hold the trainer's lock for a consistent optimizer state (one step).
+        guard = learner.train_lock if learner is not None else contextlib.nullcontext()
         try:
-            if learner is None:
+            with guard:
                 save_checkpoint(
                     self.state_path,
                     self.engine.model,
@@ -269,19 +272,9 @@ class Daemon:
                     model_version=self.engine.model_version,
                     stream_names=list(table.names),
                     stream_arrays=table.arrays(),
+                    optimizer=learner.optimizer if learner is not None else None,
+                    extra=learner.state_tensors() if learner is not None else None,
                 )
-            else:
-                with learner.train_lock:  # a consistent optimizer state (waits one step at most)
-                    save_checkpoint(
-                        self.state_path,
-                        self.engine.model,
-                        self.engine.normalizer_config,
-                        model_version=self.engine.model_version,
-                        stream_names=list(table.names),
-                        stream_arrays=table.arrays(),
-                        optimizer=learner.optimizer,
-                        extra=learner.state_tensors(),
-                    )
         except (OSError, CheckpointError):
             log.exception("checkpoint to %s failed", self.state_path)
             self.metrics.checkpointed(False)

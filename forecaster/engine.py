@@ -160,7 +160,6 @@ class Engine:
         out: list[Forecast | None],
     ) -> None:
         table = self.streams
-        order = [b[0] for b in batch]
         slots = np.fromiter((b[1] for b in batch), dtype=np.int64, count=len(batch))
         values = np.fromiter((b[2] for b in batch), dtype=np.float64, count=len(batch))
         error = values - table.last_prediction[slots]  # NaN where there was no forecast yet
@@ -171,12 +170,11 @@ class Engine:
             z_target = table.normalizer.normalize(slots, values)
         z = table.normalizer.update(slots, values)
         index = torch.from_numpy(slots).to(self.device)
-        state = table.state.index_select(1, index)  # (num_layers, B, width)
+        before = table.state.index_select(1, index)  # (num_layers, B, width): a copy
         z_next, state = self.model.step(
-            torch.from_numpy(z.astype(np.float32)).to(self.device), state
+            torch.from_numpy(z.astype(np.float32)).to(self.device), before
         )
         if observer is not None:
-            before = table.state.index_select(1, index)  # (num_layers, B, width)
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
         prediction = table.normalizer.denormalize(slots, z_next.double().cpu().numpy())
@@ -188,7 +186,7 @@ class Engine:
             if sample.ts is not None:
                 table.last_ts[slot] = sample.ts
             err, naive = float(error[i]), float(naive_error[i])
-            out[order[i]] = Forecast(
+            out[position] = Forecast(
                 stream=sample.stream,
                 seq=seq,
                 ts=sample.ts,
