@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import queue
-import sys
 import threading
 import time
 from pathlib import Path
@@ -104,9 +103,6 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         torch.set_num_threads(self.config.model.threads)
-        # Python hands the GIL over every 5 ms by default: with the learner (or paho's network
-        # thread) busy, a forecast could wait that long. 0.5 ms keeps the engine thread responsive.
-        sys.setswitchinterval(0.0005)
         self.engine, checkpoint = self._build_engine()
         if self.config.online_learning.enabled:
             self.learner = Learner(self.engine, self.config.online_learning, background=True)
