@@ -130,6 +130,15 @@ class Prometheus:
             stderr=open(folder / "prometheus.log", "wb"),  # noqa: SIM115
         )
         wait_port(self.port, timeout=30)
+        # The port opens before the server is ready (queries answer 503 until then).
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "Prometheus never became ready"
+                time.sleep(0.2)
 
     def query(self, expr: str, at: float | None = None) -> dict:
         params = {"query": expr}
