@@ -68,7 +68,11 @@ def start_broker(folder: Path, kind: str = "auto") -> tuple[subprocess.Popen, in
     else:
         code = f"from forecaster.demo import serve_amqtt; serve_amqtt({port})"
         cmd, name = [sys.executable, "-c", code], "amqtt (embedded)"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Own session: Ctrl-C reaches the demo, which stops the daemon (publishing "stopped") before
+    # it stops the broker, instead of killing the broker first.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
