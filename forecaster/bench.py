@@ -140,22 +140,9 @@ def bench_drift_offline(
     }
 
 
-def bench_drift_live(
-    learn: bool, rounds: int, streams: int, rate: float, folder: Path, port: int
-) -> dict[str, float]:
-    """One daemon process (learning off or on) fed the drift signal over a real broker; latency
-    is publisher -> forecast received, from the sample's own timestamp."""
-    import signal
-    import subprocess
-    import sys
-
-    import paho.mqtt.client as paho
+def _drift_daemon_config(tag: str, learn: bool, folder: Path, port: int) -> Path:
     import yaml
-    from paho.mqtt.enums import CallbackAPIVersion
 
-    from simulators.client import connected_client
-
-    tag = "on" if learn else "off"
     config = folder / f"drift-{tag}.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -164,9 +151,9 @@ def bench_drift_live(
                     "port": port,
                     "client_id": f"bench-drift-{tag}",
                     "qos_in": 0,
-                    "input_topics": ["drift/in/{stream}"],
-                    "output_topic": "drift/out/{stream}",
-                    "status_topic": "drift/status",
+                    "input_topics": [f"drift-{tag}/in/{{stream}}"],
+                    "output_topic": f"drift-{tag}/out/{{stream}}",
+                    "status_topic": f"drift-{tag}/status",
                 },
                 "online_learning": {"enabled": learn},
                 "state": {"dir": str(folder / f"state-{tag}")},
@@ -174,60 +161,109 @@ def bench_drift_live(
             }
         )
     )
-    latencies: list[float] = []
-    errors: list[tuple[int, float]] = []
-    online = threading.Event()
+    return config
+
+
+def bench_drift_live(
+    rounds: int, streams: int, rate: float, folder: Path, port: int, block: int = 250
+) -> dict[str, dict[str, float]]:
+    """Two daemon processes, learning off and on, both running the whole time over one real
+    broker and fed the same drift signal in alternating blocks of ``block`` rounds, so the load
+    of this shared machine falls on both alike. Latency is publisher -> forecast received, from
+    the sample's own timestamp."""
+    import signal
+    import subprocess
+    import sys
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from simulators.client import connected_client
+
+    tags = ("off", "on")
+    latencies: dict[str, list[float]] = {tag: [] for tag in tags}
+    errors: dict[str, list[tuple[int, float]]] = {tag: [] for tag in tags}
+    online = {tag: threading.Event() for tag in tags}
 
     def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        if message.topic == "drift/status":
+        tag, kind = message.topic.split("/")[0].removeprefix("drift-"), message.topic.split("/")[1]
+        if kind == "status":
             if message.payload == b"online":
-                online.set()
+                online[tag].set()
             return
         now = time.time()
         body = json.loads(message.payload)
-        latencies.append(now - body["ts"])
+        latencies[tag].append(now - body["ts"])
         if body["error"] is not None:
-            errors.append((body["seq"], body["error"] ** 2))
+            errors[tag].append((body["seq"], body["error"] ** 2))
 
     collector = paho.Client(CallbackAPIVersion.VERSION2)
-    collector.on_connect = lambda c, *a: c.subscribe([("drift/out/+", 0), ("drift/status", 0)])
+    collector.on_connect = lambda c, *a: c.subscribe(
+        [(f"drift-{tag}/{kind}", 0) for tag in tags for kind in ("out/+", "status")]
+    )
     collector.on_message = on_message
     collector.connect("127.0.0.1", port)
     collector.loop_start()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "forecaster.cli", "run", "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "forecaster.cli",
+                "run",
+                "-c",
+                str(_drift_daemon_config(tag, tag == "on", folder, port)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for tag in tags
+    ]
     publisher = connected_client("127.0.0.1", port, "bench-drift-pub")
     try:
-        if not online.wait(30):
-            raise RuntimeError("the daemon did not come online")
+        for tag in tags:
+            if not online[tag].wait(30):
+                raise RuntimeError(f"the daemon with learning {tag} did not come online")
         time.sleep(0.5)
         values = drift_signal(rounds // 2, rounds - rounds // 2)
+        schedule = [
+            (tag, i)
+            for b in range(0, rounds, block)
+            for tag in tags
+            for i in range(b, min(b + block, rounds))
+        ]
         started = time.monotonic()
-        for index in tqdm(range(rounds), desc=f"live, learning {tag}", leave=False):
-            delay = started + index / rate - time.monotonic()
+        for step, (tag, index) in enumerate(
+            tqdm(schedule, desc="live, off/on blocks", leave=False)
+        ):
+            delay = started + step / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             for s in range(streams):
                 body = json.dumps({"value": float(values[index]), "ts": time.time()})
-                publisher.publish(f"drift/in/s{s}", body, qos=0)
+                publisher.publish(f"drift-{tag}/in/s{s}", body, qos=0)
         deadline = time.monotonic() + 10
-        while len(latencies) < rounds * streams and time.monotonic() < deadline:
+        while (
+            sum(map(len, latencies.values())) < 2 * rounds * streams and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(15)
         publisher.loop_stop()
         collector.loop_stop()
-    after = [e for seq, e in errors if seq > rounds // 2 + rounds // 6]
-    return {
-        "forecasts": len(latencies),
-        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
-        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-        "mse_after": float(np.mean(after)) if after else float("nan"),
-    }
+    result = {}
+    for tag in tags:
+        after = [e for seq, e in errors[tag] if seq > rounds // 2 + rounds // 6]
+        result[tag] = {
+            "forecasts": len(latencies[tag]),
+            "p50_ms": 1000 * float(np.percentile(latencies[tag], 50)),
+            "p99_ms": 1000 * float(np.percentile(latencies[tag], 99)),
+            "mse_after": float(np.mean(after)) if after else float("nan"),
+        }
+    return result
 
 
 def bench_drift(
@@ -246,12 +282,12 @@ def bench_drift(
     folder = Path(tempfile.mkdtemp(prefix="forecaster-bench-"))
     broker, port, name = start_broker(folder, "auto")
     try:
-        off = bench_drift_live(False, rounds, streams, rate, folder, port)
-        on = bench_drift_live(True, rounds, streams, rate, folder, port)
+        runs = bench_drift_live(rounds, streams, rate, folder, port)
     finally:
         broker.terminate()
         broker.wait(5)
         shutil.rmtree(folder, ignore_errors=True)
+    off, on = runs["off"], runs["on"]
     result.update(
         {
             "p99_latency_ms_off": off["p99_ms"],

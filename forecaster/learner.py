@@ -51,6 +51,7 @@ class LearnerStats:
     updates: int = 0
     skipped_nonfinite: int = 0
     skipped_behind: int = 0
+    failed: int = 0  # a step raised (a bug or a device error): logged with its traceback
     rollbacks: int = 0
     last_loss: float = math.nan
 
@@ -289,7 +290,7 @@ class Learner:
                     self._offer(losses)
             except Exception:
                 log.exception("online update failed; skipped")
-                self.stats.skipped_nonfinite += 1
+                self.stats.failed += 1
 
     def close(self) -> None:
         if self._thread is not None:

@@ -170,7 +170,7 @@ class Metrics(LinkEvents):
         )
         self.learn_skipped = Counter(
             "forecaster_learning_skipped_total",
-            "Online-learning updates skipped, by reason (non_finite, behind)",
+            "Online-learning updates skipped, by reason (non_finite, behind, failed)",
             ["reason"],
             registry=r,
         )
@@ -184,7 +184,7 @@ class Metrics(LinkEvents):
             "Training loss (normalised MSE) of the last update",
             registry=r,
         )
-        self._learn_seen = (0, 0, 0, 0)
+        self._learn_seen = (0, 0, 0, 0, 0)
         self.info = Info("forecaster_build", "Build information", registry=r)
         self.info.info({"version": __version__})
         per_stream = ["stream"]
@@ -245,12 +245,19 @@ class Metrics(LinkEvents):
 
     def observe_learner(self, stats: object) -> None:
         """Fold the learner's running totals into counters (increments since the last call)."""
-        now = (stats.updates, stats.skipped_nonfinite, stats.skipped_behind, stats.rollbacks)  # type: ignore[attr-defined]
+        now = (
+            stats.updates,
+            stats.skipped_nonfinite,
+            stats.skipped_behind,
+            stats.rollbacks,
+            stats.failed,
+        )  # type: ignore[attr-defined]
         before, self._learn_seen = self._learn_seen, now
         self.learn_updates.inc(max(0, now[0] - before[0]))
         self.learn_skipped.labels("non_finite").inc(max(0, now[1] - before[1]))
         self.learn_skipped.labels("behind").inc(max(0, now[2] - before[2]))
         self.learn_rollbacks.inc(max(0, now[3] - before[3]))
+        self.learn_skipped.labels("failed").inc(max(0, now[4] - before[4]))
         loss = stats.last_loss  # type: ignore[attr-defined]
         if math.isfinite(loss):
             self.learn_loss.set(loss)
