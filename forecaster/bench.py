@@ -7,6 +7,7 @@ import statistics
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +334,107 @@ def print_drift(result: dict[str, object], as_json: bool) -> None:
             f"    p99 latency off {r['p99_latency_ms_off']:.2f} ms, on {r['p99_latency_ms_on']:.2f} ms "
             f"(ratio {r['p99_latency_ms_on'] / r['p99_latency_ms_off']:.2f})"
         )
+
+
+# -- engine: the cost of one tick per stream, against a bare nn.RNN call ---------------------------
+def _timed(call: object, repeats: int) -> float:
+    """Median seconds of ``call()`` over ``repeats`` runs (after one warm-up run)."""
+    call()  # type: ignore[operator]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()  # type: ignore[operator]
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -> dict[str, object]:
+    """ns per stream-step of ``Engine.tick`` (validation, gather, normalise, step, scatter,
+    scoring, Forecast objects) for ticks of ``n`` distinct streams, and of a plain ``nn.RNN`` +
+    ``Linear`` call over the same batch, so the engine's own overhead is visible."""
+    import torch
+
+    from forecaster.engine import Engine, Sample
+    from forecaster.persist import load_checkpoint
+
+    torch.set_num_threads(1)  # the daemon's setting
+    checkpoint = load_checkpoint()
+    model = checkpoint.model.eval()
+    rows = []
+    for n in tqdm(sizes, desc="engine sizes", leave=False):
+        engine = Engine(model, checkpoint.normalizer)
+        rng = np.random.default_rng(0)
+        names = [f"s{i}" for i in range(n)]
+        repeats = max(3, min(200, 200_000 // n))
+
+        # Samples are built beforehand: the figure is the engine's, not the driver's.
+        batches = iter(
+            [
+                [Sample(s, v) for s, v in zip(names, rng.standard_normal(n).tolist(), strict=True)]
+                for _ in range(repeats + 1)
+            ]
+        )
+
+        def tick(engine: Engine = engine, batches: Iterator[list[Sample]] = batches) -> None:
+            engine.tick(next(batches))
+
+        state = model.init_state(n)
+        x = torch.randn(n, 1, 1)
+
+        def plain(state: torch.Tensor = state, x: torch.Tensor = x) -> None:
+            with torch.inference_mode():
+                model(x, state)  # nn.RNN + Linear, nothing else
+
+        engine_s, plain_s = _timed(tick, repeats), _timed(plain, repeats)
+        rows.append(
+            {
+                "streams": n,
+                "engine_ns_per_step": 1e9 * engine_s / n,
+                "plain_rnn_ns_per_step": 1e9 * plain_s / n,
+                "overhead": engine_s / plain_s,
+                "stream_steps_per_s": n / engine_s,
+            }
+        )
+    return {"cell": model.config.cell, "hidden_size": model.config.hidden_size, "sizes": rows}
+
+
+def bench_memory(streams: int = 100_000) -> dict[str, float]:
+    """Peak RSS of a fresh process that serves ``streams`` active streams through the Engine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, numpy as np, torch; torch.set_num_threads(1)\n"
+        "from forecaster.engine import Engine, Sample\n"
+        "from forecaster.persist import load_checkpoint\n"
+        "ck = load_checkpoint(); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "e = Engine(ck.model, ck.normalizer)\n"
+        f"names = [f's{{i}}' for i in range({streams})]\n"
+        "for t in range(3):\n"
+        "    for lo in range(0, len(names), 10000):\n"
+        "        e.tick([Sample(s, float(t)) for s in names[lo:lo + 10000]])\n"
+        "print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(e.streams))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {"streams": int(out[2]), "rss_mb_idle": float(out[0]), "rss_mb_peak": float(out[1])}
+
+
+def print_engine(result: dict[str, object], memory: dict[str, float], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"engine": result, "memory": memory}))
+        return
+    print(f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread:")
+    print(
+        f"  {'streams':>8} {'engine ns/step':>15} {'nn.RNN ns/step':>15} {'overhead':>9} {'steps/s':>12}"
+    )
+    for row in result["sizes"]:  # type: ignore[attr-defined]
+        print(
+            f"  {row['streams']:>8} {row['engine_ns_per_step']:>15.0f} {row['plain_rnn_ns_per_step']:>15.0f}"
+            f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f}"
+        )
+    print(
+        f"memory: {memory['streams']} active streams, peak RSS {memory['rss_mb_peak']:.0f} MB"
+        f" (after loading the model: {memory['rss_mb_idle']:.0f} MB)"
+    )
