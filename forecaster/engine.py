@@ -9,6 +9,7 @@ score the forecast made at t-1 against the arriving value, step the state, forec
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).
 REJECT_REASONS = ("not_a_number", "non_finite", "out_of_range", "bad_stream", "duplicate")
+# A stream id becomes one level of an output topic and a metric label: ``^[A-Za-z0-9][A-Za-z0-9_.-]
+# {0,63}$``. Always ``STREAM_ID.fullmatch`` (with ``re.match`` and ``$``, "a\n" would pass). The
+# metrics' overflow label ``_other`` cannot collide with it. parse.py checks the same rule.
+STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,7 @@ class Engine:
     def reject_reason(self, sample: Sample) -> str | None:
         """Why ``sample`` must not touch any state, or None when it may."""
         stream = sample.stream
-        if not isinstance(stream, str) or not stream or any(c in stream for c in "#+/\0"):
+        if not isinstance(stream, str) or not STREAM_ID.fullmatch(stream):
             return "bad_stream"
         value = sample.value
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
