@@ -172,6 +172,8 @@ class PayloadParser:
             document = json.loads(text, parse_constant=_reject_constant)
         except ValueError as exc:
             raise PayloadError("invalid_json", str(exc)[:80]) from None
+        except RecursionError:  # '{"value": [[[[...' within max_bytes (found by the fuzz test)
+            raise PayloadError("invalid_json", "nested too deeply") from None
         if not isinstance(document, dict):
             raise PayloadError("invalid_json", "not an object")
         if self.value_field not in document:
