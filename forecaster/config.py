@@ -220,6 +220,9 @@ class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     queue_size: int = Field(100_000, ge=1)  # bounded receive queue
     max_abs_value: PositiveFloat = 1e15  # larger magnitudes are rejected as out_of_range
+    # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
+    # in the state folder (evicted.sqlite) and restored exactly when it sends again.
+    max_streams: int = Field(0, ge=0)
 
 
 class OnlineLearningConfig(Section):

@@ -18,6 +18,7 @@ import torch
 
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
+from forecaster.store import MemoryStore, StreamStore
 from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).
@@ -86,6 +87,8 @@ class Engine:
         device: torch.device | str = "cpu",
         max_abs_value: float = 1e15,
         model_version: int = 0,
+        max_streams: int = 0,
+        store: StreamStore | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -95,6 +98,15 @@ class Engine:
         self.model_version = model_version
         # Called with a StepRecord after every batched step (the learner's window feed).
         self.observer: Callable[[StepRecord], None] | None = None
+        # Stream bound: past ``max_streams`` (0: none) the least recently used streams are parked
+        # in ``store`` and restored bit for bit when they send again.
+        self.max_streams = max_streams
+        self.store: StreamStore = store if store is not None else MemoryStore()
+        self.evictions = 0  # streams parked so far (the daemon's counter reads it)
+        self.restores = 0  # streams brought back so far
+        self.ticks = 0  # LRU clock: ticks applied so far
+        # Told (gone slots, moved src slots, their dst slots) when eviction compacts the slots.
+        self.slot_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     def swap_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Serve new weights from the next tick on (called between ticks only)."""
@@ -132,8 +144,11 @@ class Engine:
         pending_seq: dict[int, int] = {}
         depth: dict[int, int] = {}
         accepted: list[Sample] = []
-        for sample in samples:
-            reason = self.reject_reason(sample)
+        reasons = [self.reject_reason(sample) for sample in samples]
+        self.ticks += 1
+        if self.max_streams:
+            self._make_room({s.stream for s, r in zip(samples, reasons, strict=True) if r is None})
+        for sample, reason in zip(samples, reasons, strict=True):
             slot = -1
             if reason is None:
                 slot = self.streams.slot(sample.stream)
@@ -152,11 +167,44 @@ class Engine:
             rounds[level].append((len(accepted), slot, float(sample.value), seq))
             accepted.append(sample)
         out: list[Forecast | None] = [None] * len(accepted)
+        if self.max_streams and pending_seq:
+            self.streams.last_used[np.fromiter(pending_seq, dtype=np.int64)] = self.ticks
         with torch.no_grad():
             for batch in rounds:
                 self._step_round(batch, accepted, out)
         result.forecasts = [f for f in out if f is not None]
+        if self.max_streams:  # a tick wider than the bound: back under it before the next one
+            self._evict(len(self.streams) - self.max_streams, set())
         return result
+
+    def _make_room(self, needed: set[str]) -> None:
+        """Bring back parked streams this tick needs, parking least recently used others first."""
+        table = self.streams
+        new = sorted(s for s in needed if s not in table)
+        parked = {s: row for s in new if (row := self.store.get(s)) is not None}
+        self._evict(len(table) + len(new) - self.max_streams, needed)
+        if parked:
+            names = list(parked)
+            table.put(names, _stack([parked[name] for name in names]))
+            self.restores += len(names)
+
+    def _evict(self, excess: int, keep: set[str]) -> None:
+        """Park the ``excess`` least recently used streams, except those in ``keep``."""
+        table = self.streams
+        if excess <= 0:
+            return
+        idle = np.array([name not in keep for name in table.names], dtype=bool)
+        candidates = np.flatnonzero(idle)
+        order = np.argsort(table.last_used[candidates], kind="stable")  # oldest first
+        chosen = candidates[order[:excess]]
+        if not len(chosen):
+            return
+        names = [table.names[i] for i in chosen.tolist()]
+        arrays, src, dst = table.take(names)
+        self.store.put({name: _row(arrays, i) for i, name in enumerate(names)})
+        self.evictions += len(names)
+        if self.slot_listener is not None:
+            self.slot_listener(chosen, src, dst)
 
     def _step_round(
         self,
@@ -201,3 +249,13 @@ class Engine:
                 naive_error=None if math.isnan(naive) else naive,
                 model_version=self.model_version,
             )
+
+
+def _row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Stream ``i`` of a ``StreamTable.arrays()`` result, keeping the axes (state: (L, 1, W))."""
+    return {k: (v[:, i : i + 1] if k == "state" else v[i : i + 1]) for k, v in arrays.items()}
+
+
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Inverse of ``_row`` for several streams."""
+    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in rows[0]}
