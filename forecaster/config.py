@@ -216,6 +216,16 @@ class ModelSection(Section):
     threads: int = Field(1, ge=1)  # torch threads; 1 is fastest below ~10k streams per tick
 
 
+class GapConfig(Section):
+    """Re-warm a stream after a gap in its ``ts`` (see ``engine.GapPolicy``); off by default."""
+
+    enabled: bool = False
+    factor: PositiveFloat = 10.0  # a gap: inter-arrival time > factor x the usual interval
+    halflife: PositiveFloat = 20.0  # intervals; the usual interval is their EWM
+    min_intervals: int = Field(5, ge=1)  # intervals seen before gaps are looked for
+    rewarm_samples: int = Field(20, ge=0)  # forecasts flagged warm: false after a reset
+
+
 class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     queue_size: int = Field(100_000, ge=1)  # bounded receive queue
@@ -223,6 +233,7 @@ class EngineConfig(Section):
     # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
     # in the state folder (evicted.sqlite) and restored exactly when it sends again.
     max_streams: int = Field(0, ge=0)
+    gaps: GapConfig = GapConfig()
 
 
 class OnlineLearningConfig(Section):

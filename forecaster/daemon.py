@@ -20,7 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from forecaster.config import Config
-from forecaster.engine import Engine, Forecast, Sample
+from forecaster.engine import Engine, Forecast, GapPolicy, Sample
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
@@ -64,8 +64,16 @@ def forecast_payload(forecast: Forecast) -> str:
             "prediction": forecast.prediction,
             "error": forecast.error,
             "model_version": forecast.model_version,
+            "warm": forecast.warm,
         }
     )
+
+
+def gap_policy(config: Config) -> GapPolicy | None:
+    gaps = config.engine.gaps
+    if not gaps.enabled:
+        return None
+    return GapPolicy(gaps.factor, gaps.halflife, gaps.min_intervals, gaps.rewarm_samples)
 
 
 class Daemon:
@@ -92,6 +100,7 @@ class Daemon:
         self.state_path = Path(config.state.dir) / "checkpoint.safetensors"
         self.store: SqliteStore | None = None  # evicted streams (engine.max_streams)
         self._evictions_seen = (0, 0)
+        self._gap_resets_seen = 0
         self.link = MqttLink(config.mqtt, self.inbox, self.metrics)
         self.engine: Engine | None = None
         self.learner: Learner | None = None
@@ -152,6 +161,7 @@ class Daemon:
             model_version=checkpoint.model_version,
             max_streams=max_streams,
             store=self.store,
+            gaps=gap_policy(self.config),
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
@@ -255,6 +265,8 @@ class Daemon:
         )
         self.metrics.streams_evicted.inc(self._evictions_seen[0] - seen[0])
         self.metrics.streams_restored.inc(self._evictions_seen[1] - seen[1])
+        self.metrics.gap_resets.inc(self.engine.gap_resets - self._gap_resets_seen)
+        self._gap_resets_seen = self.engine.gap_resets
 
     def _reject(self, reason: str, where: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()

@@ -51,6 +51,28 @@ class Forecast:
     error: float | None  # value - previous prediction (None for a stream's first sample)
     naive_error: float | None  # value - previous value: the last-value baseline's error
     model_version: int
+    warm: bool = True  # False for the first forecasts after a gap reset the hidden state
+
+
+@dataclass(frozen=True, slots=True)
+class GapPolicy:
+    """Re-warm a stream after a gap in its ``ts``.
+
+    A gap is an inter-arrival time above ``factor`` x the stream's usual interval (an EWM of its
+    inter-arrival times, half-life ``halflife`` intervals, trusted after ``min_intervals`` of
+    them). It resets the stream's hidden state (the normaliser keeps its level and scale), and
+    the first ``rewarm_samples`` forecasts from then on say ``warm=False``. Gaps are not folded
+    into the usual interval; neither are zero or negative intervals (same or older ``ts``).
+    """
+
+    factor: float = 10.0
+    halflife: float = 20.0
+    min_intervals: int = 5
+    rewarm_samples: int = 20
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - math.pow(0.5, 1.0 / self.halflife)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +111,7 @@ class Engine:
         model_version: int = 0,
         max_streams: int = 0,
         store: StreamStore | None = None,
+        gaps: GapPolicy | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -101,6 +124,8 @@ class Engine:
         # Stream bound: past ``max_streams`` (0: none) the least recently used streams are parked
         # in ``store`` and restored bit for bit when they send again.
         self.max_streams = max_streams
+        self.gaps = gaps  # None: gaps are not detected, every forecast is warm
+        self.gap_resets = 0  # hidden states reset by a gap so far
         self.store: StreamStore = store if store is not None else MemoryStore()
         self.evictions = 0  # streams parked so far (the daemon's counter reads it)
         self.restores = 0  # streams brought back so far
@@ -206,6 +231,39 @@ class Engine:
         if self.slot_listener is not None:
             self.slot_listener(chosen, src, dst)
 
+    def _gaps(
+        self,
+        slots: np.ndarray,
+        batch: list[tuple[int, int, float, int]],
+        accepted: list[Sample],
+        before: torch.Tensor,
+    ) -> np.ndarray:
+        """Detect gaps, reset those streams' state in ``before``; return each forecast's warm."""
+        policy = self.gaps
+        assert policy is not None
+        table = self.streams
+        ts = np.fromiter(
+            (np.nan if (t := accepted[b[0]].ts) is None else t for b in batch),
+            dtype=np.float64,
+            count=len(batch),
+        )
+        usual = table.interval[slots]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf only where ts is unknown
+            dt = ts - table.last_ts[slots]  # NaN where either is unknown
+            gap = (table.intervals[slots] >= policy.min_intervals) & (dt > policy.factor * usual)
+            ordinary = (dt > 0) & np.isfinite(dt) & ~gap
+            weight = np.maximum(1.0 / (table.intervals[slots] + 1), policy.alpha)
+            folded = np.where(np.isnan(usual), dt, usual + weight * (dt - usual))
+        table.interval[slots[ordinary]] = folded[ordinary]
+        table.intervals[slots[ordinary]] += 1
+        if gap.any():
+            before[:, torch.from_numpy(gap).to(before.device)] = 0.0  # a fresh state
+            table.cold[slots[gap]] = policy.rewarm_samples
+            self.gap_resets += int(gap.sum())
+        cold = table.cold[slots]
+        table.cold[slots] = np.maximum(cold - 1, 0)
+        return cold == 0
+
     def _step_round(
         self,
         batch: list[tuple[int, int, float, int]],
@@ -224,6 +282,9 @@ class Engine:
         z = table.normalizer.update(slots, values)
         index = torch.from_numpy(slots).to(self.device)
         before = table.state.index_select(1, index)  # (num_layers, B, width): a copy
+        warm = None
+        if self.gaps is not None:
+            warm = self._gaps(slots, batch, accepted, before)
         z_next, state = self.model.step(
             torch.from_numpy(z.astype(np.float32)).to(self.device), before
         )
@@ -248,6 +309,7 @@ class Engine:
                 error=None if math.isnan(err) else err,
                 naive_error=None if math.isnan(naive) else naive,
                 model_version=self.model_version,
+                warm=True if warm is None else bool(warm[i]),
             )
 
 

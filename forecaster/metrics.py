@@ -166,6 +166,11 @@ class Metrics(LinkEvents):
             "Parked streams brought back, exactly, when they sent again",
             registry=r,
         )
+        self.gap_resets = Counter(
+            "forecaster_gap_resets_total",
+            "Hidden states reset after a gap in a stream's timestamps (engine.gaps)",
+            registry=r,
+        )
         self.checkpoint_age = Gauge(
             "forecaster_checkpoint_age_seconds", "Seconds since the last checkpoint", registry=r
         )

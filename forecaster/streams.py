@@ -14,8 +14,10 @@ import torch
 from forecaster.model import Forecaster
 from forecaster.normalize import Normalizer, NormalizerConfig
 
-FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts")  # NaN until known
-INT_COLUMNS = ("seq", "last_used")  # last_used: the engine's tick counter (least recently used)
+FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "interval")  # NaN until known
+# last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
+# times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap.
+INT_COLUMNS = ("seq", "last_used", "intervals", "cold")
 
 
 class StreamTable:
@@ -36,6 +38,9 @@ class StreamTable:
         self.normalizer = Normalizer(normalizer, capacity)
         self.seq = np.zeros(capacity, dtype=np.int64)  # last applied sequence number
         self.last_used = np.zeros(capacity, dtype=np.int64)
+        self.intervals = np.zeros(capacity, dtype=np.int64)
+        self.cold = np.zeros(capacity, dtype=np.int64)
+        self.interval = np.full(capacity, np.nan)
         self.last_value = np.full(capacity, np.nan)
         self.last_prediction = np.full(capacity, np.nan)
         self.last_ts = np.full(capacity, np.nan)

@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forecaster.engine import REJECT_REASONS, STREAM_ID, Engine
+from forecaster.engine import REJECT_REASONS, STREAM_ID, Engine, GapPolicy
 from forecaster.errors import PayloadError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.parse import REASONS, PayloadParser
@@ -111,12 +111,13 @@ PAYLOADS = st.one_of(
 
 def fresh_engine() -> Engine:
     torch.manual_seed(0)
-    return Engine(Forecaster(ModelConfig("rnn", 8, 1)).eval())
+    gaps = GapPolicy(factor=3.0, halflife=5.0, min_intervals=2, rewarm_samples=3)
+    return Engine(Forecaster(ModelConfig("rnn", 8, 1)).eval(), max_streams=8, gaps=gaps)
 
 
 def assert_state_finite(engine: Engine) -> None:
     table = engine.streams
-    assert torch.isfinite(table.state).all()
+    assert torch.isfinite(table.state).all() and len(table) <= 8
     for name, array in table.normalizer.state_arrays().items():
         assert np.isfinite(array).all(), name
 
@@ -137,7 +138,7 @@ def run_parser_fuzz(examples: int) -> int:
     def prop(topic: str, payload: bytes) -> None:
         seen[0] += 1
         try:
-            sample = parser.parse(topic, payload, received=1.0)
+            sample = parser.parse(topic, payload, received=float(seen[0]))
         except PayloadError as exc:
             assert exc.reason in DOCUMENTED, exc
             return
