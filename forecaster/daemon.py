@@ -147,8 +147,13 @@ class Daemon:
                 "no saved state in %s; starting from the model checkpoint", self.state_path.parent
             )
         max_streams = self.config.engine.max_streams
+        parked = self.state_path.parent / "evicted.sqlite"
+        if not max_streams and parked.exists():
+            log.warning(
+                "%s holds streams parked under engine.max_streams, now 0: they start afresh", parked
+            )
         if max_streams:
-            self.store = SqliteStore(self.state_path.parent / "evicted.sqlite")
+            self.store = SqliteStore(parked)
             # The evicted streams must describe the same moment as the checkpoint's resident ones.
             self.store.rollback(
                 int(checkpoint.manifest.get("info", {}).get("evicted_generation", 0))

@@ -319,5 +319,7 @@ def _row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Inverse of ``_row`` for several streams."""
-    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in rows[0]}
+    """Inverse of ``_row`` for several streams (columns all of them have: older rows may lack
+    newer columns, which then start fresh)."""
+    keys = set(rows[0]).intersection(*rows[1:])
+    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in keys}

@@ -174,7 +174,8 @@ def test_deeply_nested_json_is_a_counted_rejection() -> None:
 
 
 def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Client, n: int) -> None:
-    config = daemon_config(broker, prefix, state)
+    gaps = {"enabled": True, "factor": 3, "min_intervals": 2, "rewarm_samples": 3}
+    config = daemon_config(broker, prefix, state, engine={"max_streams": 8, "gaps": gaps})
     collector = Collector(broker, f"{prefix}/forecasts/#")
     running = RunningDaemon(config)
     subscription = f"{prefix}/sensors/+/value"
