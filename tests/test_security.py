@@ -154,6 +154,8 @@ def test_daemon_connects_over_tls_with_a_password_file(
         time.sleep(0.05)
     assert [f["value"] for f in got] == [0.0, 1.0, 2.0, 3.0, 4.0]
     metrics = running.scrape()
+    assert running.daemon.http is not None  # metrics bound to localhost unless configured
+    assert running.daemon.http.server.server_address[0] == "127.0.0.1"
     running.stop()
     client.loop_stop()
     client.disconnect()
