@@ -1,7 +1,8 @@
 """Where streams evicted by ``engine.max_streams`` wait, bit for bit, until they send again.
 
 Part of the checkpoint store: the daemon keeps evicted streams in ``state/evicted.sqlite`` (SQLite
-in WAL mode, one row per eviction, each row a safetensors blob: loading it cannot run code); tests
+in WAL mode, one row per eviction: a JSON header naming each array's dtype and shape, then the raw
+bytes; decoding is ``np.frombuffer`` over a whitelist of dtypes, so it cannot run code); tests
 and ``forecaster evaluate`` use ``MemoryStore``. Rows carry a generation number, one per batch of
 evictions. A checkpoint records the generation it saw; restoring it drops the rows written after
 it (``rollback``), so the resident streams of the checkpoint and the evicted ones in the store
@@ -10,13 +11,16 @@ always describe the same moment, even after a crash (the journal replay then evi
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from safetensors.numpy import load as load_arrays
-from safetensors.numpy import save as save_arrays
+
+# Only plain numbers: an evicted row holds float32 states, float64 and int64 columns.
+DTYPES = frozenset({"<f4", "<f8", "<i8", "|b1"})
 
 
 class StreamStore(Protocol):
@@ -88,17 +92,14 @@ class SqliteStore:
         with self.db:
             self.db.executemany(
                 "INSERT OR REPLACE INTO evicted VALUES (?, ?, ?)",
-                [
-                    (stream, self.generation, save_arrays(_contiguous(arrays)))
-                    for stream, arrays in rows.items()
-                ],
+                [(stream, self.generation, encode(arrays)) for stream, arrays in rows.items()],
             )
 
     def get(self, stream: str) -> dict[str, np.ndarray] | None:
         row = self.db.execute(
             "SELECT data FROM evicted WHERE stream = ? ORDER BY generation DESC LIMIT 1", (stream,)
         ).fetchone()
-        return None if row is None else dict(load_arrays(row[0]))
+        return None if row is None else decode(row[0])
 
     def sync(self) -> None:
         """Make every row written so far durable (before a checkpoint that refers to them)."""
@@ -129,5 +130,28 @@ class SqliteStore:
         self.db.close()
 
 
-def _contiguous(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+def encode(arrays: dict[str, np.ndarray]) -> bytes:
+    """A JSON header line (name, dtype, shape of each array), then their bytes, in that order.
+
+    >>> row = {"seq": np.array([7]), "state": np.ones((1, 1, 2), np.float32)}
+    >>> back = decode(encode(row))
+    >>> back["seq"].tolist(), back["state"].shape, back["state"].dtype
+    ([7], (1, 1, 2), dtype('float32'))
+    """
+    parts = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    header = [[k, v.dtype.str, list(v.shape)] for k, v in parts.items()]
+    return json.dumps(header).encode() + b"\n" + b"".join(v.tobytes() for v in parts.values())
+
+
+def decode(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of ``encode``; refuses any dtype outside ``DTYPES`` (no object arrays)."""
+    line, _, body = data.partition(b"\n")
+    out, offset = {}, 0
+    for name, dtype, shape in json.loads(line):
+        if dtype not in DTYPES:
+            raise ValueError(f"evicted row: dtype {dtype!r} not allowed")
+        count = math.prod(shape)
+        array = np.frombuffer(body, dtype=np.dtype(dtype), count=count, offset=offset)
+        out[str(name)] = array.reshape(shape).copy()
+        offset += array.nbytes
+    return out
