@@ -144,7 +144,13 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def decode(data: bytes) -> dict[str, np.ndarray]:
-    """Inverse of ``encode``; refuses any dtype outside ``DTYPES`` (no object arrays)."""
+    """Inverse of ``encode``; refuses any dtype outside ``DTYPES`` (no object arrays).
+
+    >>> decode(b'[["x", "|O", [1]]]\n' + bytes(8))
+    Traceback (most recent call last):
+    ...
+    ValueError: evicted row: dtype '|O' not allowed
+    """
     line, _, body = data.partition(b"\n")
     out, offset = {}, 0
     for name, dtype, shape in json.loads(line):
