@@ -144,7 +144,7 @@ def encode(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def decode(data: bytes) -> dict[str, np.ndarray]:
-    """Inverse of ``encode``; refuses any dtype outside ``DTYPES`` (no object arrays).
+    r"""Inverse of ``encode``; refuses any dtype outside ``DTYPES`` (no object arrays).
 
     >>> decode(b'[["x", "|O", [1]]]\n' + bytes(8))
     Traceback (most recent call last):
