@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEBS   := mosquitto prometheus
 
-.PHONY: install debs test test-slow lint demo bench clean
+.PHONY: install debs test test-slow test-fuzz lint demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: $(STAMP) debs
 
 test-slow: $(STAMP) debs
 	$(BIN)/pytest -q -m slow
+
+test-fuzz: $(STAMP) debs
+	$(BIN)/pytest -q -m fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from forecaster.errors import ConfigError
 
 ENV_PREFIX = "FORECASTER_"
+# Keys whose values are never shown in errors or logs, nor parsed as YAML from the environment.
+SECRET_KEYS = frozenset({"password"})
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -81,13 +91,39 @@ class PayloadConfig(Section):
     max_bytes: int = Field(4096, gt=0)
 
 
+class TlsConfig(Section):
+    """TLS to the broker; ``ca_file`` None trusts the system's CAs; a client certificate is optional."""
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # client certificate (PEM), with key_file
+    key_file: Path | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _cert_needs_key(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class MqttConfig(Section):
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = "forecaster"
     username: str | None = None
-    password: str | None = None
+    # At most one password source; SecretStr keeps it out of reprs, dumps and errors.
+    password: SecretStr | None = None
+    password_file: Path | None = None  # first line of the file (mode 0600, say)
+    password_env: str | None = None  # name of an environment variable holding it
+    tls: TlsConfig = TlsConfig()
     keepalive: int = Field(30, ge=5)
     qos_in: Literal[0, 1, 2] = 1
     qos_out: Literal[0, 1, 2] = 0
@@ -136,7 +172,42 @@ class MqttConfig(Section):
                     )
         if self.reconnect_max_delay < self.reconnect_min_delay:
             raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
+        sources = [self.password, self.password_file, self.password_env]
+        if sum(s is not None for s in sources) > 1:
+            raise ValueError("give at most one of password, password_file, password_env")
+        if any(s is not None for s in sources) and not self.username:
+            raise ValueError("a password needs a username")
         return self
+
+    def credentials(
+        self, environ: dict[str, str] | os._Environ[str] | None = None
+    ) -> tuple[str | None, str | None]:
+        """``(username, password)`` read from the configured source, when it is needed (connect).
+
+        Errors name the key and the file or variable, never the content.
+        """
+        environ = os.environ if environ is None else environ
+        if self.password is not None:
+            return self.username, self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                lines = Path(self.password_file).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"mqtt.password_file: cannot read {self.password_file} "
+                    f"({getattr(exc, 'strerror', None) or type(exc).__name__})"
+                ) from None
+            if not lines or not lines[0]:
+                raise ConfigError(f"mqtt.password_file: {self.password_file} is empty")
+            return self.username, lines[0]
+        if self.password_env is not None:
+            value = environ.get(self.password_env)
+            if not value:
+                raise ConfigError(
+                    f"mqtt.password_env: environment variable {self.password_env} is not set"
+                )
+            return self.username, value
+        return self.username, None
 
 
 class ModelSection(Section):
@@ -145,10 +216,24 @@ class ModelSection(Section):
     threads: int = Field(1, ge=1)  # torch threads; 1 is fastest below ~10k streams per tick
 
 
+class GapConfig(Section):
+    """Re-warm a stream after a gap in its ``ts`` (see ``engine.GapPolicy``); off by default."""
+
+    enabled: bool = False
+    factor: PositiveFloat = 10.0  # a gap: inter-arrival time > factor x the usual interval
+    halflife: PositiveFloat = 20.0  # intervals; the usual interval is their EWM
+    min_intervals: int = Field(5, ge=1)  # intervals seen before gaps are looked for
+    rewarm_samples: int = Field(20, ge=0)  # forecasts flagged warm: false after a reset
+
+
 class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     queue_size: int = Field(100_000, ge=1)  # bounded receive queue
     max_abs_value: PositiveFloat = 1e15  # larger magnitudes are rejected as out_of_range
+    # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
+    # in the state folder (evicted.sqlite) and restored exactly when it sends again.
+    max_streams: int = Field(0, ge=0)
+    gaps: GapConfig = GapConfig()
 
 
 class OnlineLearningConfig(Section):
@@ -230,6 +315,10 @@ def apply_env(data: dict[str, Any], environ: dict[str, str] | os._Environ[str]) 
             target = target.setdefault(key, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"{name}: {'.'.join(keys)} is not inside a section")
+        if keys[-1] in SECRET_KEYS:  # verbatim: "12345" or "yes" must stay a string
+            target[keys[-1]] = raw
+            applied.append(".".join(keys))
+            continue
         try:
             target[keys[-1]] = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError as exc:
@@ -264,6 +353,7 @@ def load_config(
         return Config.model_validate(data)
     except ValidationError as exc:
         problems = []
+        secret = False  # pydantic's own text (the chained cause) would show the input verbatim
         for error in exc.errors():
             loc = tuple(error["loc"])
             key = ".".join(str(part) for part in loc) or "(top level)"
@@ -277,5 +367,8 @@ def load_config(
                         break
             value = error.get("input")
             shown = "" if isinstance(value, dict) else f" = {value!r}"
+            if any(str(part) in SECRET_KEYS for part in loc):
+                shown, secret = " = '**********'", True
             problems.append(f"  {key}{shown}{where}: {error['msg']}")
-        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from exc
+        error = ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems))
+        raise error from (None if secret else exc)

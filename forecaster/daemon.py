@@ -20,13 +20,14 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from forecaster.config import Config
-from forecaster.engine import Engine, Forecast, Sample
+from forecaster.engine import Engine, Forecast, GapPolicy, Sample
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.parse import PayloadParser, TopicTemplate
 from forecaster.persist import Checkpoint, load_checkpoint, save_checkpoint
+from forecaster.store import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,16 @@ def forecast_payload(forecast: Forecast) -> str:
             "prediction": forecast.prediction,
             "error": forecast.error,
             "model_version": forecast.model_version,
+            "warm": forecast.warm,
         }
     )
+
+
+def gap_policy(config: Config) -> GapPolicy | None:
+    gaps = config.engine.gaps
+    if not gaps.enabled:
+        return None
+    return GapPolicy(gaps.factor, gaps.halflife, gaps.min_intervals, gaps.rewarm_samples)
 
 
 class Daemon:
@@ -89,6 +98,9 @@ class Daemon:
         )
         self.output = TopicTemplate.compile(config.mqtt.output_topic)
         self.state_path = Path(config.state.dir) / "checkpoint.safetensors"
+        self.store: SqliteStore | None = None  # evicted streams (engine.max_streams)
+        self._evictions_seen = (0, 0)
+        self._gap_resets_seen = 0
         self.link = MqttLink(config.mqtt, self.inbox, self.metrics)
         self.engine: Engine | None = None
         self.learner: Learner | None = None
@@ -134,15 +146,31 @@ class Daemon:
             log.info(
                 "no saved state in %s; starting from the model checkpoint", self.state_path.parent
             )
+        max_streams = self.config.engine.max_streams
+        parked = self.state_path.parent / "evicted.sqlite"
+        if not max_streams and parked.exists():
+            log.warning(
+                "%s holds streams parked under engine.max_streams, now 0: they start afresh", parked
+            )
+        if max_streams:
+            self.store = SqliteStore(parked)
+            # The evicted streams must describe the same moment as the checkpoint's resident ones.
+            self.store.rollback(
+                int(checkpoint.manifest.get("info", {}).get("evicted_generation", 0))
+            )
         engine = Engine(
             checkpoint.model,
             checkpoint.normalizer,
             device=device,
             max_abs_value=self.config.engine.max_abs_value,
             model_version=checkpoint.model_version,
+            max_streams=max_streams,
+            store=self.store,
+            gaps=gap_policy(self.config),
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
+            engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
         return engine, checkpoint
 
     def request_stop(self) -> None:
@@ -174,6 +202,8 @@ class Daemon:
         self.link.close()
         if self.http is not None:
             self.http.close()
+        if self.store is not None:
+            self.store.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -234,6 +264,14 @@ class Daemon:
                 self.metrics.latency.observe(max(0.0, time.time() - arrived))
         self.metrics.observe_forecasts(result.forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
+        seen, self._evictions_seen = (
+            self._evictions_seen,
+            (self.engine.evictions, self.engine.restores),
+        )
+        self.metrics.streams_evicted.inc(self._evictions_seen[0] - seen[0])
+        self.metrics.streams_restored.inc(self._evictions_seen[1] - seen[1])
+        self.metrics.gap_resets.inc(self.engine.gap_resets - self._gap_resets_seen)
+        self._gap_resets_seen = self.engine.gap_resets
 
     def _reject(self, reason: str, where: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -259,7 +297,10 @@ class Daemon:
         learner = self.learner
         # With learning on, hold the trainer's lock for a consistent optimizer state (one step).
         guard = learner.train_lock if learner is not None else contextlib.nullcontext()
+        store = self.store
         try:
+            if store is not None:
+                store.sync()  # rows the checkpoint refers to are durable before it is
             with guard:
                 save_checkpoint(
                     self.state_path,
@@ -270,12 +311,15 @@ class Daemon:
                     stream_arrays=table.arrays(),
                     optimizer=learner.optimizer if learner is not None else None,
                     extra=learner.state_tensors() if learner is not None else None,
+                    info={"evicted_generation": store.generation} if store is not None else None,
                 )
         except (OSError, CheckpointError):
             log.exception("checkpoint to %s failed", self.state_path)
             self.metrics.checkpointed(False)
             return
         self.metrics.checkpointed(True)
+        if store is not None:
+            store.compact(store.generation, list(table.names))
         log.debug("checkpoint: %d streams -> %s", len(table), self.state_path)
 
     # -- health -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ score the forecast made at t-1 against the arriving value, step the state, forec
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,10 +18,15 @@ import torch
 
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
+from forecaster.store import MemoryStore, StreamStore
 from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).
 REJECT_REASONS = ("not_a_number", "non_finite", "out_of_range", "bad_stream", "duplicate")
+# A stream id becomes one level of an output topic and a metric label: ``^[A-Za-z0-9][A-Za-z0-9_.-]
+# {0,63}$``. Always ``STREAM_ID.fullmatch`` (with ``re.match`` and ``$``, "a\n" would pass). The
+# metrics' overflow label ``_other`` cannot collide with it. parse.py checks the same rule.
+STREAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,28 @@ class Forecast:
     error: float | None  # value - previous prediction (None for a stream's first sample)
     naive_error: float | None  # value - previous value: the last-value baseline's error
     model_version: int
+    warm: bool = True  # False for the first forecasts after a gap reset the hidden state
+
+
+@dataclass(frozen=True, slots=True)
+class GapPolicy:
+    """Re-warm a stream after a gap in its ``ts``.
+
+    A gap is an inter-arrival time above ``factor`` x the stream's usual interval (an EWM of its
+    inter-arrival times, half-life ``halflife`` intervals, trusted after ``min_intervals`` of
+    them). It resets the stream's hidden state (the normaliser keeps its level and scale), and
+    the first ``rewarm_samples`` forecasts from then on say ``warm=False``. Gaps are not folded
+    into the usual interval; neither are zero or negative intervals (same or older ``ts``).
+    """
+
+    factor: float = 10.0
+    halflife: float = 20.0
+    min_intervals: int = 5
+    rewarm_samples: int = 20
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - math.pow(0.5, 1.0 / self.halflife)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +109,9 @@ class Engine:
         device: torch.device | str = "cpu",
         max_abs_value: float = 1e15,
         model_version: int = 0,
+        max_streams: int = 0,
+        store: StreamStore | None = None,
+        gaps: GapPolicy | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -90,6 +121,17 @@ class Engine:
         self.model_version = model_version
         # Called with a StepRecord after every batched step (the learner's window feed).
         self.observer: Callable[[StepRecord], None] | None = None
+        # Stream bound: past ``max_streams`` (0: none) the least recently used streams are parked
+        # in ``store`` and restored bit for bit when they send again.
+        self.max_streams = max_streams
+        self.gaps = gaps  # None: gaps are not detected, every forecast is warm
+        self.gap_resets = 0  # hidden states reset by a gap so far
+        self.store: StreamStore = store if store is not None else MemoryStore()
+        self.evictions = 0  # streams parked so far (the daemon's counter reads it)
+        self.restores = 0  # streams brought back so far
+        self.ticks = 0  # LRU clock: ticks applied so far
+        # Told (gone slots, moved src slots, their dst slots) when eviction compacts the slots.
+        self.slot_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
 
     def swap_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Serve new weights from the next tick on (called between ticks only)."""
@@ -101,7 +143,7 @@ class Engine:
     def reject_reason(self, sample: Sample) -> str | None:
         """Why ``sample`` must not touch any state, or None when it may."""
         stream = sample.stream
-        if not isinstance(stream, str) or not stream or any(c in stream for c in "#+/\0"):
+        if not isinstance(stream, str) or not STREAM_ID.fullmatch(stream):
             return "bad_stream"
         value = sample.value
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
@@ -127,8 +169,11 @@ class Engine:
         pending_seq: dict[int, int] = {}
         depth: dict[int, int] = {}
         accepted: list[Sample] = []
-        for sample in samples:
-            reason = self.reject_reason(sample)
+        reasons = [self.reject_reason(sample) for sample in samples]
+        self.ticks += 1
+        if self.max_streams:
+            self._make_room({s.stream for s, r in zip(samples, reasons, strict=True) if r is None})
+        for sample, reason in zip(samples, reasons, strict=True):
             slot = -1
             if reason is None:
                 slot = self.streams.slot(sample.stream)
@@ -147,11 +192,77 @@ class Engine:
             rounds[level].append((len(accepted), slot, float(sample.value), seq))
             accepted.append(sample)
         out: list[Forecast | None] = [None] * len(accepted)
+        if self.max_streams and pending_seq:
+            self.streams.last_used[np.fromiter(pending_seq, dtype=np.int64)] = self.ticks
         with torch.no_grad():
             for batch in rounds:
                 self._step_round(batch, accepted, out)
         result.forecasts = [f for f in out if f is not None]
+        if self.max_streams:  # a tick wider than the bound: back under it before the next one
+            self._evict(len(self.streams) - self.max_streams, set())
         return result
+
+    def _make_room(self, needed: set[str]) -> None:
+        """Bring back parked streams this tick needs, parking least recently used others first."""
+        table = self.streams
+        new = sorted(s for s in needed if s not in table)
+        parked = {s: row for s in new if (row := self.store.get(s)) is not None}
+        self._evict(len(table) + len(new) - self.max_streams, needed)
+        if parked:
+            names = list(parked)
+            table.put(names, _stack([parked[name] for name in names]))
+            self.restores += len(names)
+
+    def _evict(self, excess: int, keep: set[str]) -> None:
+        """Park the ``excess`` least recently used streams, except those in ``keep``."""
+        table = self.streams
+        if excess <= 0:
+            return
+        idle = np.array([name not in keep for name in table.names], dtype=bool)
+        candidates = np.flatnonzero(idle)
+        order = np.argsort(table.last_used[candidates], kind="stable")  # oldest first
+        chosen = candidates[order[:excess]]
+        if not len(chosen):
+            return
+        names = [table.names[i] for i in chosen.tolist()]
+        arrays, src, dst = table.take(names)
+        self.store.put({name: _row(arrays, i) for i, name in enumerate(names)})
+        self.evictions += len(names)
+        if self.slot_listener is not None:
+            self.slot_listener(chosen, src, dst)
+
+    def _gaps(
+        self,
+        slots: np.ndarray,
+        batch: list[tuple[int, int, float, int]],
+        accepted: list[Sample],
+        before: torch.Tensor,
+    ) -> np.ndarray:
+        """Detect gaps, reset those streams' state in ``before``; return each forecast's warm."""
+        policy = self.gaps
+        assert policy is not None
+        table = self.streams
+        ts = np.fromiter(
+            (np.nan if (t := accepted[b[0]].ts) is None else t for b in batch),
+            dtype=np.float64,
+            count=len(batch),
+        )
+        usual = table.interval[slots]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf only where ts is unknown
+            dt = ts - table.last_ts[slots]  # NaN where either is unknown
+            gap = (table.intervals[slots] >= policy.min_intervals) & (dt > policy.factor * usual)
+            ordinary = (dt > 0) & np.isfinite(dt) & ~gap
+            weight = np.maximum(1.0 / (table.intervals[slots] + 1), policy.alpha)
+            folded = np.where(np.isnan(usual), dt, usual + weight * (dt - usual))
+        table.interval[slots[ordinary]] = folded[ordinary]
+        table.intervals[slots[ordinary]] += 1
+        if gap.any():
+            before[:, torch.from_numpy(gap).to(before.device)] = 0.0  # a fresh state
+            table.cold[slots[gap]] = policy.rewarm_samples
+            self.gap_resets += int(gap.sum())
+        cold = table.cold[slots]
+        table.cold[slots] = np.maximum(cold - 1, 0)
+        return cold == 0
 
     def _step_round(
         self,
@@ -171,6 +282,9 @@ class Engine:
         z = table.normalizer.update(slots, values)
         index = torch.from_numpy(slots).to(self.device)
         before = table.state.index_select(1, index)  # (num_layers, B, width): a copy
+        warm = None
+        if self.gaps is not None:
+            warm = self._gaps(slots, batch, accepted, before)
         z_next, state = self.model.step(
             torch.from_numpy(z.astype(np.float32)).to(self.device), before
         )
@@ -195,4 +309,17 @@ class Engine:
                 error=None if math.isnan(err) else err,
                 naive_error=None if math.isnan(naive) else naive,
                 model_version=self.model_version,
+                warm=True if warm is None else bool(warm[i]),
             )
+
+
+def _row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Stream ``i`` of a ``StreamTable.arrays()`` result, keeping the axes (state: (L, 1, W))."""
+    return {k: (v[:, i : i + 1] if k == "state" else v[i : i + 1]) for k, v in arrays.items()}
+
+
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Inverse of ``_row`` for several streams (columns all of them have: older rows may lack
+    newer columns, which then start fresh)."""
+    keys = set(rows[0]).intersection(*rows[1:])
+    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in keys}

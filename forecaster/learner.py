@@ -96,6 +96,7 @@ class Learner:
         self._jobs: queue.Queue[list[Window] | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         engine.observer = self.observe
+        engine.slot_listener = self.slots_moved
         if background:
             self._thread = threading.Thread(target=self._work, name="learner", daemon=True)
             self._thread.start()
@@ -121,6 +122,18 @@ class Learner:
             current.inputs.append(float(record.z_in[i]))
         self.samples_since_update += len(record.slots)
         self.samples_seen += len(record.slots)
+
+    def slots_moved(self, gone: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+        """Eviction compacted the engine's slots: drop the evicted streams' windows (they start
+        afresh when they return) and let the moved streams' windows follow their slots."""
+        for slot in gone.tolist():
+            self.open.pop(slot, None)
+            self.ready.pop(slot, None)
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            if s in self.open:
+                self.open[d] = self.open.pop(s)
+            if s in self.ready:
+                self.ready[d] = self.ready.pop(s)
 
     # -- between ticks (engine thread) ----------------------------------------------------------
     def after_tick(self) -> None:

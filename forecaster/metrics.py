@@ -156,6 +156,21 @@ class Metrics(LinkEvents):
         self.streams_active = Gauge(
             "forecaster_streams_active", "Streams with serving state", registry=r
         )
+        self.streams_evicted = Counter(
+            "forecaster_streams_evicted_total",
+            "Least recently used streams parked in the state store (engine.max_streams)",
+            registry=r,
+        )
+        self.streams_restored = Counter(
+            "forecaster_streams_restored_total",
+            "Parked streams brought back, exactly, when they sent again",
+            registry=r,
+        )
+        self.gap_resets = Counter(
+            "forecaster_gap_resets_total",
+            "Hidden states reset after a gap in a stream's timestamps (engine.gaps)",
+            registry=r,
+        )
         self.checkpoint_age = Gauge(
             "forecaster_checkpoint_age_seconds", "Seconds since the last checkpoint", registry=r
         )

@@ -13,6 +13,8 @@ import functools
 import logging
 import queue
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from forecaster.config import MqttConfig, template_filter
+from forecaster.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ class LinkEvents:
     def dropped(self, reason: str) -> None: ...
     def callback_error(self, callback: str) -> None: ...
     def loop_restarted(self) -> None: ...
+
+
+def _network_thread_writes(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Registered so that paho leaves socket writes to its network thread (see ``_secure``)."""
 
 
 def _guarded(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -95,8 +102,7 @@ class MqttLink:
             reconnect_on_failure=True,
         )
         self.client.suppress_exceptions = True  # backstop behind the guards below
-        if config.username:
-            self.client.username_pw_set(config.username, config.password)
+        self._secure(config)
         self.client.will_set(config.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(
             int(max(1, config.reconnect_min_delay)), int(max(1, config.reconnect_max_delay))
@@ -106,6 +112,29 @@ class MqttLink:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_socket_open = self._on_socket_open
+        self.client.on_connect_fail = self._on_connect_fail
+
+    def _secure(self, config: MqttConfig) -> None:
+        """Credentials (never logged) and TLS; a bad file is a ConfigError naming the key."""
+        username, password = config.credentials()
+        if username:
+            self.client.username_pw_set(username, password)
+        tls = config.tls
+        if not tls.enabled:
+            return
+        try:
+            self.client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"mqtt.tls: cannot load the CA, certificate or key ({exc})") from None
+        # paho writes a publish straight from the calling (engine) thread unless a write hook is
+        # registered; an SSL socket must not be written by one thread while another reads it
+        # (measured: the broker saw "unexpected eof" and the link dropped on the first forecast).
+        # With this no-op hook paho wakes its own network thread, which does every write.
+        self.client.on_socket_register_write = _network_thread_writes
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,16 +199,31 @@ class MqttLink:
         if hasattr(sock, "setsockopt"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    @_guarded("on_connect_fail")
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` (TCP refused, TLS handshake failed).
+        error = sys.exc_info()[1]
+        log.warning(
+            "cannot connect to %s:%s (%s); retrying with backoff",
+            self.config.host,
+            self.config.port,
+            error or "connection failed",
+        )
+
     @_guarded("on_connect")
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if reason.is_failure:
+            hint = ""
+            if str(reason) in ("Bad user name or password", "Not authorized"):
+                hint = f" as user {self.config.username!r}: check mqtt.username and its password"
             log.warning(
-                "broker %s:%s refused the connection: %s",
+                "broker %s:%s refused the connection (%s)%s; retrying with backoff",
                 self.config.host,
                 self.config.port,
                 reason,
+                hint,
             )
             return
         self.connects += 1

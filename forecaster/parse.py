@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from forecaster.engine import Sample
+from forecaster.engine import STREAM_ID, Sample
 from forecaster.errors import PayloadError
 
 REASONS = (
@@ -36,7 +36,7 @@ REASONS = (
 )
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
-MAX_STREAM_ID = 200
+MAX_STREAM_ID = 200  # characters of a refused topic or id quoted in a log line
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,16 @@ class TopicTemplate:
 
 
 def check_stream_id(stream: str) -> str:
-    """A stream id is a non-empty printable string without MQTT wildcards or ``/``."""
-    if (
-        not stream
-        or len(stream) > MAX_STREAM_ID
-        or any(c in stream for c in "#+/")
-        or not stream.isprintable()
-    ):
+    """A stream id matches ``engine.STREAM_ID`` (it becomes a topic level and a metric label).
+
+    >>> check_stream_id("boiler-1.temp_2")
+    'boiler-1.temp_2'
+    >>> check_stream_id("a b")
+    Traceback (most recent call last):
+    ...
+    forecaster.errors.PayloadError: bad_stream: 'a b'
+    """
+    if not STREAM_ID.fullmatch(stream):
         raise PayloadError("bad_stream", repr(stream[:MAX_STREAM_ID]))
     return stream
 
@@ -169,6 +172,8 @@ class PayloadParser:
             document = json.loads(text, parse_constant=_reject_constant)
         except ValueError as exc:
             raise PayloadError("invalid_json", str(exc)[:80]) from None
+        except RecursionError:  # '{"value": [[[[...' within max_bytes (found by the fuzz test)
+            raise PayloadError("invalid_json", "nested too deeply") from None
         if not isinstance(document, dict):
             raise PayloadError("invalid_json", "not an object")
         if self.value_field not in document:

@@ -14,7 +14,10 @@ import torch
 from forecaster.model import Forecaster
 from forecaster.normalize import Normalizer, NormalizerConfig
 
-FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts")
+FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "interval")  # NaN until known
+# last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
+# times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap.
+INT_COLUMNS = ("seq", "last_used", "intervals", "cold")
 
 
 class StreamTable:
@@ -34,6 +37,10 @@ class StreamTable:
         self.state = model.init_state(capacity, self.device)  # (num_layers, capacity, width)
         self.normalizer = Normalizer(normalizer, capacity)
         self.seq = np.zeros(capacity, dtype=np.int64)  # last applied sequence number
+        self.last_used = np.zeros(capacity, dtype=np.int64)
+        self.intervals = np.zeros(capacity, dtype=np.int64)
+        self.cold = np.zeros(capacity, dtype=np.int64)
+        self.interval = np.full(capacity, np.nan)
         self.last_value = np.full(capacity, np.nan)
         self.last_prediction = np.full(capacity, np.nan)
         self.last_ts = np.full(capacity, np.nan)
@@ -64,21 +71,27 @@ class StreamTable:
         fresh = self.model.init_state(extra, self.device)  # (num_layers, extra, width)
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
         self.normalizer.grow(capacity)
-        self.seq = np.concatenate([self.seq, np.zeros(extra, dtype=np.int64)])
+        for name in INT_COLUMNS:
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra, np.int64)]))
         for name in FLOAT_COLUMNS:
             setattr(self, name, np.concatenate([getattr(self, name), np.full(extra, np.nan)]))
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Every per-slot array (used slots only), for checkpoints and equality checks."""
-        n = len(self.names)
-        out = {
-            "state": self.state[:, :n].detach().cpu().numpy(),  # (num_layers, n, width)
-            "seq": self.seq[:n],
-            "last_value": self.last_value[:n],
-            "last_prediction": self.last_prediction[:n],
-            "last_ts": self.last_ts[:n],
-        }
-        out.update({f"norm_{k}": v[:n] for k, v in self.normalizer.state_arrays().items()})
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every per-slot 1-D array under its ``arrays()`` key, by reference (not copies)."""
+        out = {name: getattr(self, name) for name in (*INT_COLUMNS, *FLOAT_COLUMNS)}
+        out.update({f"norm_{k}": v for k, v in self.normalizer.state_arrays().items()})
+        return out
+
+    def arrays(self, slots: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every per-slot array (used slots, or ``slots``), for checkpoints and eviction.
+
+        ``state`` is ``(num_layers, n, width)``; every other array is ``(n,)``; all are copies.
+        """
+        if slots is None:
+            slots = np.arange(len(self.names))
+        index = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        out = {"state": self.state.index_select(1, index).detach().cpu().numpy()}
+        out.update({key: column[slots] for key, column in self.columns().items()})
         return {k: np.array(v, copy=True) for k, v in out.items()}
 
     def load(self, names: list[str], arrays: dict[str, np.ndarray]) -> None:
@@ -90,13 +103,68 @@ class StreamTable:
         self.state = self.model.init_state(capacity, self.device)
         self.state[:, :n] = torch.as_tensor(arrays["state"], device=self.device)
         self.normalizer = Normalizer(self.normalizer.config, capacity)
-        norm = {k[5:]: v for k, v in arrays.items() if k.startswith("norm_")}
-        for key, values in norm.items():
-            getattr(self.normalizer, key)[:n] = values
-        self.seq = np.zeros(capacity, dtype=np.int64)
-        self.seq[:n] = arrays["seq"]
+        for name in INT_COLUMNS:
+            setattr(self, name, np.zeros(capacity, dtype=np.int64))
         for name in FLOAT_COLUMNS:
-            column = np.full(capacity, np.nan)
-            if name in arrays:
-                column[:n] = arrays[name]
-            setattr(self, name, column)
+            setattr(self, name, np.full(capacity, np.nan))
+        for key, column in self.columns().items():
+            if key in arrays:  # older checkpoints lack the newer columns: they start fresh
+                column[:n] = arrays[key]
+
+    # -- eviction (engine.max_streams) ----------------------------------------------------------
+    def take(self, streams: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Remove ``streams`` and return their arrays (``arrays()`` layout, in that order).
+
+        Slots stay dense: the highest used slots move into the holes, so ``arrays()`` and a tick's
+        gather still index ``0..len-1``. Also returns the moves ``(src, dst)`` for the learner.
+        """
+        n = len(self.names)
+        gone = np.fromiter((self.slots[s] for s in streams), dtype=np.int64, count=len(streams))
+        taken = self.arrays(gone)
+        keep = n - len(gone)
+        is_gone = np.zeros(n, dtype=bool)
+        is_gone[gone] = True
+        dst = np.flatnonzero(is_gone[:keep])  # holes below the new end
+        src = keep + np.flatnonzero(~is_gone[keep:])  # survivors above it
+        if len(src):
+            s_index = torch.as_tensor(src, device=self.device)
+            d_index = torch.as_tensor(dst, device=self.device)
+            self.state.index_copy_(1, d_index, self.state.index_select(1, s_index))
+            for column in self.columns().values():
+                column[dst] = column[src]
+        for stream in streams:
+            del self.slots[stream]
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            name = self.names[s]
+            self.names[d] = name
+            self.slots[name] = d
+        del self.names[keep:]
+        self._reset(np.arange(keep, n))
+        return taken, src, dst
+
+    def put(self, streams: list[str], arrays: dict[str, np.ndarray]) -> None:
+        """Add ``streams`` with the state ``take`` returned for them (bit for bit)."""
+        start = len(self.names)
+        end = start + len(streams)
+        if end > self.capacity:
+            self._grow(max(16, 2 * self.capacity, end))
+        slots = np.arange(start, end)
+        index = torch.as_tensor(slots, device=self.device)
+        state = torch.as_tensor(arrays["state"], device=self.device)  # (num_layers, k, width)
+        self.state.index_copy_(1, index, state.to(self.state.dtype))
+        for key, column in self.columns().items():
+            if key in arrays:
+                column[slots] = arrays[key]
+        for stream, slot in zip(streams, slots.tolist(), strict=True):
+            self.slots[stream] = slot
+            self.names.append(stream)
+
+    def _reset(self, slots: np.ndarray) -> None:
+        """Fresh (never used) values in ``slots``."""
+        index = torch.as_tensor(slots, device=self.device)
+        self.state.index_fill_(1, index, 0.0)
+        self.normalizer.reset(slots)
+        for name in INT_COLUMNS:
+            getattr(self, name)[slots] = 0
+        for name in FLOAT_COLUMNS:
+            getattr(self, name)[slots] = np.nan

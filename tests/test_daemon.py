@@ -56,6 +56,7 @@ def test_simulator_to_daemon_to_subscriber(
             "prediction",
             "error",
             "model_version",
+            "warm",
         }
     metrics = running.scrape()
     assert metric_value(metrics, "forecaster_forecasts_published_total") == sent
