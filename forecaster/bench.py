@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import threading
 import time
@@ -438,3 +440,262 @@ def print_engine(result: dict[str, object], memory: dict[str, float], as_json: b
         f"memory: {memory['streams']} active streams, peak RSS {memory['rss_mb_peak']:.0f} MB"
         f" (after loading the model: {memory['rss_mb_idle']:.0f} MB)"
     )
+
+
+# -- throughput: the daemon against a no-model relay on the same broker, same load ---------------
+LOAD_IN, LOAD_OUT = "load/in/{stream}", "load/out/{stream}"
+
+
+def publish_load(port: int, streams: int, count: int, rate: float) -> None:
+    """Publisher process: ``count`` JSON samples round-robin over ``streams`` streams, at ``rate``
+    messages/s (0: as fast as paho takes them); each carries its send time in ``ts``."""
+    import paho.mqtt.client as paho
+
+    from simulators.client import connected_client
+
+    client = connected_client("127.0.0.1", port, "bench-load")
+    topics = [LOAD_IN.format(stream=f"s{i}") for i in range(streams)]
+    started = time.monotonic()
+    for i in range(count):
+        if rate > 0:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        value = math.sin(0.157 * (i // streams))
+        body = json.dumps({"value": round(value, 6), "ts": time.time()})
+        while client.publish(topics[i % streams], body, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE:
+            time.sleep(0.001)
+    client.disconnect()
+    client.loop_stop()
+
+
+def run_relay(port: int) -> None:
+    """The no-model relay, built from the daemon's own MqttLink: receive -> republish the payload
+    to the output topic (no parsing, no model, no JSON work). Runs until SIGTERM."""
+    import queue
+    import signal
+
+    from forecaster.config import MqttConfig
+    from forecaster.mqtt import MqttLink, RawMessage
+
+    config = MqttConfig(
+        port=port,
+        client_id="bench-relay",
+        qos_in=0,
+        input_topics=[LOAD_IN],
+        output_topic=LOAD_OUT,
+        status_topic="load/status/relay",
+    )
+    inbox: queue.Queue[RawMessage] = queue.Queue(maxsize=100_000)
+    link = MqttLink(config, inbox)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    link.start()
+    cut = len("load/in/")
+    while not stop.is_set():
+        try:
+            raw = inbox.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        link.publish("load/out/" + raw.topic[cut:], raw.payload, 0)
+    link.close()
+
+
+def _proc_figures(pid: int) -> tuple[float, float]:
+    """(CPU seconds so far, peak RSS in MB) of a running process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return cpu, int(line.split()[1]) / 1024
+    return cpu, float("nan")
+
+
+class _Collector:
+    """Receives the outputs and keeps (receive time, latency from the payload's ``ts``)."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.times: list[float] = []
+        self.latencies: list[float] = []
+        self.online: set[str] = set()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-collector")
+        self.client.on_connect = lambda c, *a: c.subscribe(
+            [("load/out/+", 0), ("load/status/+", 0), ("load/status", 0)]
+        )
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client: object, userdata: object, message: object) -> None:
+        now = time.time()
+        topic, payload = message.topic, message.payload  # type: ignore[attr-defined]
+        if topic.startswith("load/status"):
+            if payload == b"online":
+                self.online.add(topic)
+            return
+        ts = json.loads(payload).get("ts")
+        self.times.append(time.monotonic())
+        self.latencies.append(now - ts if ts is not None else math.nan)
+
+    def reset(self) -> None:
+        self.times, self.latencies = [], []
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _offer(collector: _Collector, port: int, streams: int, count: int, rate: float) -> dict:
+    import subprocess
+    import sys
+
+    collector.reset()
+    code = f"from forecaster.bench import publish_load; publish_load({port}, {streams}, {count}, {rate})"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    deadline, seen = time.monotonic() + 30, -1
+    while len(collector.times) < count and time.monotonic() < deadline:
+        if len(collector.times) == seen:  # nothing new for a second: the rest was dropped
+            break
+        seen = len(collector.times)
+        time.sleep(1.0)
+    times, latencies = list(collector.times), [x for x in collector.latencies if x == x]
+    span = times[-1] - times[0] if len(times) > 1 else math.nan
+    return {
+        "received": len(times),
+        "per_s": (len(times) - 1) / span if span > 0 else math.nan,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)) if latencies else math.nan,
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)) if latencies else math.nan,
+    }
+
+
+def _start_target(kind: str, port: int, folder: Path, collector: _Collector) -> object:
+    import subprocess
+    import sys
+
+    import yaml
+
+    if kind == "relay":
+        cmd = [sys.executable, "-c", f"from forecaster.bench import run_relay; run_relay({port})"]
+        status = "load/status/relay"
+    else:
+        config = folder / "daemon.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "mqtt": {
+                        "port": port,
+                        "client_id": "bench-daemon",
+                        "qos_in": 0,
+                        "input_topics": [LOAD_IN],
+                        "output_topic": LOAD_OUT,
+                        "status_topic": "load/status/daemon",
+                    },
+                    "state": {"dir": str(folder / "state")},
+                    "metrics": {"port": 0},
+                }
+            )
+        )
+        cmd = [sys.executable, "-m", "forecaster.cli", "run", "-c", str(config)]
+        status = "load/status/daemon"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while status not in collector.online:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"the {kind} did not come online")
+        time.sleep(0.1)
+    time.sleep(0.5)  # subscribed after online
+    return proc
+
+
+def bench_throughput(
+    sizes: tuple[int, ...] = (1, 100, 1000, 10_000), count: int = 20_000, seconds: float = 5.0
+) -> dict[str, object]:
+    """For each stream count: the relay's and the daemon's sustained rate at saturation (and the
+    p99 latency there), then p50/p99 latency at half the relay's peak rate, CPU per 1,000 samples
+    and peak RSS; the two run one after the other over the same Mosquitto broker."""
+    import shutil
+    import signal
+    import tempfile
+
+    from forecaster.demo import start_broker
+
+    folder = Path(tempfile.mkdtemp(prefix="forecaster-bench-"))
+    broker, port, name = start_broker(folder, "mosquitto")
+    collector = _Collector(port)
+    runs = []
+    try:
+        for streams in tqdm(sizes, desc="stream counts", leave=False):
+            figures: dict[str, dict] = {}
+            for kind in ("relay", "forecaster"):
+                proc = _start_target(kind, port, folder, collector)
+                try:
+                    cpu0, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                    saturated = _offer(collector, port, streams, max(count, 2 * streams), 0)
+                    cpu1, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                    peak = (
+                        figures["relay"]["saturated"]["per_s"]
+                        if kind == "forecaster"
+                        else saturated["per_s"]
+                    )
+                    rate = peak / 2
+                    fixed = _offer(collector, port, streams, int(rate * seconds), rate)
+                    _, rss = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                finally:
+                    proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+                    proc.wait(30)  # type: ignore[attr-defined]
+                    shutil.rmtree(folder / "state", ignore_errors=True)
+                figures[kind] = {
+                    "saturated": saturated,
+                    "half_peak": fixed,
+                    "cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(1, saturated["received"]),
+                    "rss_mb": rss,
+                }
+            relay, daemon = figures["relay"], figures["forecaster"]
+            runs.append(
+                {
+                    "streams": streams,
+                    "forecaster_per_s": daemon["saturated"]["per_s"],
+                    "relay_per_s": relay["saturated"]["per_s"],
+                    "ratio": daemon["saturated"]["per_s"] / relay["saturated"]["per_s"],
+                    "offered_per_s": relay["saturated"]["per_s"] / 2,
+                    "p50_ms": daemon["half_peak"]["p50_ms"],
+                    "p99_ms": daemon["half_peak"]["p99_ms"],
+                    "p99_ms_saturated": daemon["saturated"]["p99_ms"],
+                    "relay_p50_ms": relay["half_peak"]["p50_ms"],
+                    "relay_p99_ms": relay["half_peak"]["p99_ms"],
+                    "cpu_s_per_1000": daemon["cpu_s_per_1000"],
+                    "relay_cpu_s_per_1000": relay["cpu_s_per_1000"],
+                    "rss_mb": daemon["rss_mb"],
+                    "relay_rss_mb": relay["rss_mb"],
+                    "received": daemon["saturated"]["received"],
+                    "relay_received": relay["saturated"]["received"],
+                }
+            )
+    finally:
+        collector.close()
+        broker.terminate()
+        broker.wait(5)
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"broker": name, "messages_per_run": count, "runs": runs}
+
+
+def print_throughput(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"one sample per message over {result['broker']}; forecaster vs the no-model relay:")
+    print(
+        f"  {'streams':>7} {'forecaster/s':>12} {'relay/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
+        f" {'p99 sat':>8} {'cpu s/1k':>9} {'relay cpu':>9} {'RSS MB':>7}"
+    )
+    for r in result["runs"]:  # type: ignore[attr-defined]
+        print(
+            f"  {r['streams']:>7} {r['forecaster_per_s']:>12.0f} {r['relay_per_s']:>8.0f} {r['ratio']:>6.2f}"
+            f" {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['p99_ms_saturated']:>8.1f}"
+            f" {r['cpu_s_per_1000']:>9.3f} {r['relay_cpu_s_per_1000']:>9.3f} {r['rss_mb']:>7.0f}"
+        )
+    print("  (p50/p99 at half the relay's peak rate; p99 sat at saturation)")

@@ -157,6 +157,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.print_drift(bench.bench_drift(live=not args.offline), args.json)
     elif args.part == "engine":
         bench.print_engine(bench.bench_engine(), bench.bench_memory(), args.json)
+    elif args.part == "throughput":
+        sizes = tuple(int(n) for n in args.sizes.split(","))
+        bench.print_throughput(bench.bench_throughput(sizes, args.count), args.json)
     return 0
 
 
@@ -231,13 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift", "engine"],
+        choices=["scrape", "drift", "engine", "throughput"],
         help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
-        " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams",
+        " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams;"
+        " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS)",
     )
     bench.add_argument("--offline", action="store_true", help="drift: skip the live broker runs")
     bench.add_argument("--streams", type=int, default=5000)
     bench.add_argument("--cap", type=int, default=100, help="metrics.stream_label_cap")
+    bench.add_argument("--sizes", default="1,100,1000,10000", help="throughput: stream counts")
+    bench.add_argument("--count", type=int, default=20_000, help="throughput: messages per run")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
