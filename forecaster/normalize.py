@@ -12,7 +12,9 @@ per-stream gain in [0, 1]: the least-squares slope of the changes that followed 
 predicted, over past forecasts whose outcome is known (exponentially weighted, ``gain_halflife``).
 A model that reads a stream well keeps a gain near 1; on a stream it cannot read (a random walk, a
 signal unlike its training data) the gain falls towards 0 and the forecast towards the last value,
-so a model trained on sines does not lose to the naive forecast on real sensor data.
+so a model trained on sines does not lose to the naive forecast on real sensor data. After a value
+the normaliser had to clip (a spike beyond ``clip`` standard deviations: the model cannot read how
+far it went), the forecast is the last value, and that step is left out of the gain's moments.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Normalizer:
         self.change = np.full(capacity, np.nan)
         self.sxx = np.zeros(capacity, dtype=np.float64)
         self.sxy = np.zeros(capacity, dtype=np.float64)
+        self.clipped = np.zeros(capacity, dtype=np.float64)  # 1: the last value's z was clipped
 
     @property
     def capacity(self) -> int:
@@ -78,6 +81,7 @@ class Normalizer:
             self.change = np.concatenate([self.change, np.full(extra, np.nan)])
             self.sxx = np.concatenate([self.sxx, np.zeros(extra)])
             self.sxy = np.concatenate([self.sxy, np.zeros(extra)])
+            self.clipped = np.concatenate([self.clipped, np.zeros(extra)])
 
     def reset(self, slots: np.ndarray) -> None:
         self.count[slots] = 0
@@ -87,6 +91,7 @@ class Normalizer:
         self.change[slots] = np.nan
         self.sxx[slots] = 0.0
         self.sxy[slots] = 0.0
+        self.clipped[slots] = 0.0
 
     def scale(self, slots: np.ndarray) -> np.ndarray:
         """Standard deviation, kept above zero relative to the level (a flat stream gives z=0)."""
@@ -106,7 +111,9 @@ class Normalizer:
         self.count[slots] = count
         self.mean[slots] = mean
         self.var[slots] = var
-        return self.normalize(slots, x)
+        z = self.normalize(slots, x)
+        self.clipped[slots] = np.abs(z) >= self.config.clip
+        return z
 
     def normalize(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``z`` of ``x`` under the current statistics (no update)."""
@@ -154,14 +161,25 @@ class Normalizer:
 
     def forecast(self, slots: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Map the model's ``z`` back to stream units with the predicted change shrunk by the
-        gain; call once per step, after ``update`` (it records the change for the next one)."""
+        gain; call once per step, after ``update`` (it records the change for the next one).
+
+        After a clipped value the forecast is that value, whatever the model says:
+
+        >>> norm = Normalizer(NormalizerConfig(halflife=10.0, clip=3.0), capacity=1)
+        >>> slot = np.array([0])
+        >>> for x in [1.0, 2.0] * 20 + [1000.0]:
+        ...     _ = norm.update(slot, np.array([x]))
+        >>> norm.forecast(slot, np.array([0.0])).tolist()  # z = 0 would be "back to the mean"
+        [1000.0]
+        """
         raw = self.denormalize(slots, z)
         if self.config.gain_halflife is None:
             return raw
         last = self.last[slots]
         change = raw - last
-        self.change[slots] = change
-        return last + self.gain(slots) * change
+        clipped = self.clipped[slots] > 0
+        self.change[slots] = np.where(clipped, np.nan, change)
+        return last + np.where(clipped, 0.0, self.gain(slots)) * change
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -172,13 +190,14 @@ class Normalizer:
             "change": self.change,
             "sxx": self.sxx,
             "sxy": self.sxy,
+            "clipped": self.clipped,
         }
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.count = np.asarray(arrays["count"], dtype=np.int64).copy()
         self.mean = np.asarray(arrays["mean"], dtype=np.float64).copy()
         self.var = np.asarray(arrays["var"], dtype=np.float64).copy()
-        for key in ("last", "change", "sxx", "sxy"):  # absent in older checkpoints
+        for key in ("last", "change", "sxx", "sxy", "clipped"):  # absent in older checkpoints
             if key in arrays:
                 setattr(self, key, np.asarray(arrays[key], dtype=np.float64).copy())
 
