@@ -160,7 +160,7 @@ class OnlineLearningConfig(Section):
     streams_per_update: int = Field(64, ge=1)  # windows per minibatch at most
     windows_per_stream: int = Field(32, ge=1)  # recent complete windows kept per stream
     optimizer: Literal["adam"] = "adam"
-    lr: PositiveFloat = 0.01
+    lr: PositiveFloat = 0.005
     clip: PositiveFloat = 1.0  # gradient-norm clipping
     max_updates_per_s: PositiveFloat = 10.0
     warmup: int = Field(

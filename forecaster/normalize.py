@@ -33,7 +33,7 @@ class NormalizerConfig:
     kind: Literal["ewm", "none"] = "ewm"
     halflife: float = 500.0  # in samples
     clip: float = 8.0  # |z| bound, so one spike cannot saturate the hidden state for long
-    gain_halflife: float | None = 500.0  # samples; None: forecasts are not shrunk (gain 1)
+    gain_halflife: float | None = 100.0  # samples; None: forecasts are not shrunk (gain 1)
 
     @property
     def alpha(self) -> float:
