@@ -160,6 +160,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.part == "throughput":
         sizes = tuple(int(n) for n in args.sizes.split(","))
         bench.print_throughput(bench.bench_throughput(sizes, args.count), args.json)
+    elif args.part == "accuracy":
+        if args.data is None:
+            raise ForecasterError(
+                "bench accuracy needs --data DIR (a folder of timestamp,value CSVs)"
+            )
+        if not bench.river_available():
+            print(
+                "river is not installed: skipping river_snarimax and river_holtwinters "
+                "(pip install 'forecaster[bench]')",
+                file=sys.stderr,
+            )
+        only = [m for m in args.models.split(",") if m] if args.models else None
+        result = bench.bench_accuracy(args.data, args.seed, plot_dir=args.plot, only=only)
+        bench.print_accuracy(result, args.json)
+        if args.plot and not args.json:
+            print(f"plots: {args.plot}/")
     return 0
 
 
@@ -234,11 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift", "engine", "throughput"],
+        choices=["scrape", "drift", "engine", "throughput", "accuracy"],
         help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
         " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams;"
-        " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS)",
+        " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS);"
+        " accuracy: one-step-ahead error against peers on every CSV under --data",
     )
+    bench.add_argument("--data", type=Path, help="accuracy: folder of CSVs (timestamp,value)")
+    bench.add_argument("--plot", type=Path, help="accuracy: folder for one PNG per file")
+    bench.add_argument("--seed", type=int, default=0, help="accuracy: learner and torch seed")
+    bench.add_argument("--models", help="accuracy: comma-separated subset (naive always runs)")
     bench.add_argument("--offline", action="store_true", help="drift: skip the live broker runs")
     bench.add_argument("--streams", type=int, default=5000)
     bench.add_argument("--cap", type=int, default=100, help="metrics.stream_label_cap")

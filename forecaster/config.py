@@ -241,7 +241,7 @@ class OnlineLearningConfig(Section):
 
     enabled: bool = False
     window: int = Field(32, ge=2)  # truncated-BPTT window, in samples
-    update_every: int = Field(4, ge=1)  # samples (over all streams) between updates
+    update_every: int = Field(16, ge=1)  # samples (over all streams) between updates
     streams_per_update: int = Field(64, ge=1)  # windows per minibatch at most
     windows_per_stream: int = Field(32, ge=1)  # recent complete windows kept per stream
     optimizer: Literal["adam"] = "adam"

@@ -291,7 +291,7 @@ class Engine:
         if observer is not None:
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
-        prediction = table.normalizer.denormalize(slots, z_next.double().cpu().numpy())
+        prediction = table.normalizer.forecast(slots, z_next.double().cpu().numpy())
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
         for i, (position, slot, value, seq) in enumerate(batch):

@@ -239,3 +239,169 @@ def plot_forecasts(records: list[dict], streams: list[str] | None, path: Path) -
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return chosen
+
+
+# -- peers: the forecasts a user would get without this daemon ------------------------------------
+# Small River-style estimators with two verbs: ``learn_one(y)`` folds in the value that just
+# arrived, ``forecast()`` says what the next one will be. ``progressive`` drives any of them (and
+# the Engine, through ``EngineModel``) in the one order that makes look-ahead impossible.
+
+
+class LastValue:
+    """Naive forecast: the next value equals the last one.
+
+    >>> model = LastValue()
+    >>> model.learn_one(3.0)
+    >>> model.forecast()
+    3.0
+    """
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def forecast(self) -> float:
+        return self.last
+
+    def learn_one(self, y: float) -> None:
+        self.last = y
+
+
+class OnlineAR:
+    """AR(``p``) with an intercept, fitted by recursive least squares with a forgetting factor.
+
+    Until ``p`` values have arrived it forecasts the last value. A sine is an exact AR(2), so
+    after a few dozen samples the forecast is right:
+
+    >>> model = OnlineAR(p=2)
+    >>> wave = np.sin(0.3 * np.arange(61))
+    >>> for y in wave[:60]:
+    ...     model.learn_one(float(y))
+    >>> bool(abs(model.forecast() - wave[60]) < 0.01)
+    True
+    """
+
+    def __init__(self, p: int = 8, forgetting: float = 0.999, delta: float = 100.0) -> None:
+        self.p = p
+        self.forgetting = forgetting
+        self.delta = delta  # initial P = delta * I: a weak prior on the zero coefficients
+        self.weights = np.zeros(p + 1)
+        self.cov = delta * np.eye(p + 1)
+        self.lags: list[float] = []  # most recent first
+
+    def _features(self) -> np.ndarray:
+        return np.array([1.0, *self.lags])
+
+    def forecast(self) -> float:
+        if len(self.lags) < self.p:
+            return self.lags[0] if self.lags else 0.0
+        return float(self.weights @ self._features())
+
+    def learn_one(self, y: float) -> None:
+        if len(self.lags) == self.p:
+            phi = self._features()
+            gain = self.cov @ phi / (self.forgetting + phi @ self.cov @ phi)
+            self.weights = self.weights + gain * (y - self.weights @ phi)
+            self.cov = (self.cov - np.outer(gain, phi @ self.cov)) / self.forgetting
+        self.lags = [y, *self.lags][: self.p]
+
+
+class DoubleExponentialSmoothing:
+    """PromQL's ``double_exponential_smoothing(v[range], sf, tf)`` (``holt_winters`` before
+    Prometheus 3), run over an ever-growing range: the recurrence of ``funcDoubleExponentialSmoothing``
+    and ``calcTrendValue`` in ``promql/functions.go``. Like PromQL, the forecast is the smoothed
+    value ``s1`` itself (the trend enters the smoothing but is not added on top).
+
+    >>> model = DoubleExponentialSmoothing(sf=0.5, tf=0.5)
+    >>> for y in [1.0, 2.0, 3.0, 4.0]:
+    ...     model.learn_one(y)
+    >>> model.forecast()
+    4.0
+    """
+
+    def __init__(self, sf: float = 0.5, tf: float = 0.5) -> None:
+        if not (0 < sf < 1 and 0 < tf < 1):
+            raise ValueError("Prometheus requires 0 < sf < 1 and 0 < tf < 1")
+        self.sf = sf
+        self.tf = tf
+        self.seen = 0
+        self.first = 0.0
+        self.s0 = 0.0
+        self.s1 = 0.0
+        self.b = 0.0
+
+    def forecast(self) -> float:
+        return self.s1
+
+    def learn_one(self, y: float) -> None:
+        self.seen += 1
+        if self.seen == 1:  # s1 = samples[0]
+            self.s1 = y
+            return
+        if self.seen == 2:  # b = samples[1] - samples[0]; calcTrendValue(0, ...) returns b
+            self.b = y - self.s1
+        else:
+            self.b = self.tf * (self.s1 - self.s0) + (1 - self.tf) * self.b
+        self.s0, self.s1 = self.s1, self.sf * y + (1 - self.sf) * (self.s1 + self.b)
+
+
+class EngineModel:
+    """The daemon's own path as a peer: every ``learn_one`` is one ``Engine.tick`` (and, with
+    ``learn``, one synchronous ``Learner.after_tick``, as ``forecaster evaluate --learn``)."""
+
+    def __init__(
+        self,
+        model: Forecaster,
+        normalizer: NormalizerConfig,
+        learn: OnlineLearningConfig | None = None,
+        stream: str = "series",
+    ) -> None:
+        if learn is not None:
+            model = copy.deepcopy(model)  # the learner changes the weights it serves
+        self.engine = Engine(model, normalizer)
+        self.learner = Learner(self.engine, learn) if learn is not None else None
+        self.stream = stream
+        self.t = 0
+        self.prediction = 0.0
+
+    def forecast(self) -> float:
+        return self.prediction
+
+    def learn_one(self, y: float) -> None:
+        result = self.engine.tick([Sample(self.stream, y, ts=float(self.t))])
+        if result.rejected:
+            raise ForecasterError(f"sample {self.t} rejected: {result.rejected[0].reason}")
+        self.t += 1
+        self.prediction = result.forecasts[0].prediction
+        if self.learner is not None:
+            self.learner.after_tick()
+
+
+def progressive(model: object, values: np.ndarray, progress: tqdm | None = None) -> SeriesRun:
+    """Progressive validation of any ``forecast``/``learn_one`` model: ``predictions[t]`` is
+    asked for after ``values[t]`` was learned and before ``values[t + 1]`` exists for it.
+
+    >>> run = progressive(LastValue(), np.array([1.0, 2.0, 4.0]))
+    >>> run.predictions.tolist()
+    [1.0, 2.0, 4.0]
+    """
+    predictions = np.empty(len(values))
+    for t, value in enumerate(values.tolist()):
+        model.learn_one(value)  # type: ignore[attr-defined]
+        predictions[t] = model.forecast()  # type: ignore[attr-defined]
+        if progress is not None:
+            progress.update()
+    return SeriesRun(np.asarray(values, dtype=np.float64), predictions)
+
+
+def warmup_zscore(values: np.ndarray, warmup: float = 0.1) -> np.ndarray:
+    """Values in units of the warm-up block's mean and standard deviation (1 where it is 0).
+
+    The statistics come from the unscored warm-up only, so every scored value is mapped with
+    figures from its past: errors in these units are comparable across streams.
+
+    >>> warmup_zscore(np.array([1.0, 3.0, 5.0, 7.0]), warmup=0.5).tolist()
+    [-1.0, 1.0, 3.0, 5.0]
+    """
+    head = values[: max(1, math.ceil(warmup * len(values)))]
+    std = float(np.std(head))
+    return (values - float(np.mean(head))) / (std if std > 0 else 1.0)

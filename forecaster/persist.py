@@ -97,6 +97,7 @@ def save_checkpoint(
             "kind": normalizer.kind,
             "halflife": normalizer.halflife,
             "clip": normalizer.clip,
+            "gain_halflife": normalizer.gain_halflife,
         },
         "model_version": int(model_version),
         "recipe": recipe or {},

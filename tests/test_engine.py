@@ -31,7 +31,7 @@ def test_engine_equals_forward_over_whole_normalised_sequence(any_cell_model: Fo
     expected = []
     for t, v in enumerate(values):
         norm.update(np.array([0]), np.array([v]))
-        expected.append(norm.denormalize(np.array([0]), z_hat[0, t, 0].double().numpy()[None])[0])
+        expected.append(norm.forecast(np.array([0]), z_hat[0, t, 0].double().numpy()[None])[0])
     scale = np.array([norm.scale(np.array([0]))[0]])
     assert np.max(np.abs(np.array(predictions) - np.array(expected)) / scale) < 1e-5
 
