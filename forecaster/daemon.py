@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from forecaster.config import Config
+from forecaster.config import Config, scoring_config
 from forecaster.engine import Engine, Forecast, Sample
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
@@ -62,6 +62,9 @@ def forecast_payload(forecast: Forecast) -> str:
             "value": forecast.value,
             "prediction": forecast.prediction,
             "error": forecast.error,
+            "lower": forecast.lower,
+            "upper": forecast.upper,
+            "anomaly": forecast.anomaly,
             "model_version": forecast.model_version,
         }
     )
@@ -77,6 +80,8 @@ class Daemon:
             self.registry,
             stream_label_cap=config.metrics.stream_label_cap,
             error_halflife=config.metrics.error_halflife,
+            coverage_halflife=config.metrics.coverage_halflife,
+            anomaly_threshold=config.anomaly.threshold,
         )
         self.inbox: queue.Queue[RawMessage] = queue.Queue(maxsize=config.engine.queue_size)
         payload = config.mqtt.payload
@@ -140,6 +145,7 @@ class Daemon:
             device=device,
             max_abs_value=self.config.engine.max_abs_value,
             model_version=checkpoint.model_version,
+            scoring=scoring_config(self.config),
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)

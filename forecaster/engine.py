@@ -17,6 +17,7 @@ import torch
 
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
+from forecaster.scoring import ScoringConfig
 from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).
@@ -45,6 +46,10 @@ class Forecast:
     error: float | None  # value - previous prediction (None for a stream's first sample)
     naive_error: float | None  # value - previous value: the last-value baseline's error
     model_version: int
+    lower: float = math.nan  # calibrated interval for the next sample (see forecaster.scoring)
+    upper: float = math.nan
+    anomaly: float = 0.5  # how surprising this value's error is, in [0, 1]; 0.5 = don't know
+    covered: bool | None = None  # value inside the interval published before it (None: first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +86,15 @@ class Engine:
         device: torch.device | str = "cpu",
         max_abs_value: float = 1e15,
         model_version: int = 0,
+        scoring: ScoringConfig | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.normalizer_config = normalizer or NormalizerConfig()
-        self.streams = StreamTable(self.model, self.normalizer_config, self.device)
+        self.scoring_config = scoring or ScoringConfig()
+        self.streams = StreamTable(
+            self.model, self.normalizer_config, self.device, scoring=self.scoring_config
+        )
         self.max_abs_value = max_abs_value
         self.model_version = model_version
         # Called with a StepRecord after every batched step (the learner's window feed).
@@ -164,6 +173,7 @@ class Engine:
         values = np.fromiter((b[2] for b in batch), dtype=np.float64, count=len(batch))
         error = values - table.last_prediction[slots]  # NaN where there was no forecast yet
         naive_error = values - table.last_value[slots]
+        anomaly, covered = self._score(slots, values, error)
         observer = self.observer
         if observer is not None:  # the value in the frame its forecast was made in
             count = table.normalizer.count[slots].copy()
@@ -180,6 +190,10 @@ class Engine:
         prediction = table.normalizer.denormalize(slots, z_next.double().cpu().numpy())
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
+        half = table.scorer.halfwidth(slots) * table.normalizer.frame_scale(slots)
+        lower, upper = prediction - half, prediction + half
+        table.last_lower[slots] = lower
+        table.last_upper[slots] = upper
         for i, (position, slot, value, seq) in enumerate(batch):
             sample = accepted[position]
             table.seq[slot] = seq
@@ -195,4 +209,22 @@ class Engine:
                 error=None if math.isnan(err) else err,
                 naive_error=None if math.isnan(naive) else naive,
                 model_version=self.model_version,
+                lower=float(lower[i]),
+                upper=float(upper[i]),
+                anomaly=float(anomaly[i]),
+                covered=None if math.isnan(err) else bool(covered[i]),
             )
+
+    def _score(
+        self, slots: np.ndarray, values: np.ndarray, error: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scoring stage: was each value inside its interval, and how surprising is its error.
+
+        Runs before the normaliser sees the value, so the residual is measured in the frame its
+        forecast was made in; the first ``warmup`` samples of a stream are not tracked.
+        """
+        table = self.streams
+        covered = (values >= table.last_lower[slots]) & (values <= table.last_upper[slots])
+        scored = ~np.isnan(error) & (table.normalizer.count[slots] >= self.scoring_config.warmup)
+        s = np.abs(np.nan_to_num(error)) / table.normalizer.frame_scale(slots)
+        return table.scorer.observe(slots, s, covered, scored), covered

@@ -2,8 +2,8 @@
 
 The hidden state of all streams lives in one tensor ``(num_layers, capacity, state_width)`` so a
 tick can gather the slots it touches, step them in one batched call and scatter them back. The
-per-stream scalars (normaliser statistics, last value, last forecast, sequence number) live in
-NumPy arrays indexed by the same slot.
+per-stream scalars (normaliser statistics, interval and anomaly statistics, last value, last
+forecast and its interval, sequence number) live in NumPy arrays indexed by the same slot.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 
 from forecaster.model import Forecaster
 from forecaster.normalize import Normalizer, NormalizerConfig
+from forecaster.scoring import Scorer, ScoringConfig
 
-FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts")
+FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "last_lower", "last_upper")
 
 
 class StreamTable:
@@ -26,6 +27,7 @@ class StreamTable:
         normalizer: NormalizerConfig,
         device: torch.device | str = "cpu",
         capacity: int = 16,
+        scoring: ScoringConfig | None = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -33,10 +35,13 @@ class StreamTable:
         self.names: list[str] = []
         self.state = model.init_state(capacity, self.device)  # (num_layers, capacity, width)
         self.normalizer = Normalizer(normalizer, capacity)
+        self.scorer = Scorer(scoring, capacity)  # interval and anomaly statistics
         self.seq = np.zeros(capacity, dtype=np.int64)  # last applied sequence number
         self.last_value = np.full(capacity, np.nan)
         self.last_prediction = np.full(capacity, np.nan)
         self.last_ts = np.full(capacity, np.nan)
+        self.last_lower = np.full(capacity, np.nan)  # interval published with last_prediction
+        self.last_upper = np.full(capacity, np.nan)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -64,6 +69,7 @@ class StreamTable:
         fresh = self.model.init_state(extra, self.device)  # (num_layers, extra, width)
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
         self.normalizer.grow(capacity)
+        self.scorer.grow(capacity)
         self.seq = np.concatenate([self.seq, np.zeros(extra, dtype=np.int64)])
         for name in FLOAT_COLUMNS:
             setattr(self, name, np.concatenate([getattr(self, name), np.full(extra, np.nan)]))
@@ -74,11 +80,10 @@ class StreamTable:
         out = {
             "state": self.state[:, :n].detach().cpu().numpy(),  # (num_layers, n, width)
             "seq": self.seq[:n],
-            "last_value": self.last_value[:n],
-            "last_prediction": self.last_prediction[:n],
-            "last_ts": self.last_ts[:n],
         }
+        out.update({name: getattr(self, name)[:n] for name in FLOAT_COLUMNS})
         out.update({f"norm_{k}": v[:n] for k, v in self.normalizer.state_arrays().items()})
+        out.update({f"score_{k}": v[:n] for k, v in self.scorer.state_arrays().items()})
         return {k: np.array(v, copy=True) for k, v in out.items()}
 
     def load(self, names: list[str], arrays: dict[str, np.ndarray]) -> None:
@@ -93,6 +98,8 @@ class StreamTable:
         norm = {k[5:]: v for k, v in arrays.items() if k.startswith("norm_")}
         for key, values in norm.items():
             getattr(self.normalizer, key)[:n] = values
+        self.scorer = Scorer(self.scorer.config, capacity)
+        self.scorer.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("score_")}, n)
         self.seq = np.zeros(capacity, dtype=np.int64)
         self.seq[:n] = arrays["seq"]
         for name in FLOAT_COLUMNS:
