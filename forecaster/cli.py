@@ -155,6 +155,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.print_scrape(bench.bench_scrape(args.streams, args.cap), args.json)
     elif args.part == "drift":
         bench.print_drift(bench.bench_drift(live=not args.offline), args.json)
+    elif args.part == "anomaly":
+        if args.data is None:
+            raise ForecasterError("bench anomaly needs --data DIR (a NAB data folder)")
+        result = bench.bench_anomaly(args.data, args.out, args.threshold)
+        bench.print_anomaly(result, args.json)
     return 0
 
 
@@ -229,8 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift"],
-        help="scrape: /metrics size and latency; drift: learning off vs on across a regime change",
+        choices=["scrape", "drift", "anomaly"],
+        help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
+        " anomaly: interval coverage and anomaly alarms on labelled NAB files",
+    )
+    bench.add_argument("--data", type=Path, help="anomaly: NAB folder (with labels/)")
+    bench.add_argument(
+        "--out", type=Path, help="anomaly: write NAB-format results files under this folder"
+    )
+    bench.add_argument(
+        "--threshold", type=float, help="anomaly: alarm threshold (default anomaly.threshold)"
     )
     bench.add_argument("--offline", action="store_true", help="drift: skip the live broker runs")
     bench.add_argument("--streams", type=int, default=5000)
