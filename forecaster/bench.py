@@ -407,7 +407,8 @@ def bench_anomaly(
             folder = Path(out) / "forecaster" / Path(name).parent
             folder.mkdir(parents=True, exist_ok=True)
             rows = "".join(
-                f"{s},{v!r},{a!r}\n" for s, v, a in zip(stamps, values, anomaly[name], strict=True)
+                f"{s},{float(v)!r},{float(a)!r}\n"
+                for s, v, a in zip(stamps, values, anomaly[name], strict=True)
             )
             target = folder / f"forecaster_{Path(name).name}"
             target.write_text("timestamp,value,anomaly_score\n" + rows)
