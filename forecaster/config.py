@@ -184,10 +184,10 @@ class IntervalsConfig(Section):
 class AnomalyConfig(Section):
     """Per-sample anomaly score in [0, 1] from the error against the stream's recent errors."""
 
-    halflife: PositiveFloat = 1000.0  # samples; the "recent error distribution"
+    halflife: PositiveFloat = 10000.0  # samples; the "recent error distribution"
     smoothing: float = Field(0.5, gt=0, le=1)  # weight of the newest error in the short average
     warmup: int = Field(100, ge=0)  # tracked errors before the score leaves 0.5
-    threshold: float = Field(0.999, gt=0, lt=1)  # counted in forecaster_stream_anomalies_total
+    threshold: float = Field(0.9999, gt=0, lt=1)  # counted in forecaster_stream_anomalies_total
 
 
 class StateConfig(Section):

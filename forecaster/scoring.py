@@ -39,7 +39,7 @@ class ScoringConfig:
     coverage: float = 0.9  # target share of values inside [lower, upper]
     step: float = 0.05  # log-step of the quantile tracker
     warmup: int = 10  # normaliser samples before residuals are tracked (its scale is unsettled)
-    anomaly_halflife: float = 1000.0  # samples; the "recent error distribution"
+    anomaly_halflife: float = 10000.0  # samples; the "recent error distribution"
     anomaly_smoothing: float = 0.5  # weight of the newest residual in the short average
     anomaly_warmup: int = 100  # tracked residuals before the score leaves 0.5
 
