@@ -150,8 +150,10 @@ def test_checkpoint_restart_continues_intervals_and_scores_exactly(tmp_path: Pat
 
 
 def _forecast(stream: str, covered: bool | None, width: float, anomaly: float) -> Forecast:
-    return Forecast(stream, 1, None, 1.0, 1.0, 0.1, 0.1, 0, 1.0 - width / 2, 1.0 + width / 2,
-                    anomaly, covered)  # fmt: skip
+    half = width / 2
+    return Forecast(
+        stream, 1, None, 1.0, 1.0, 0.1, 0.1, 0, 1.0 - half, 1.0 + half, anomaly, covered
+    )
 
 
 def test_interval_and_anomaly_metrics_respect_the_label_cap() -> None:
@@ -188,7 +190,9 @@ def _write_nab(folder: Path, spike_at: int, length: int = 1500) -> dict:
     """Two NAB-format files: one with a labelled window around a big jump, one with none."""
     (folder / "labels").mkdir(parents=True)
     (folder / "cat").mkdir()
-    stamps = [f"2014-01-{1 + t // 288:02d} {t % 288 // 12:02d}:{t % 12 * 5:02d}:00" for t in range(length)]  # fmt: skip
+    stamps = [
+        f"2014-01-{1 + t // 288:02d} {t % 288 // 12:02d}:{t % 12 * 5:02d}:00" for t in range(length)
+    ]  # 5-minute samples
     labels = {}
     for name, jump in (("cat/jump.csv", True), ("cat/calm.csv", False)):
         values = sine_wave(length, amplitude=10, offset=50, noise=0.5, seed=len(name))
