@@ -24,9 +24,14 @@ def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict
     rng = np.random.default_rng(0)
     for _ in tqdm(range(3), desc=f"feeding {streams} streams", leave=False):
         metrics.observe_forecasts(
-            Forecast(f"sensor-{i:05d}", 1, None, float(v), float(v), float(e), float(e), 0)
+            # Every per-stream series is present: error, interval, coverage and anomaly ones.
+            Forecast(f"sensor-{i:05d}", 1, None, v, v, e, e, 0, v - 1, v + 1, 0.5, abs(e) < 1)
             for i, (v, e) in enumerate(
-                zip(rng.normal(size=streams), rng.normal(size=streams), strict=True)
+                zip(
+                    rng.normal(size=streams).tolist(),
+                    rng.normal(size=streams).tolist(),
+                    strict=True,
+                )
             )
         )
     endpoint = HttpEndpoint(registry, "127.0.0.1", 0, lambda: (True, ""), lambda: (True, ""))
