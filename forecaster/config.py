@@ -150,6 +150,7 @@ class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     queue_size: int = Field(100_000, ge=1)  # bounded receive queue
     max_abs_value: PositiveFloat = 1e15  # larger magnitudes are rejected as out_of_range
+    horizon: int = Field(1, ge=1, le=1000)  # forecasts published per sample: t+1 ... t+horizon
 
 
 class OnlineLearningConfig(Section):

@@ -54,20 +54,23 @@ class RateLimitedLog:
 
 def forecast_payload(forecast: Forecast) -> str:
     """The documented forecast message (see README: "Forecast messages")."""
-    return json.dumps(
-        {
-            "stream": forecast.stream,
-            "seq": forecast.seq,
-            "ts": forecast.ts,
-            "value": forecast.value,
-            "prediction": forecast.prediction,
-            "error": forecast.error,
-            "lower": forecast.lower,
-            "upper": forecast.upper,
-            "anomaly": forecast.anomaly,
-            "model_version": forecast.model_version,
-        }
-    )
+    body = {
+        "stream": forecast.stream,
+        "seq": forecast.seq,
+        "ts": forecast.ts,
+        "value": forecast.value,
+        "prediction": forecast.prediction,
+        "error": forecast.error,
+        "lower": forecast.lower,
+        "upper": forecast.upper,
+        "anomaly": forecast.anomaly,
+        "model_version": forecast.model_version,
+    }
+    if forecast.path is not None:  # engine.horizon > 1
+        body["horizon"] = list(forecast.path)
+        body["horizon_lower"] = list(forecast.path_lower or ())
+        body["horizon_upper"] = list(forecast.path_upper or ())
+    return json.dumps(body)
 
 
 class Daemon:
@@ -146,6 +149,7 @@ class Daemon:
             max_abs_value=self.config.engine.max_abs_value,
             model_version=checkpoint.model_version,
             scoring=scoring_config(self.config),
+            horizon=self.config.engine.horizon,
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)

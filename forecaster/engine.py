@@ -50,6 +50,11 @@ class Forecast:
     upper: float = math.nan
     anomaly: float = 0.5  # how surprising this value's error is, in [0, 1]; 0.5 = don't know
     covered: bool | None = None  # value inside the interval published before it (None: first)
+    # With a horizon H > 1: forecasts for t+1 ... t+H (the first is ``prediction``) and their
+    # intervals, which widen with the step; None when H = 1.
+    path: tuple[float, ...] | None = None
+    path_lower: tuple[float, ...] | None = None
+    path_upper: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +92,9 @@ class Engine:
         max_abs_value: float = 1e15,
         model_version: int = 0,
         scoring: ScoringConfig | None = None,
+        horizon: int = 1,
     ) -> None:
+        self.horizon = horizon  # steps ahead published; the state never sees its own forecasts
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.normalizer_config = normalizer or NormalizerConfig()
@@ -194,6 +201,7 @@ class Engine:
         lower, upper = prediction - half, prediction + half
         table.last_lower[slots] = lower
         table.last_upper[slots] = upper
+        paths = self._paths(slots, z_next, state, half) if self.horizon > 1 else None
         for i, (position, slot, value, seq) in enumerate(batch):
             sample = accepted[position]
             table.seq[slot] = seq
@@ -213,7 +221,24 @@ class Engine:
                 upper=float(upper[i]),
                 anomaly=float(anomaly[i]),
                 covered=None if math.isnan(err) else bool(covered[i]),
+                **({} if paths is None else {k: tuple(v[i].tolist()) for k, v in paths.items()}),
             )
+
+    def _paths(
+        self, slots: np.ndarray, z_next: torch.Tensor, state: torch.Tensor, half: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Forecasts for t+1 ... t+H: the RNN run forward on a copy of the state, fed its own
+        forecasts. The half-width grows like sqrt(step), as for errors that add up like a
+        random walk (a heuristic: only the first step is calibrated)."""
+        z, h, steps = z_next, state, [z_next]
+        for _ in range(self.horizon - 1):
+            z, h = self.model.step(z, h)
+            steps.append(z)
+        z_path = torch.stack(steps, dim=1).double().cpu().numpy()  # (B, H)
+        norm = self.streams.normalizer
+        path = np.stack([norm.denormalize(slots, z_path[:, k]) for k in range(self.horizon)], 1)
+        widen = half[:, None] * np.sqrt(np.arange(1, self.horizon + 1))[None, :]  # (B, H)
+        return {"path": path, "path_lower": path - widen, "path_upper": path + widen}
 
     def _score(
         self, slots: np.ndarray, values: np.ndarray, error: np.ndarray

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from forecaster.bench import alarm_starts, bench_anomaly
+from forecaster.daemon import forecast_payload
 from forecaster.engine import Engine, Forecast, Sample
 from forecaster.metrics import OTHER, Metrics
 from forecaster.persist import load_checkpoint, save_checkpoint
@@ -288,3 +289,36 @@ def test_live_forecasts_carry_interval_and_anomaly_and_metrics_export_them(
     )
     running.stop()
     collector.close()
+
+
+def test_horizon_runs_ahead_on_a_copy_of_the_state() -> None:
+    checkpoint = load_checkpoint()
+    one = Engine(checkpoint.model, checkpoint.normalizer)
+    five = Engine(checkpoint.model, checkpoint.normalizer, horizon=5)
+    values = sine_wave(1200, amplitude=3, offset=10)
+    got_one = [one.tick([Sample("x", float(v))]).forecasts[0] for v in values]
+    got_five = [five.tick([Sample("x", float(v))]).forecasts[0] for v in values]
+    # Looking ahead changes nothing of what the state sees.
+    for a, b in zip(got_one, got_five, strict=True):
+        assert (a.prediction, a.lower, a.upper, a.anomaly) == (
+            b.prediction,
+            b.lower,
+            b.upper,
+            b.anomaly,
+        )
+        assert a.path is None and b.path is not None and len(b.path) == 5
+        assert b.path[0] == b.prediction
+        assert (b.path_lower[0], b.path_upper[0]) == (b.lower, b.upper)
+        widths = np.subtract(b.path_upper, b.path_lower)
+        assert np.all(np.diff(widths) > 0)  # intervals widen with the step
+    # On a clean sine the run-ahead forecasts are forecasts: step k predicts the value k ahead.
+    errors = [
+        abs(got_five[t].path[k] - values[t + 1 + k]) for t in range(500, 1190) for k in range(5)
+    ]
+    assert np.mean(errors) < 0.05 * 3  # within 5 % of the amplitude on average
+    naive = np.mean([abs(values[t] - values[t + 5]) for t in range(500, 1190)])
+    step5 = np.mean([abs(got_five[t].path[4] - values[t + 5]) for t in range(500, 1190)])
+    assert step5 < 0.1 * naive  # far better than holding the last value for 5 steps
+    assert forecast_payload(got_one[-1]).count("horizon") == 0
+    body = json.loads(forecast_payload(got_five[-1]))
+    assert body["horizon"] == list(got_five[-1].path) and len(body["horizon_upper"]) == 5
