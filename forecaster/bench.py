@@ -28,9 +28,14 @@ def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict
     rng = np.random.default_rng(0)
     for _ in tqdm(range(3), desc=f"feeding {streams} streams", leave=False):
         metrics.observe_forecasts(
-            Forecast(f"sensor-{i:05d}", 1, None, float(v), float(v), float(e), float(e), 0)
+            # Every per-stream series is present: error, interval, coverage and anomaly ones.
+            Forecast(f"sensor-{i:05d}", 1, None, v, v, e, e, 0, v - 1, v + 1, 0.5, abs(e) < 1)
             for i, (v, e) in enumerate(
-                zip(rng.normal(size=streams), rng.normal(size=streams), strict=True)
+                zip(
+                    rng.normal(size=streams).tolist(),
+                    rng.normal(size=streams).tolist(),
+                    strict=True,
+                )
             )
         )
     endpoint = HttpEndpoint(registry, "127.0.0.1", 0, lambda: (True, ""), lambda: (True, ""))
@@ -943,3 +948,152 @@ def print_accuracy(result: dict[str, object], as_json: bool) -> None:
         print(f"  {name[-44:]:<44} skipped: naive has zero error")
     for model, why in dict(result.get("skipped_models", {})).items():  # type: ignore[call-overload]
         print(f"  {model}: skipped, {why}")
+
+
+# -- anomaly: interval coverage and event-level detection on labelled NAB files ----------------------
+NAB_PROBATION = 0.15  # NAB's probationary period: the start of each file is not scored
+ALARM_GAP = 300  # samples below threshold that separate two alarms (one incident, one alarm)
+
+
+def alarm_starts(
+    score: np.ndarray, threshold: float, start: int, gap: int = ALARM_GAP
+) -> list[int]:
+    """Samples where an alarm begins: above ``threshold`` after at least ``gap`` samples not
+    above it (a flickering incident is one alarm), at or after ``start``.
+
+    >>> alarm_starts(np.array([0.1, 0.99, 0.1, 0.99, 0.1, 0.1, 0.1, 0.99]), 0.9, 0, gap=3)
+    [1, 7]
+    """
+    starts, last = [], -(10**18)
+    for t in np.flatnonzero(score > threshold):
+        if t - last > gap and t >= start:
+            starts.append(int(t))
+        last = t
+    return starts
+
+
+def window_index(timestamps: list[str], windows: list[list[str]]) -> np.ndarray:
+    """For each sample, the index of the labelled window holding it, else -1 (NAB timestamps
+    compare as text: ``YYYY-MM-DD hh:mm:ss``).
+
+    >>> window_index(["2014-01-01 00:00:00", "2014-01-02 00:00:00"],
+    ...              [["2014-01-01 12:00:00.000000", "2014-01-03 00:00:00.000000"]]).tolist()
+    [-1, 0]
+    """
+    inside = np.full(len(timestamps), -1)
+    stamps = np.array([t[:19] for t in timestamps])
+    for index, (begin, end) in enumerate(windows):
+        inside[(stamps >= begin[:19]) & (stamps <= end[:19])] = index
+    return inside
+
+
+def read_nab(path: Path) -> tuple[list[str], np.ndarray]:
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [r["timestamp"] for r in rows], np.array([float(r["value"]) for r in rows])
+
+
+def bench_anomaly(
+    data: Path,
+    out: Path | None = None,
+    threshold: float | None = None,
+    gap: int = ALARM_GAP,
+) -> dict[str, object]:
+    """Every labelled NAB file through one Engine (one stream each, stepped together): coverage
+    of the interval and event-level precision/recall of ``anomaly > threshold`` after NAB's
+    probationary period; with ``out``, NAB-format results files (timestamp,value,anomaly_score)."""
+    from forecaster.config import Config, scoring_config
+    from forecaster.engine import Engine, Sample
+    from forecaster.persist import load_checkpoint
+
+    config = Config()
+    threshold = config.anomaly.threshold if threshold is None else threshold
+    labels = json.loads((Path(data) / "labels" / "combined_windows.json").read_text())
+    names = sorted(labels)
+    series = {name: read_nab(Path(data) / name) for name in names}
+    checkpoint = load_checkpoint()
+    engine = Engine(checkpoint.model, checkpoint.normalizer, scoring=scoring_config(config))
+    streams = {name: f"f{i}" for i, name in enumerate(names)}  # ids may not hold "/"
+    covered = {name: np.zeros(len(series[name][1]), dtype=bool) for name in names}
+    anomaly = {name: np.zeros(len(series[name][1])) for name in names}
+    width = {name: np.zeros(len(series[name][1])) for name in names}
+    length = max(len(v) for _, v in series.values())
+    by_stream = {s: n for n, s in streams.items()}
+    for t in tqdm(range(length), desc=f"NAB, {len(names)} files", leave=False):
+        batch = [Sample(streams[n], float(series[n][1][t])) for n in names if t < len(series[n][1])]
+        for forecast in engine.tick(batch).forecasts:
+            name = by_stream[forecast.stream]
+            covered[name][t] = bool(forecast.covered)
+            anomaly[name][t] = forecast.anomaly
+            width[name][t] = forecast.upper - forecast.lower
+    files: dict[str, dict[str, object]] = {}
+    hits = misses = windows_total = detected_total = false_total = 0
+    for name in names:
+        stamps, values = series[name]
+        start = int(np.ceil(NAB_PROBATION * len(values)))
+        inside = window_index(stamps, labels[name])
+        scored_windows = sorted(set(inside[start:].tolist()) - {-1})
+        detected, false_alarms = set(), 0
+        for t in alarm_starts(anomaly[name], threshold, start, gap):
+            if inside[t] >= 0:
+                detected.add(int(inside[t]))
+            else:
+                false_alarms += 1
+        hit = int(covered[name][start:].sum())
+        hits, misses = hits + hit, misses + len(values) - start - hit
+        windows_total += len(scored_windows)
+        detected_total += len(detected)
+        false_total += false_alarms
+        files[name] = {
+            "samples": len(values) - start,
+            "coverage": hit / (len(values) - start),
+            "mean_width": float(np.mean(width[name][start:])),
+            "windows": len(scored_windows),
+            "detected": len(detected),
+            "false_alarms": false_alarms,
+        }
+        if out is not None:
+            folder = Path(out) / "forecaster" / Path(name).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = "".join(
+                f"{s},{float(v)!r},{float(a)!r}\n"
+                for s, v, a in zip(stamps, values, anomaly[name], strict=True)
+            )
+            target = folder / f"forecaster_{Path(name).name}"
+            target.write_text("timestamp,value,anomaly_score\n" + rows)
+    found = detected_total + false_total
+    return {
+        "coverage": hits / (hits + misses),
+        "precision": detected_total / found if found else float("nan"),
+        "recall": detected_total / windows_total if windows_total else float("nan"),
+        "threshold": threshold,
+        "alarm_gap": gap,
+        "target_coverage": config.intervals.coverage,
+        "windows": windows_total,
+        "detected": detected_total,
+        "false_alarms": false_total,
+        "files": files,
+    }
+
+
+def print_anomaly(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    r = result
+    print(
+        f"NAB: coverage of the {r['target_coverage']:.0%} interval and alarms "
+        f"(anomaly > {r['threshold']}, one alarm per incident: {r['alarm_gap']} samples apart)"
+    )
+    for name, f in r["files"].items():  # type: ignore[union-attr]
+        print(
+            f"  {name:58s} coverage {f['coverage']:.3f}  windows {f['detected']}/{f['windows']}"
+            f"  false alarms {f['false_alarms']}"
+        )
+    print(
+        f"  overall coverage {r['coverage']:.3f}; recall {r['recall']:.3f} "
+        f"({r['detected']}/{r['windows']} windows), precision {r['precision']:.3f} "
+        f"({r['false_alarms']} false alarms)"
+    )

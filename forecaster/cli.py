@@ -176,6 +176,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.print_accuracy(result, args.json)
         if args.plot and not args.json:
             print(f"plots: {args.plot}/")
+    elif args.part == "anomaly":
+        if args.data is None:
+            raise ForecasterError("bench anomaly needs --data DIR (a NAB data folder)")
+        result = bench.bench_anomaly(args.data, args.out, args.threshold)
+        bench.print_anomaly(result, args.json)
     return 0
 
 
@@ -250,13 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift", "engine", "throughput", "accuracy"],
+        choices=["scrape", "drift", "engine", "throughput", "accuracy", "anomaly"],
         help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
         " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams;"
         " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS);"
-        " accuracy: one-step-ahead error against peers on every CSV under --data",
+        " accuracy: one-step-ahead error against peers on every CSV under --data;"
+        " anomaly: interval coverage and anomaly alarms on labelled NAB files",
     )
-    bench.add_argument("--data", type=Path, help="accuracy: folder of CSVs (timestamp,value)")
+    bench.add_argument(
+        "--out", type=Path, help="anomaly: write NAB-format results files under this folder"
+    )
+    bench.add_argument(
+        "--threshold", type=float, help="anomaly: alarm threshold (default anomaly.threshold)"
+    )
+    bench.add_argument(
+        "--data",
+        type=Path,
+        help="accuracy: folder of CSVs (timestamp,value); anomaly: NAB folder (with labels/)",
+    )
     bench.add_argument("--plot", type=Path, help="accuracy: folder for one PNG per file")
     bench.add_argument("--seed", type=int, default=0, help="accuracy: learner and torch seed")
     bench.add_argument("--models", help="accuracy: comma-separated subset (naive always runs)")

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from forecaster.errors import ConfigError
+from forecaster.scoring import ScoringConfig
 
 ENV_PREFIX = "FORECASTER_"
 # Keys whose values are never shown in errors or logs, nor parsed as YAML from the environment.
@@ -234,6 +235,7 @@ class EngineConfig(Section):
     # in the state folder (evicted.sqlite) and restored exactly when it sends again.
     max_streams: int = Field(0, ge=0)
     gaps: GapConfig = GapConfig()
+    horizon: int = Field(1, ge=1, le=1000)  # forecasts published per sample: t+1 ... t+horizon
 
 
 class OnlineLearningConfig(Section):
@@ -257,6 +259,23 @@ class OnlineLearningConfig(Section):
     seed: int = 0
 
 
+class IntervalsConfig(Section):
+    """Calibrated bounds around every forecast (online conformal quantile tracking)."""
+
+    coverage: float = Field(0.9, gt=0, lt=1)  # target share of values inside [lower, upper]
+    step: PositiveFloat = 0.05  # log-step of the tracker: larger adapts faster, jitters more
+    warmup: int = Field(10, ge=1)  # samples per stream before its residuals are tracked
+
+
+class AnomalyConfig(Section):
+    """Per-sample anomaly score in [0, 1] from the error against the stream's recent errors."""
+
+    halflife: PositiveFloat = 10000.0  # samples; the "recent error distribution"
+    smoothing: float = Field(0.5, gt=0, le=1)  # weight of the newest error in the short average
+    warmup: int = Field(100, ge=0)  # tracked errors before the score leaves 0.5
+    threshold: float = Field(0.9999, gt=0, lt=1)  # counted in forecaster_stream_anomalies_total
+
+
 class StateConfig(Section):
     dir: Path = Path("state")
     checkpoint_interval: PositiveFloat = 60.0  # seconds between periodic checkpoints
@@ -268,6 +287,7 @@ class MetricsConfig(Section):
     port: int = Field(9108, ge=0, le=65535)
     stream_label_cap: int = Field(100, ge=0)  # streams beyond it share stream="_other"
     error_halflife: PositiveFloat = 100.0  # samples; rolling MAE/RMSE/skill are EWMAs
+    coverage_halflife: PositiveFloat = 1000.0  # samples; rolling interval coverage and width
 
 
 class LoggingConfig(Section):
@@ -279,9 +299,24 @@ class Config(Section):
     model: ModelSection = ModelSection()
     engine: EngineConfig = EngineConfig()
     online_learning: OnlineLearningConfig = OnlineLearningConfig()
+    intervals: IntervalsConfig = IntervalsConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+
+
+def scoring_config(config: Config) -> ScoringConfig:
+    """The engine's scoring stage settings from the ``intervals`` and ``anomaly`` sections."""
+    i, a = config.intervals, config.anomaly
+    return ScoringConfig(
+        coverage=i.coverage,
+        step=i.step,
+        warmup=i.warmup,
+        anomaly_halflife=a.halflife,
+        anomaly_smoothing=a.smoothing,
+        anomaly_warmup=a.warmup,
+    )
 
 
 def _line_map(node: yaml.Node, path: tuple[str | int, ...] = ()) -> dict[tuple, int]:

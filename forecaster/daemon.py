@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from forecaster.config import Config
+from forecaster.config import Config, scoring_config
 from forecaster.engine import Engine, Forecast, GapPolicy, Sample
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
@@ -55,18 +55,24 @@ class RateLimitedLog:
 
 def forecast_payload(forecast: Forecast) -> str:
     """The documented forecast message (see README: "Forecast messages")."""
-    return json.dumps(
-        {
-            "stream": forecast.stream,
-            "seq": forecast.seq,
-            "ts": forecast.ts,
-            "value": forecast.value,
-            "prediction": forecast.prediction,
-            "error": forecast.error,
-            "model_version": forecast.model_version,
-            "warm": forecast.warm,
-        }
-    )
+    body = {
+        "stream": forecast.stream,
+        "seq": forecast.seq,
+        "ts": forecast.ts,
+        "value": forecast.value,
+        "prediction": forecast.prediction,
+        "error": forecast.error,
+        "lower": forecast.lower,
+        "upper": forecast.upper,
+        "anomaly": forecast.anomaly,
+        "model_version": forecast.model_version,
+        "warm": forecast.warm,
+    }
+    if forecast.path is not None:  # engine.horizon > 1
+        body["horizon"] = list(forecast.path)
+        body["horizon_lower"] = list(forecast.path_lower or ())
+        body["horizon_upper"] = list(forecast.path_upper or ())
+    return json.dumps(body)
 
 
 def gap_policy(config: Config) -> GapPolicy | None:
@@ -86,6 +92,8 @@ class Daemon:
             self.registry,
             stream_label_cap=config.metrics.stream_label_cap,
             error_halflife=config.metrics.error_halflife,
+            coverage_halflife=config.metrics.coverage_halflife,
+            anomaly_threshold=config.anomaly.threshold,
         )
         self.inbox: queue.Queue[RawMessage] = queue.Queue(maxsize=config.engine.queue_size)
         payload = config.mqtt.payload
@@ -167,6 +175,8 @@ class Daemon:
             max_streams=max_streams,
             store=self.store,
             gaps=gap_policy(self.config),
+            scoring=scoring_config(self.config),
+            horizon=self.config.engine.horizon,
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)

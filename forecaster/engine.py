@@ -19,6 +19,7 @@ import torch
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
 from forecaster.store import MemoryStore, StreamStore
+from forecaster.scoring import ScoringConfig
 from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).
@@ -74,6 +75,16 @@ class GapPolicy:
     def alpha(self) -> float:
         return 1.0 - math.pow(0.5, 1.0 / self.halflife)
 
+    lower: float = math.nan  # calibrated interval for the next sample (see forecaster.scoring)
+    upper: float = math.nan
+    anomaly: float = 0.5  # how surprising this value's error is, in [0, 1]; 0.5 = don't know
+    covered: bool | None = None  # value inside the interval published before it (None: first)
+    # With a horizon H > 1: forecasts for t+1 ... t+H (the first is ``prediction``) and their
+    # intervals, which widen with the step; None when H = 1.
+    path: tuple[float, ...] | None = None
+    path_lower: tuple[float, ...] | None = None
+    path_upper: tuple[float, ...] | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
@@ -112,11 +123,17 @@ class Engine:
         max_streams: int = 0,
         store: StreamStore | None = None,
         gaps: GapPolicy | None = None,
+        scoring: ScoringConfig | None = None,
+        horizon: int = 1,
     ) -> None:
+        self.horizon = horizon  # steps ahead published; the state never sees its own forecasts
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.normalizer_config = normalizer or NormalizerConfig()
-        self.streams = StreamTable(self.model, self.normalizer_config, self.device)
+        self.scoring_config = scoring or ScoringConfig()
+        self.streams = StreamTable(
+            self.model, self.normalizer_config, self.device, scoring=self.scoring_config
+        )
         self.max_abs_value = max_abs_value
         self.model_version = model_version
         # Called with a StepRecord after every batched step (the learner's window feed).
@@ -275,6 +292,7 @@ class Engine:
         values = np.fromiter((b[2] for b in batch), dtype=np.float64, count=len(batch))
         error = values - table.last_prediction[slots]  # NaN where there was no forecast yet
         naive_error = values - table.last_value[slots]
+        anomaly, covered = self._score(slots, values, error)
         observer = self.observer
         if observer is not None:  # the value in the frame its forecast was made in
             count = table.normalizer.count[slots].copy()
@@ -294,6 +312,11 @@ class Engine:
         prediction = table.normalizer.forecast(slots, z_next.double().cpu().numpy())
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
+        half = table.scorer.halfwidth(slots) * table.normalizer.frame_scale(slots)
+        lower, upper = prediction - half, prediction + half
+        table.last_lower[slots] = lower
+        table.last_upper[slots] = upper
+        paths = self._paths(slots, z_next, state, half, prediction) if self.horizon > 1 else None
         for i, (position, slot, value, seq) in enumerate(batch):
             sample = accepted[position]
             table.seq[slot] = seq
@@ -310,7 +333,49 @@ class Engine:
                 naive_error=None if math.isnan(naive) else naive,
                 model_version=self.model_version,
                 warm=True if warm is None else bool(warm[i]),
+                lower=float(lower[i]),
+                upper=float(upper[i]),
+                anomaly=float(anomaly[i]),
+                covered=None if math.isnan(err) else bool(covered[i]),
+                **({} if paths is None else {k: tuple(v[i].tolist()) for k, v in paths.items()}),
             )
+
+    def _paths(
+        self,
+        slots: np.ndarray,
+        z_next: torch.Tensor,
+        state: torch.Tensor,
+        half: np.ndarray,
+        prediction: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Forecasts for t+1 ... t+H: the RNN run forward on a copy of the state, fed its own
+        forecasts. The first is the published ``prediction`` (the normaliser's gain applied); the
+        half-width grows like sqrt(step), as for errors that add up like a random walk (a
+        heuristic: only the first step is calibrated)."""
+        z, h, steps = z_next, state, [z_next]
+        for _ in range(self.horizon - 1):
+            z, h = self.model.step(z, h)
+            steps.append(z)
+        z_path = torch.stack(steps, dim=1).double().cpu().numpy()  # (B, H)
+        norm = self.streams.normalizer
+        path = np.stack([norm.denormalize(slots, z_path[:, k]) for k in range(self.horizon)], 1)
+        path[:, 0] = prediction
+        widen = half[:, None] * np.sqrt(np.arange(1, self.horizon + 1))[None, :]  # (B, H)
+        return {"path": path, "path_lower": path - widen, "path_upper": path + widen}
+
+    def _score(
+        self, slots: np.ndarray, values: np.ndarray, error: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scoring stage: was each value inside its interval, and how surprising is its error.
+
+        Runs before the normaliser sees the value, so the residual is measured in the frame its
+        forecast was made in; the first ``warmup`` samples of a stream are not tracked.
+        """
+        table = self.streams
+        covered = (values >= table.last_lower[slots]) & (values <= table.last_upper[slots])
+        scored = ~np.isnan(error) & (table.normalizer.count[slots] >= self.scoring_config.warmup)
+        s = np.abs(np.nan_to_num(error)) / table.normalizer.frame_scale(slots)
+        return table.scorer.observe(slots, s, covered, scored), covered
 
 
 def _row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:

@@ -71,6 +71,22 @@ class RollingError:
         return 1.0 - self.sq / self.naive_sq if self.naive_sq > 0 else 0.0
 
 
+class RollingInterval:
+    """EWMA of interval coverage (1 inside, 0 outside) and width, plain average at first."""
+
+    __slots__ = ("coverage", "n", "width")
+
+    def __init__(self) -> None:
+        self.coverage = self.width = 0.0
+        self.n = 0
+
+    def update(self, covered: bool, width: float, alpha: float) -> None:
+        self.n += 1
+        weight = max(alpha, 1.0 / self.n)
+        self.coverage += weight * (float(covered) - self.coverage)
+        self.width += weight * (width - self.width)
+
+
 class Metrics(LinkEvents):
     """The daemon's metrics; the MQTT link reports through the ``LinkEvents`` hooks."""
 
@@ -80,11 +96,16 @@ class Metrics(LinkEvents):
         *,
         stream_label_cap: int = 100,
         error_halflife: float = 100.0,
+        coverage_halflife: float = 1000.0,
+        anomaly_threshold: float = 0.999,
     ) -> None:
         self.registry = registry
         self.stream_label_cap = stream_label_cap
         self.alpha = 1.0 - 0.5 ** (1.0 / error_halflife)
+        self.coverage_alpha = 1.0 - 0.5 ** (1.0 / coverage_halflife)
+        self.anomaly_threshold = anomaly_threshold
         self._rolling: dict[str, RollingError] = {}
+        self._intervals: dict[str, RollingInterval] = {}
         self._labelled: set[str] = set()
         r = registry
         self.samples_received = Counter(
@@ -239,6 +260,42 @@ class Metrics(LinkEvents):
             per_stream,
             registry=r,
         )
+        self.stream_lower = Gauge(
+            "forecaster_stream_last_lower",
+            "Lower bound of the calibrated interval for the next value",
+            per_stream,
+            registry=r,
+        )
+        self.stream_upper = Gauge(
+            "forecaster_stream_last_upper",
+            "Upper bound of the calibrated interval for the next value",
+            per_stream,
+            registry=r,
+        )
+        self.stream_coverage = Gauge(
+            "forecaster_stream_interval_coverage",
+            "Rolling (EWMA) share of values inside the interval published before them",
+            per_stream,
+            registry=r,
+        )
+        self.stream_width = Gauge(
+            "forecaster_stream_interval_width",
+            "Rolling (EWMA) mean width of the published interval (stream units)",
+            per_stream,
+            registry=r,
+        )
+        self.stream_anomaly = Gauge(
+            "forecaster_stream_anomaly_score",
+            "Anomaly score of the last value, in [0, 1] (0.5 during warm-up)",
+            per_stream,
+            registry=r,
+        )
+        self.stream_anomalies = Counter(
+            "forecaster_stream_anomalies_total",
+            "Values whose anomaly score exceeded anomaly.threshold",
+            per_stream,
+            registry=r,
+        )
         self._checkpoint_at = time.monotonic()
         self.checkpoint_age.set_function(lambda: time.monotonic() - self._checkpoint_at)
 
@@ -299,6 +356,20 @@ class Metrics(LinkEvents):
             if label != OTHER:
                 self.stream_value.labels(label).set(_finite(forecast.value))
                 self.stream_prediction.labels(label).set(_finite(forecast.prediction))
+                self.stream_lower.labels(label).set(_finite(forecast.lower))
+                self.stream_upper.labels(label).set(_finite(forecast.upper))
+                self.stream_anomaly.labels(label).set(_finite(forecast.anomaly))
+            if forecast.anomaly > self.anomaly_threshold:
+                self.stream_anomalies.labels(label).inc()
+            if forecast.covered is not None:
+                interval = self._intervals.setdefault(label, RollingInterval())
+                interval.update(
+                    forecast.covered,
+                    _finite(forecast.upper - forecast.lower, 1e150),
+                    self.coverage_alpha,
+                )
+                self.stream_coverage.labels(label).set(interval.coverage)
+                self.stream_width.labels(label).set(interval.width)
             if forecast.error is None or forecast.naive_error is None:
                 continue
             # Clamped so that squares stay finite too.

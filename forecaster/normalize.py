@@ -97,6 +97,12 @@ class Normalizer:
         """Standard deviation, kept above zero relative to the level (a flat stream gives z=0)."""
         return np.sqrt(self.var[slots]) + 1e-9 * (1.0 + np.abs(self.mean[slots]))
 
+    def frame_scale(self, slots: np.ndarray) -> np.ndarray:
+        """What one unit of ``z`` is worth in stream units now (1 when values pass unchanged)."""
+        if self.config.kind == "none":
+            return np.ones(len(slots))
+        return self.scale(slots)
+
     def update(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Fold ``x`` (one value per distinct slot) into the statistics, return its ``z``."""
         count = self.count[slots] + 1

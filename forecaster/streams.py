@@ -2,8 +2,8 @@
 
 The hidden state of all streams lives in one tensor ``(num_layers, capacity, state_width)`` so a
 tick can gather the slots it touches, step them in one batched call and scatter them back. The
-per-stream scalars (normaliser statistics, last value, last forecast, sequence number) live in
-NumPy arrays indexed by the same slot.
+per-stream scalars (normaliser statistics, interval and anomaly statistics, last value, last
+forecast and its interval, sequence number) live in NumPy arrays indexed by the same slot.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import torch
 
 from forecaster.model import Forecaster
 from forecaster.normalize import Normalizer, NormalizerConfig
+from forecaster.scoring import Scorer, ScoringConfig
 
-FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "interval")  # NaN until known
+# NaN until known; last_lower/last_upper: the interval published with last_prediction.
+FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "last_lower", "last_upper", "interval")
 # last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
 # times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap.
 INT_COLUMNS = ("seq", "last_used", "intervals", "cold")
@@ -29,6 +31,7 @@ class StreamTable:
         normalizer: NormalizerConfig,
         device: torch.device | str = "cpu",
         capacity: int = 16,
+        scoring: ScoringConfig | None = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -36,6 +39,7 @@ class StreamTable:
         self.names: list[str] = []
         self.state = model.init_state(capacity, self.device)  # (num_layers, capacity, width)
         self.normalizer = Normalizer(normalizer, capacity)
+        self.scorer = Scorer(scoring, capacity)  # interval and anomaly statistics
         self.seq = np.zeros(capacity, dtype=np.int64)  # last applied sequence number
         self.last_used = np.zeros(capacity, dtype=np.int64)
         self.intervals = np.zeros(capacity, dtype=np.int64)
@@ -44,6 +48,8 @@ class StreamTable:
         self.last_value = np.full(capacity, np.nan)
         self.last_prediction = np.full(capacity, np.nan)
         self.last_ts = np.full(capacity, np.nan)
+        self.last_lower = np.full(capacity, np.nan)
+        self.last_upper = np.full(capacity, np.nan)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -71,6 +77,7 @@ class StreamTable:
         fresh = self.model.init_state(extra, self.device)  # (num_layers, extra, width)
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
         self.normalizer.grow(capacity)
+        self.scorer.grow(capacity)
         for name in INT_COLUMNS:
             setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra, np.int64)]))
         for name in FLOAT_COLUMNS:
@@ -80,6 +87,7 @@ class StreamTable:
         """Every per-slot 1-D array under its ``arrays()`` key, by reference (not copies)."""
         out = {name: getattr(self, name) for name in (*INT_COLUMNS, *FLOAT_COLUMNS)}
         out.update({f"norm_{k}": v for k, v in self.normalizer.state_arrays().items()})
+        out.update({f"score_{k}": v for k, v in self.scorer.state_arrays().items()})
         return out
 
     def arrays(self, slots: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -103,6 +111,7 @@ class StreamTable:
         self.state = self.model.init_state(capacity, self.device)
         self.state[:, :n] = torch.as_tensor(arrays["state"], device=self.device)
         self.normalizer = Normalizer(self.normalizer.config, capacity)
+        self.scorer = Scorer(self.scorer.config, capacity)
         for name in INT_COLUMNS:
             setattr(self, name, np.zeros(capacity, dtype=np.int64))
         for name in FLOAT_COLUMNS:
@@ -164,6 +173,7 @@ class StreamTable:
         index = torch.as_tensor(slots, device=self.device)
         self.state.index_fill_(1, index, 0.0)
         self.normalizer.reset(slots)
+        self.scorer.reset(slots)
         for name in INT_COLUMNS:
             getattr(self, name)[slots] = 0
         for name in FLOAT_COLUMNS:

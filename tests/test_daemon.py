@@ -55,6 +55,9 @@ def test_simulator_to_daemon_to_subscriber(
             "value",
             "prediction",
             "error",
+            "lower",
+            "upper",
+            "anomaly",
             "model_version",
             "warm",
         }

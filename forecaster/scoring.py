@@ -1,0 +1,151 @@
+"""Per-stream calibration of the forecast: an online conformal interval and an anomaly score.
+
+This is the engine's scoring stage, kept in its own pure module (the engine file holds the tick
+logic; this holds per-slot statistics, like ``normalize.py``). Everything works on the stream's
+absolute residual in the normalised frame, ``s = |x - y_hat| / scale``, vectorised over slots.
+
+**Interval** (adaptive conformal inference by quantile tracking, Angelopoulos, Candès & Tibshirani,
+"Conformal PID control", 2023, the P term; a relative of Gibbs & Candès' ACI): the half-width ``q``
+is the tracked ``coverage`` quantile of ``s``. After each sample ``log q`` moves up by
+``step * coverage`` on a miss and down by ``step * (1 - coverage)`` on a hit, so over any sequence
+the miss rate converges to ``1 - coverage`` (the displacement of ``log q`` bounds the gap). In log
+space the step is scale-free: the same ``step`` serves a clean sine and a noisy sensor.
+
+**Anomaly score** (in the spirit of NAB's anomaly likelihood): a short EWMA of ``s`` compared with
+the mean and spread of ``s`` over a long half-life; the score is the Gaussian probability that the
+recent error is *not* that large, ``Phi((short - mean) / std)``, so 0.5 means typical and values
+near 1 mean the recent errors are far in the tail. It is 0.5 ("don't know") during warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+LOG_FLOOR = math.log(1e-12)  # q never shrinks below this: a flat stream must still recover fast
+S_CAP = 1e6  # residuals above this (normaliser warm-up) are capped before entering statistics
+
+COLUMNS = ("tracked", "log_q", "seen", "mean", "var", "short")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Hyper-parameters of both scorers, stored verbatim (see ``configs/default.yaml``)."""
+
+    coverage: float = 0.9  # target share of values inside [lower, upper]
+    step: float = 0.05  # log-step of the quantile tracker
+    warmup: int = 10  # normaliser samples before residuals are tracked (its scale is unsettled)
+    anomaly_halflife: float = 10000.0  # samples; the "recent error distribution"
+    anomaly_smoothing: float = 0.5  # weight of the newest residual in the short average
+    anomaly_warmup: int = 100  # tracked residuals before the score leaves 0.5
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 - math.pow(0.5, 1.0 / self.anomaly_halflife)
+
+    @property
+    def initial_log_q(self) -> float:
+        """Before any residual: the Gaussian quantile, i.e. the signal's own spread."""
+        return math.log(NormalDist().inv_cdf(0.5 + self.coverage / 2))
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """``Phi(x)`` elementwise in float64.
+
+    >>> normal_cdf(np.array([0.0, 1.6448536269514722])).round(4).tolist()
+    [0.5, 0.95]
+    """
+    return torch.special.ndtr(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+
+
+class Scorer:
+    """Interval and anomaly statistics for ``capacity`` stream slots.
+
+    >>> scorer = Scorer(ScoringConfig(warmup=0, anomaly_warmup=2), capacity=1)
+    >>> slot = np.array([0])
+    >>> seen = np.array([True])
+    >>> [round(float(scorer.observe(slot, np.array([s]), seen, seen)[0]), 3)
+    ...  for s in (1.0, 1.2, 0.8, 5.0)]
+    [0.5, 0.5, 0.067, 1.0]
+    >>> float(scorer.halfwidth(slot)[0]) > 0
+    True
+    """
+
+    def __init__(self, config: ScoringConfig | None = None, capacity: int = 0) -> None:
+        self.config = config or ScoringConfig()
+        self.tracked = np.zeros(capacity, dtype=np.int64)  # residuals folded in so far
+        self.log_q = np.full(capacity, self.config.initial_log_q)
+        self.seen = np.zeros(capacity, dtype=np.int64)  # residuals in the anomaly statistics
+        self.mean = np.zeros(capacity)
+        self.var = np.zeros(capacity)
+        self.short = np.zeros(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.tracked)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra > 0:
+            fresh = Scorer(self.config, extra)
+            for name in COLUMNS:
+                setattr(self, name, np.concatenate([getattr(self, name), getattr(fresh, name)]))
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Fresh (never used) statistics in ``slots`` (slots freed by eviction)."""
+        fresh = Scorer(self.config, 1)
+        for name in COLUMNS:
+            getattr(self, name)[slots] = getattr(fresh, name)[0]
+
+    def halfwidth(self, slots: np.ndarray) -> np.ndarray:
+        """Half-width of the interval in the normalised frame (multiply by the frame's scale)."""
+        return np.exp(self.log_q[slots])
+
+    def observe(
+        self, slots: np.ndarray, s: np.ndarray, covered: np.ndarray, scored: np.ndarray
+    ) -> np.ndarray:
+        """Fold residuals ``s`` (where ``scored``) into the statistics; return each anomaly score.
+
+        ``covered`` says whether the value fell inside the interval published with the forecast;
+        the score compares ``s`` with the statistics *before* it is folded in.
+        """
+        cfg = self.config
+        score = np.full(len(slots), 0.5)
+        if not scored.any():
+            return score
+        slots, s, covered = slots[scored], np.minimum(s[scored], S_CAP), covered[scored]
+        # Interval: the first residual seeds q; then the quantile tracker's log-step.
+        first = self.tracked[slots] == 0
+        log_q = np.where(first, np.log(np.maximum(s, 1e-12)), self.log_q[slots])
+        miss = ~covered & ~first
+        log_q = log_q + cfg.step * (miss - (1.0 - cfg.coverage))
+        self.log_q[slots] = np.maximum(log_q, LOG_FLOOR)
+        self.tracked[slots] += 1
+        # Anomaly: short EWMA of s against the long mean and spread of s before this sample.
+        seen = self.seen[slots]
+        short = np.where(seen == 0, s, self.short[slots])
+        short = short + cfg.anomaly_smoothing * (s - short)
+        mean, var = self.mean[slots], self.var[slots]
+        z = (short - mean) / (np.sqrt(var) + 1e-12 * (1.0 + mean))
+        ready = seen >= cfg.anomaly_warmup
+        score[scored] = np.where(ready, normal_cdf(z), 0.5)
+        weight = np.maximum(1.0 / (seen + 1), cfg.alpha)
+        delta = s - mean
+        self.mean[slots] = mean + weight * delta
+        self.var[slots] = (1.0 - weight) * (var + weight * delta * delta)
+        self.short[slots] = short
+        self.seen[slots] = seen + 1
+        return score
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in COLUMNS}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray], n: int) -> None:
+        """Fill the first ``n`` slots from a checkpoint (missing columns keep fresh values)."""
+        for name in COLUMNS:
+            if name in arrays:
+                getattr(self, name)[:n] = arrays[name]
