@@ -18,8 +18,8 @@ import torch
 
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
-from forecaster.store import MemoryStore, StreamStore
 from forecaster.scoring import ScoringConfig
+from forecaster.store import MemoryStore, StreamStore
 from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).

@@ -143,9 +143,3 @@ class Scorer:
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in COLUMNS}
-
-    def load_arrays(self, arrays: dict[str, np.ndarray], n: int) -> None:
-        """Fill the first ``n`` slots from a checkpoint (missing columns keep fresh values)."""
-        for name in COLUMNS:
-            if name in arrays:
-                getattr(self, name)[:n] = arrays[name]

@@ -17,7 +17,8 @@ from forecaster.persist import load_checkpoint, save_checkpoint
 from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, metric_value
 
-NORM = NormalizerConfig(halflife=50.0)
+# Gain off: the forecast must follow the hidden state, so a reset shows in it.
+NORM = NormalizerConfig(halflife=50.0, gain_halflife=None)
 POLICY = GapPolicy(factor=5.0, halflife=10.0, min_intervals=3, rewarm_samples=4)
 
 
