@@ -53,6 +53,15 @@ class Forecast:
     naive_error: float | None  # value - previous value: the last-value baseline's error
     model_version: int
     warm: bool = True  # False for the first forecasts after a gap reset the hidden state
+    lower: float = math.nan  # calibrated interval for the next sample (see forecaster.scoring)
+    upper: float = math.nan
+    anomaly: float = 0.5  # how surprising this value's error is, in [0, 1]; 0.5 = don't know
+    covered: bool | None = None  # value inside the interval published before it (None: first)
+    # With a horizon H > 1: forecasts for t+1 ... t+H (the first is ``prediction``) and their
+    # intervals, which widen with the step; None when H = 1.
+    path: tuple[float, ...] | None = None
+    path_lower: tuple[float, ...] | None = None
+    path_upper: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +83,6 @@ class GapPolicy:
     @property
     def alpha(self) -> float:
         return 1.0 - math.pow(0.5, 1.0 / self.halflife)
-
-    lower: float = math.nan  # calibrated interval for the next sample (see forecaster.scoring)
-    upper: float = math.nan
-    anomaly: float = 0.5  # how surprising this value's error is, in [0, 1]; 0.5 = don't know
-    covered: bool | None = None  # value inside the interval published before it (None: first)
-    # With a horizon H > 1: forecasts for t+1 ... t+H (the first is ``prediction``) and their
-    # intervals, which widen with the step; None when H = 1.
-    path: tuple[float, ...] | None = None
-    path_lower: tuple[float, ...] | None = None
-    path_upper: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
