@@ -29,7 +29,20 @@ def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict
     for _ in tqdm(range(3), desc=f"feeding {streams} streams", leave=False):
         metrics.observe_forecasts(
             # Every per-stream series is present: error, interval, coverage and anomaly ones.
-            Forecast(f"sensor-{i:05d}", 1, None, v, v, e, e, 0, v - 1, v + 1, 0.5, abs(e) < 1)
+            Forecast(
+                f"sensor-{i:05d}",
+                1,
+                None,
+                v,
+                v,
+                e,
+                e,
+                0,
+                lower=v - 1,
+                upper=v + 1,
+                anomaly=0.5,
+                covered=abs(e) < 1,
+            )
             for i, (v, e) in enumerate(
                 zip(
                     rng.normal(size=streams).tolist(),

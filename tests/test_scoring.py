@@ -153,7 +153,18 @@ def test_checkpoint_restart_continues_intervals_and_scores_exactly(tmp_path: Pat
 def _forecast(stream: str, covered: bool | None, width: float, anomaly: float) -> Forecast:
     half = width / 2
     return Forecast(
-        stream, 1, None, 1.0, 1.0, 0.1, 0.1, 0, 1.0 - half, 1.0 + half, anomaly, covered
+        stream,
+        1,
+        None,
+        1.0,
+        1.0,
+        0.1,
+        0.1,
+        0,
+        lower=1.0 - half,
+        upper=1.0 + half,
+        anomaly=anomaly,
+        covered=covered,
     )
 
 
