@@ -155,6 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.print_scrape(bench.bench_scrape(args.streams, args.cap), args.json)
     elif args.part == "drift":
         bench.print_drift(bench.bench_drift(live=not args.offline), args.json)
+    elif args.part == "journal":
+        bench.print_journal(bench.bench_journal(), args.json)
     return 0
 
 
@@ -229,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift"],
-        help="scrape: /metrics size and latency; drift: learning off vs on across a regime change",
+        choices=["scrape", "drift", "journal"],
+        help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
+        " journal: cost of journaling a tick beside the tick",
     )
     bench.add_argument("--offline", action="store_true", help="drift: skip the live broker runs")
     bench.add_argument("--streams", type=int, default=5000)

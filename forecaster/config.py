@@ -183,7 +183,8 @@ class StateConfig(Section):
     dir: Path = Path("state")
     checkpoint_interval: PositiveFloat = 60.0  # seconds between periodic checkpoints
     journal: bool = True  # journal every sample (SQLite, WAL) before acknowledging it
-    journal_sync: Literal["full", "normal"] = "full"  # full: fsync per commit (survives power loss)
+    # normal: a commit survives a crash of the daemon; full: fsync per commit, survives power loss
+    journal_sync: Literal["full", "normal"] = "normal"
 
 
 class MetricsConfig(Section):

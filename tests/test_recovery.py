@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,17 @@ class DaemonProcess:
 
     def text(self) -> str:
         return self.log.read_text()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Every daemon a test starts is killed at teardown, whatever the test's outcome."""
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
 
 
 def wait_online(status: Collector, timeout: float = 30) -> None:
@@ -240,7 +252,14 @@ def check_forecasts(got: dict, values: dict[str, list[float]], ref: Reference) -
 
 
 def sigkill_run(
-    broker: Broker, prefix: str, tmp_path: Path, streams: int, rounds: int, kills: int, rate: float
+    broker: Broker,
+    prefix: str,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+    streams: int,
+    rounds: int,
+    kills: int,
+    rate: float,
 ) -> None:
     values = series(streams, rounds)
     ref = offline_reference(values)
@@ -248,6 +267,7 @@ def sigkill_run(
     status = Collector(broker, f"{prefix}/status")
     out = Collector(broker, f"{prefix}/out/+")
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
     daemon.start()
     wait_online(status)
     publisher = Publisher(broker, prefix, values, rate).start()
@@ -280,21 +300,27 @@ def sigkill_run(
 
 
 def test_sigkill_twice_during_2000_samples_every_forecast_exact(
-    broker: Broker, prefix: str, tmp_path: Path
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    sigkill_run(broker, prefix, tmp_path, streams=20, rounds=100, kills=2, rate=250)
+    sigkill_run(broker, prefix, tmp_path, daemons, streams=20, rounds=100, kills=2, rate=250)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigkill_six_times_during_20000_samples_every_forecast_exact(
-    broker: Broker, prefix: str, tmp_path: Path
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    sigkill_run(broker, prefix, tmp_path, streams=20, rounds=1000, kills=6, rate=400)
+    sigkill_run(broker, prefix, tmp_path, daemons, streams=20, rounds=1000, kills=6, rate=400)
 
 
 def down_while_publishing(
-    broker: Broker, prefix: str, tmp_path: Path, down_for: float, rounds: int, rate: float
+    broker: Broker,
+    prefix: str,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+    down_for: float,
+    rounds: int,
+    rate: float,
 ) -> None:
     """SIGTERM, stay down ``down_for`` s while samples keep coming, restart: all applied once."""
     values = series(10, rounds, seed=1)
@@ -303,6 +329,7 @@ def down_while_publishing(
     status = Collector(broker, f"{prefix}/status")
     out = Collector(broker, f"{prefix}/out/+")
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
     daemon.start()
     wait_online(status)
     publisher = Publisher(broker, prefix, values, rate).start()
@@ -323,17 +350,17 @@ def down_while_publishing(
 
 
 def test_down_3s_while_publishing_everything_forecast_after_restart(
-    broker: Broker, prefix: str, tmp_path: Path
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    down_while_publishing(broker, prefix, tmp_path, down_for=3, rounds=150, rate=100)
+    down_while_publishing(broker, prefix, tmp_path, daemons, down_for=3, rounds=150, rate=100)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_down_30s_while_publishing_everything_forecast_after_restart(
-    broker: Broker, prefix: str, tmp_path: Path
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
 ) -> None:
-    down_while_publishing(broker, prefix, tmp_path, down_for=30, rounds=500, rate=100)
+    down_while_publishing(broker, prefix, tmp_path, daemons, down_for=30, rounds=500, rate=100)
 
 
 class PersistentBroker(Broker):
@@ -362,7 +389,7 @@ def read_dropped(broker: Broker) -> float:
 
 
 def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
-    tmp_path: Path, prefix: str
+    tmp_path: Path, prefix: str, daemons: list[DaemonProcess]
 ) -> None:
     folder = tmp_path / "broker"
     folder.mkdir()
@@ -374,6 +401,7 @@ def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
         config = write_config(tmp_path, broker, prefix)
         status = Collector(broker, f"{prefix}/status")
         daemon = DaemonProcess(config, tmp_path / "daemon.log")
+        daemons.append(daemon)
         daemon.start()
         wait_online(status)
         status.close()
