@@ -101,6 +101,7 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         v5 = config.protocol == "5"
         self.overload = overload
+        self.blocked = False  # the reader is waiting for room in the queue (back-pressure)
         self.last_publish: paho.MQTTMessageInfo | None = None
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -132,6 +133,12 @@ class MqttLink:
             clean_start = self.config.clean_start
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.config.session_expiry
+            if self.overload == "backpressure" and self.inbox.maxsize > 0:
+                # MQTT 5 flow control: the broker has at most this many unacknowledged QoS>0
+                # messages out to us, so they cannot fill the queue and the reader need not
+                # block; the rest waits in the broker's session queue. Half the queue, because
+                # Mosquitto 2.0 was seen sending one past the limit after a run of acks.
+                properties.ReceiveMaximum = max(1, min(65535, self.inbox.maxsize // 2))
         self.client.connect_async(
             self.config.host,
             self.config.port,
@@ -189,8 +196,8 @@ class MqttLink:
         info = self.last_publish
         deadline = time.monotonic() + timeout
         while info is not None and not info.is_published():
-            if time.monotonic() > deadline or not self.is_connected.is_set():
-                return False
+            if time.monotonic() > deadline or not self.is_connected.is_set() or self.blocked:
+                return False  # a reader blocked on a full queue writes nothing: do not wait
             time.sleep(0.002)
         return True
 
@@ -305,14 +312,18 @@ class MqttLink:
         """The receive queue is full: wait for room, or drop (ack and count) one message."""
         if self.overload == "backpressure":
             self.events.backpressure()
-            # Blocking here stops paho reading the socket; the broker stops sending once its
-            # in-flight window of unacked QoS 1 messages is full and keeps the rest queued.
-            while not self._stop.is_set() and self.accepting:
-                try:
-                    self.inbox.put(raw, timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
+            # QoS 0, or MQTT 3.1.1 (no Receive Maximum): blocking here stops paho reading the
+            # socket, so TCP pushes back on the broker; QoS 1 messages stay unacknowledged.
+            self.blocked = True
+            try:
+                while not self._stop.is_set() and self.accepting:
+                    try:
+                        self.inbox.put(raw, timeout=0.2)
+                        return
+                    except queue.Full:
+                        continue
+            finally:
+                self.blocked = False
             return  # stopping: left unacknowledged for the next session
         if self.overload == "drop_oldest":
             try:
