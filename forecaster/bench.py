@@ -1110,3 +1110,59 @@ def print_anomaly(result: dict[str, object], as_json: bool) -> None:
         f"({r['detected']}/{r['windows']} windows), precision {r['precision']:.3f} "
         f"({r['false_alarms']} false alarms)"
     )
+
+
+def bench_journal(
+    batches: tuple[int, ...] = (1, 16, 256, 4096), repeats: int = 50
+) -> dict[str, object]:
+    """Cost of journaling one tick (one SQLite transaction) beside the engine tick it guards."""
+    import tempfile
+
+    from forecaster.engine import Engine, Sample
+    from forecaster.persist import Journal, load_checkpoint
+
+    checkpoint = load_checkpoint()
+    engine = Engine(checkpoint.model, checkpoint.normalizer)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="forecaster-bench-") as folder:
+        journals = {
+            sync: Journal(Path(folder) / f"{sync}.sqlite", sync) for sync in ("full", "normal")
+        }
+        seq = 0
+        for size in tqdm(batches, desc="journal", leave=False):
+            figures: dict[str, list[float]] = {"full": [], "normal": [], "tick": []}
+            for _ in range(repeats):
+                seq += 1
+                samples = [Sample(f"s{i}", float(np.sin(seq + i)), None, seq) for i in range(size)]
+                for sync, journal in journals.items():
+                    started = time.perf_counter()
+                    journal.append(samples)
+                    figures[sync].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                engine.tick(samples)
+                figures["tick"].append(time.perf_counter() - started)
+            median = {k: 1000 * statistics.median(v) for k, v in figures.items()}
+            rows.append(
+                {
+                    "batch": size,
+                    "journal_full_ms": median["full"],
+                    "journal_normal_ms": median["normal"],
+                    "tick_ms": median["tick"],
+                }
+            )
+        for journal in journals.values():
+            journal.close()
+    return {"repeats": repeats, "rows": rows}
+
+
+def print_journal(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print("journal: median ms per tick (one transaction), beside the engine tick it guards")
+    print(f"  {'batch':>6} {'sync=full':>10} {'sync=normal':>12} {'engine tick':>12}")
+    for row in result["rows"]:  # type: ignore[union-attr]
+        print(
+            f"  {row['batch']:>6} {row['journal_full_ms']:>10.3f} {row['journal_normal_ms']:>12.3f}"
+            f" {row['tick_ms']:>12.3f}"
+        )

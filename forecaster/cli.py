@@ -181,6 +181,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ForecasterError("bench anomaly needs --data DIR (a NAB data folder)")
         result = bench.bench_anomaly(args.data, args.out, args.threshold)
         bench.print_anomaly(result, args.json)
+    elif args.part == "journal":
+        bench.print_journal(bench.bench_journal(), args.json)
     return 0
 
 
@@ -255,12 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift", "engine", "throughput", "accuracy", "anomaly"],
+        choices=["scrape", "drift", "engine", "throughput", "accuracy", "anomaly", "journal"],
         help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
         " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams;"
         " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS);"
         " accuracy: one-step-ahead error against peers on every CSV under --data;"
-        " anomaly: interval coverage and anomaly alarms on labelled NAB files",
+        " anomaly: interval coverage and anomaly alarms on labelled NAB files;"
+        " journal: cost of journaling a tick beside the tick",
     )
     bench.add_argument(
         "--out", type=Path, help="anomaly: write NAB-format results files under this folder"

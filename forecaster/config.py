@@ -135,6 +135,10 @@ class MqttConfig(Section):
     status_topic: str = "forecaster/status"
     reconnect_min_delay: PositiveFloat = 1.0
     reconnect_max_delay: PositiveFloat = 30.0
+    # Persistent session: the broker keeps the subscription and queues QoS>0 samples while the
+    # daemon is away (paho's default would start a clean session on every new client).
+    clean_start: bool = False
+    session_expiry: int = Field(86_400, ge=0)  # seconds the broker keeps the session (MQTT 5)
     payload: PayloadConfig = PayloadConfig()
 
     @field_validator("protocol", mode="before")
@@ -230,6 +234,9 @@ class GapConfig(Section):
 class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     queue_size: int = Field(100_000, ge=1)  # bounded receive queue
+    # Full queue: block the MQTT reader so unacknowledged QoS 1 samples stay with the broker
+    # (back-pressure), or drop the oldest queued / the arriving sample (counted).
+    overload: Literal["backpressure", "drop_oldest", "drop_newest"] = "backpressure"
     max_abs_value: PositiveFloat = 1e15  # larger magnitudes are rejected as out_of_range
     # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
     # in the state folder (evicted.sqlite) and restored exactly when it sends again.
@@ -279,6 +286,9 @@ class AnomalyConfig(Section):
 class StateConfig(Section):
     dir: Path = Path("state")
     checkpoint_interval: PositiveFloat = 60.0  # seconds between periodic checkpoints
+    journal: bool = True  # journal every sample (SQLite, WAL) before acknowledging it
+    # normal: a commit survives a crash of the daemon; full: fsync per commit, survives power loss
+    journal_sync: Literal["full", "normal"] = "normal"
 
 
 class MetricsConfig(Section):

@@ -4,6 +4,12 @@ Start: checkpoint (the state folder's, else the configured model) -> engine -> m
 MQTT link. Each loop iteration drains whatever is queued (up to ``max_batch``) into one tick and
 never waits to fill a batch: one sample at light load, large ticks under heavy load. Stop (SIGTERM):
 stop intake, finish what is queued, checkpoint every stream, publish ``stopped``, disconnect.
+
+Crash-exact recovery: each tick's admitted samples are journaled (one SQLite transaction) before
+their messages are acknowledged, then applied. A checkpoint is written only once every forecast
+it includes has left for the broker, records the journal position, and trims the journal. On start
+the checkpoint is restored, the journal rows after its position are replayed through the engine
+(their forecasts published again, with the same ``seq``), and then the broker's queue is taken.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -26,7 +33,13 @@ from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.parse import PayloadParser, TopicTemplate
-from forecaster.persist import Checkpoint, load_checkpoint, save_checkpoint
+from forecaster.persist import (
+    Checkpoint,
+    Journal,
+    journal_position,
+    load_checkpoint,
+    save_checkpoint,
+)
 from forecaster.store import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -109,7 +122,14 @@ class Daemon:
         self.store: SqliteStore | None = None  # evicted streams (engine.max_streams)
         self._evictions_seen = (0, 0)
         self._gap_resets_seen = 0
-        self.link = MqttLink(config.mqtt, self.inbox, self.metrics)
+        self.link = MqttLink(config.mqtt, self.inbox, self.metrics, overload=config.engine.overload)
+        self.journal_path = Path(config.state.dir) / "journal.sqlite"
+        self.journal: Journal | None = None
+        self._applied = 0  # journal position of the last sample applied to the engine
+        # Forecasts not yet handed to the broker (replayed, or refused while disconnected):
+        # retried in order; a checkpoint waits until this is empty so none is lost by a crash.
+        self._unpublished: deque[tuple[str, str]] = deque()
+        self._unpublished_cap = config.engine.queue_size
         self.engine: Engine | None = None
         self.learner: Learner | None = None
         self.http: HttpEndpoint | None = None
@@ -124,6 +144,8 @@ class Daemon:
     def start(self) -> None:
         torch.set_num_threads(self.config.model.threads)
         self.engine, checkpoint = self._build_engine()
+        if self.config.state.journal:
+            self._replay_journal(checkpoint)
         if self.config.online_learning.enabled:
             self.learner = Learner(self.engine, self.config.online_learning, background=True)
             self.learner.load_state_tensors(checkpoint.extra)
@@ -183,6 +205,54 @@ class Daemon:
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
         return engine, checkpoint
 
+    def _replay_journal(self, checkpoint: Checkpoint) -> None:
+        """Apply the journaled samples the restored checkpoint does not include, in order."""
+        assert self.engine is not None
+        restored = self.state_path.exists()
+        position = journal_position(checkpoint) if restored else 0
+        self.journal = Journal(self.journal_path, self.config.state.journal_sync)
+        self.journal.start_at(position)
+        self._applied = position
+        replayed = 0
+        batch: list[tuple[int, Sample]] = []
+        rows = self.journal.after(position)
+        while True:
+            batch.clear()
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= self.config.engine.max_batch:
+                    break
+            if not batch:
+                break
+            result = self.engine.tick([sample for _, sample in batch])
+            for rejection in result.rejected:  # rows overlapping the checkpoint: never re-applied
+                self.metrics.rejected.labels(rejection.reason).inc()
+            for forecast in result.forecasts:
+                self._retry_later(
+                    self.output.topic_for(forecast.stream), forecast_payload(forecast)
+                )
+            self._applied = batch[-1][0]
+            replayed += len(batch)
+        self.metrics.journal_replayed.inc(replayed)
+        self.metrics.journal_pending.set(replayed)
+        if replayed:
+            log.info("replayed %d journaled samples after position %d", replayed, position)
+
+    def _retry_later(self, topic: str, payload: str) -> None:
+        if len(self._unpublished) >= self._unpublished_cap:
+            self._unpublished.popleft()
+            self.metrics.dropped("not_connected")
+        self._unpublished.append((topic, payload))
+
+    def _publish_unpublished(self) -> None:
+        qos = self.config.mqtt.qos_out
+        while self._unpublished and self.link.is_connected.is_set():
+            topic, payload = self._unpublished[0]
+            if not self.link.publish(topic, payload, qos, count_drop=False):
+                return
+            self._unpublished.popleft()
+            self.metrics.forecasts_published.inc()
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -210,6 +280,8 @@ class Daemon:
         if self.learner is not None:
             self.learner.close()
         self.link.close()
+        if self.journal is not None:
+            self.journal.close()
         if self.http is not None:
             self.http.close()
         if self.store is not None:
@@ -233,6 +305,7 @@ class Daemon:
                 break
         self.metrics.queue_depth.set(self.inbox.qsize())
         self.metrics.samples_received.inc(len(batch))
+        self._publish_unpublished()
         samples: list[Sample] = []
         received: list[float] = []
         for raw in batch:
@@ -244,11 +317,37 @@ class Daemon:
             except Exception:
                 log.exception("unexpected error parsing a message on %s", raw.topic)
                 self._reject("internal_error", raw.topic, "parser")
+        if samples and not self._journal(samples, received):
+            return len(batch)  # not acknowledged: the broker redelivers them
+        self.link.ack(batch)
         if samples:
             self._tick(samples, received)
         if self.learner is not None:
             self.learner.after_tick()
         return len(batch)
+
+    def _journal(self, samples: list[Sample], received: list[float]) -> bool:
+        """Replace ``samples`` (in place) by the admitted ones with their seq, journaled durably."""
+        if self.journal is None:
+            return True
+        assert self.engine is not None
+        admitted, rejected = self.engine.admit(samples)
+        for rejection in rejected:
+            self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
+        gone = {id(r.sample) for r in rejected}
+        kept = [t for s, t in zip(samples, received, strict=True) if id(s) not in gone]
+        try:
+            position = self.journal.append(admitted)
+        except Exception:
+            log.exception("journal append failed; %d samples left with the broker", len(admitted))
+            for _ in admitted:
+                self.metrics.rejected.labels("internal_error").inc()
+            return False
+        samples[:] = admitted
+        received[:] = kept
+        self._applied = position
+        self.metrics.journal_pending.inc(len(admitted))
+        return True
 
     def _tick(self, samples: list[Sample], received: list[float]) -> None:
         assert self.engine is not None
@@ -269,9 +368,16 @@ class Daemon:
         qos = self.config.mqtt.qos_out
         for forecast, arrived in zip(result.forecasts, accepted_at, strict=True):
             payload = forecast_payload(forecast)
-            if self.link.publish(self.output.topic_for(forecast.stream), payload, qos):
+            topic = self.output.topic_for(forecast.stream)
+            if self.journal is None:
+                if self.link.publish(topic, payload, qos):
+                    self.metrics.forecasts_published.inc()
+                    self.metrics.latency.observe(max(0.0, time.time() - arrived))
+            elif not self._unpublished and self.link.publish(topic, payload, qos, count_drop=False):
                 self.metrics.forecasts_published.inc()
                 self.metrics.latency.observe(max(0.0, time.time() - arrived))
+            else:
+                self._retry_later(topic, payload)
         self.metrics.observe_forecasts(result.forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
@@ -291,6 +397,7 @@ class Daemon:
 
     def _housekeeping(self) -> None:
         self.link.watchdog()
+        self._publish_unpublished()
         if self.learner is not None:
             self.learner.after_tick()
             self.metrics.observe_learner(self.learner.stats)
@@ -303,6 +410,16 @@ class Daemon:
         if self.engine is None:
             return
         self._last_checkpoint = time.monotonic()
+        info: dict[str, int] = {}
+        if self.store is not None:
+            info["evicted_generation"] = self.store.generation
+        if self.journal is not None:
+            # Only a checkpoint whose every forecast has left for the broker may trim the journal.
+            self._publish_unpublished()
+            if self._unpublished or not self.link.flush(timeout=2.0):
+                log.info("checkpoint deferred: forecasts still waiting for the broker")
+                return
+            info["journal_position"] = self._applied
         table = self.engine.streams
         learner = self.learner
         # With learning on, hold the trainer's lock for a consistent optimizer state (one step).
@@ -321,8 +438,11 @@ class Daemon:
                     stream_arrays=table.arrays(),
                     optimizer=learner.optimizer if learner is not None else None,
                     extra=learner.state_tensors() if learner is not None else None,
-                    info={"evicted_generation": store.generation} if store is not None else None,
+                    info=info,
                 )
+            if self.journal is not None:
+                self.journal.trim(self._applied)
+                self.metrics.journal_pending.set(0)
         except (OSError, CheckpointError):
             log.exception("checkpoint to %s failed", self.state_path)
             self.metrics.checkpointed(False)

@@ -174,6 +174,48 @@ class Engine:
             return "out_of_range"
         return None
 
+    def admit(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Rejection]]:
+        """What ``tick(samples)`` would accept, each with its sequence number filled in.
+
+        Touches no state. The daemon journals the admitted samples (with explicit ``seq``) before
+        acknowledging them, so a replay assigns the same numbers and a redelivery is a duplicate.
+
+        >>> from forecaster.model import ModelConfig
+        >>> engine = Engine(Forecaster(ModelConfig("rnn", 4, 1)))
+        >>> ok, bad = engine.admit([Sample("a", 1.0), Sample("a", 2.0, seq=7), Sample("a", 3.0, seq=7)])
+        >>> [s.seq for s in ok], [r.reason for r in bad]
+        ([1, 7], ['duplicate'])
+        """
+        admitted: list[Sample] = []
+        rejected: list[Rejection] = []
+        pending: dict[str, int] = {}
+        for sample in samples:
+            reason = self.reject_reason(sample)
+            if reason is None:
+                last = pending.get(sample.stream)
+                if last is None:
+                    last = self.last_seq(sample.stream)
+                seq = last + 1 if sample.seq is None else int(sample.seq)
+                if seq <= last:
+                    reason = "duplicate"
+            if reason is not None:
+                rejected.append(Rejection(sample, reason))
+                continue
+            pending[sample.stream] = seq
+            admitted.append(Sample(sample.stream, sample.value, sample.ts, seq))
+        return admitted, rejected
+
+    def last_seq(self, stream: str) -> int:
+        """The stream's last applied sequence number, resident or parked (0: never seen)."""
+        slot = self.streams.slots.get(stream)
+        if slot is not None:
+            return int(self.streams.seq[slot])
+        if self.max_streams:
+            row = self.store.get(stream)
+            if row is not None:
+                return int(row["seq"][0])
+        return 0
+
     def tick(self, samples: Sequence[Sample]) -> TickResult:
         """Apply ``samples`` in arrival order; one batched model step per round of distinct streams.
 

@@ -24,6 +24,9 @@ from forecaster.mqtt import LinkEvents
 from forecaster.parse import REASONS
 
 OTHER = "_other"
+# Messages the daemon lost: the receive queue was full (``queue_full``: the arriving one,
+# ``queue_full_oldest``: the oldest queued), or the broker could not take a forecast.
+DROP_REASONS = ("queue_full", "queue_full_oldest", "not_connected", "publish_error")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -128,6 +131,23 @@ class Metrics(LinkEvents):
             "forecaster_messages_dropped_total",
             "Messages lost by the daemon (queue full, publish refused), by reason",
             ["reason"],
+            registry=r,
+        )
+        for reason in DROP_REASONS:
+            self.messages_dropped.labels(reason)
+        self.backpressure_waits = Counter(
+            "forecaster_backpressure_waits_total",
+            "Times the MQTT reader found the receive queue full and waited for room",
+            registry=r,
+        )
+        self.journal_replayed = Counter(
+            "forecaster_journal_replayed_total",
+            "Journaled samples replayed through the engine after a restart",
+            registry=r,
+        )
+        self.journal_pending = Gauge(
+            "forecaster_journal_pending",
+            "Journaled samples a restart would replay (applied since the last checkpoint)",
             registry=r,
         )
         self.callback_errors = Counter(
@@ -308,6 +328,9 @@ class Metrics(LinkEvents):
 
     def dropped(self, reason: str) -> None:
         self.messages_dropped.labels(reason).inc()
+
+    def backpressure(self) -> None:
+        self.backpressure_waits.inc()
 
     def callback_error(self, callback: str) -> None:
         self.callback_errors.labels(callback).inc()

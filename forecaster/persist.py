@@ -5,14 +5,21 @@ pickle) whose header carries a JSON manifest: ``model_args`` (the architecture t
 weights, as in nanoGPT), the normaliser, the training recipe, the model version and the stream ids.
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the old file, so a
 crash leaves either the old checkpoint or the new one, never half of one.
+
+The sample journal (``Journal``) is an SQLite database in WAL mode beside the checkpoint: every
+accepted sample is appended (one transaction per tick) before its MQTT message is acknowledged.
+A checkpoint records the journal position it includes; on start the rows after it are replayed
+through the engine, so a SIGKILL loses no sample and steps no state twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from forecaster import __version__
+from forecaster.engine import Sample
 from forecaster.errors import CheckpointError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
@@ -197,3 +205,89 @@ def load_checkpoint(
             )
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     return Checkpoint(model, normalizer, manifest, optimizer, names, arrays, extra)
+
+
+def journal_position(checkpoint: Checkpoint) -> int:
+    """The last journal row a checkpoint includes (0 for one written without a journal)."""
+    return int(checkpoint.manifest.get("info", {}).get("journal_position", 0))
+
+
+class Journal:
+    """Append-only sample log in SQLite (WAL mode); rows are numbered by a position that only grows.
+
+    ``AUTOINCREMENT`` keeps positions growing even after ``trim`` deleted every row, so a position
+    recorded in a checkpoint never names a different sample later.
+
+    >>> import tempfile
+    >>> j = Journal(Path(tempfile.mkdtemp()) / "journal.sqlite")
+    >>> j.append([Sample("a", 1.0, None, 1), Sample("b", 2.5, 9.0, 1)])
+    2
+    >>> [s for _, s in j.after(1)]
+    [Sample(stream='b', value=2.5, ts=9.0, seq=1)]
+    >>> j.trim(2); j.append([Sample("a", 3.0, None, 2)]); j.close()
+    3
+    """
+
+    def __init__(self, path: Path | str, sync: str = "full") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS samples (pos INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " stream TEXT NOT NULL, value REAL NOT NULL, ts REAL, seq INTEGER NOT NULL)"
+        )
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'").fetchone()
+        self.position = int(row[0]) if row else 0
+
+    def start_at(self, position: int) -> None:
+        """Never hand out positions at or below ``position`` (a checkpoint's, if the file is new)."""
+        if position > self.position:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("DELETE FROM sqlite_sequence WHERE name='samples'")
+                self.db.execute(
+                    "INSERT INTO sqlite_sequence(name, seq) VALUES ('samples', ?)", (position,)
+                )
+            self.position = position
+
+    def append(self, samples: Sequence[Sample]) -> int:
+        """One durable transaction for the whole batch; returns the position of its last row."""
+        if not samples:
+            return self.position
+        rows = [(s.stream, float(s.value), s.ts, int(s.seq)) for s in samples]  # type: ignore[arg-type]
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT INTO samples(stream, value, ts, seq) VALUES (?, ?, ?, ?)", rows
+            )
+            last = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='samples'")
+            self.position = int(last.fetchone()[0])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return self.position
+
+    def after(self, position: int) -> Iterator[tuple[int, Sample]]:
+        """Rows after ``position`` in order, as ``(position, Sample)``."""
+        cursor = self.db.execute(
+            "SELECT pos, stream, value, ts, seq FROM samples WHERE pos > ? ORDER BY pos",
+            (position,),
+        )
+        for pos, stream, value, ts, seq in cursor:
+            yield int(pos), Sample(stream, float(value), ts, int(seq))
+
+    def pending(self, position: int) -> int:
+        """Rows after ``position`` (what a restart would replay)."""
+        return int(
+            self.db.execute("SELECT COUNT(*) FROM samples WHERE pos > ?", (position,)).fetchone()[0]
+        )
+
+    def trim(self, position: int) -> None:
+        """Drop rows a checkpoint already includes."""
+        self.db.execute("DELETE FROM samples WHERE pos <= ?", (position,))
+
+    def close(self) -> None:
+        self.db.close()

@@ -163,3 +163,17 @@ def test_learner_windows_follow_their_streams_through_eviction(tiny_model: Forec
         learner.after_tick()
         assert set(learner.open) | set(learner.ready) <= set(range(len(engine.streams)))
     assert engine.evictions > 0 and learner.stats.updates > 0
+
+
+def test_a_parked_stream_is_admitted_with_its_next_sequence_number(tiny_model: Forecaster) -> None:
+    """The daemon numbers samples (``admit``) before journaling them: a parked stream must get
+    the number after its last one, or its return would be refused as a duplicate."""
+    engine = Engine(tiny_model, NORM, max_streams=2)
+    for value in (1.0, 2.0, 3.0):
+        engine.tick([Sample("a", value)])
+    engine.tick([Sample("b", 1.0), Sample("c", 1.0)])  # "a" is parked
+    assert "a" not in engine.streams and engine.evictions >= 1
+    admitted, rejected = engine.admit([Sample("a", 4.0), Sample("a", 5.0)])
+    assert [s.seq for s in admitted] == [4, 5] and not rejected
+    result = engine.tick(admitted)
+    assert [f.seq for f in result.forecasts] == [4, 5] and not result.rejected

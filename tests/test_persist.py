@@ -12,7 +12,13 @@ from forecaster.engine import Engine, Sample
 from forecaster.errors import CheckpointError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
-from forecaster.persist import DEFAULT_CHECKPOINT, FORMAT, load_checkpoint, save_checkpoint
+from forecaster.persist import (
+    DEFAULT_CHECKPOINT,
+    FORMAT,
+    Journal,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _predictions(model: Forecaster, norm: NormalizerConfig, values: np.ndarray) -> list[float]:
@@ -104,3 +110,26 @@ def test_write_is_atomic_and_leaves_no_temp_files(tiny_model: Forecaster, tmp_pa
         save_checkpoint(path, tiny_model, NormalizerConfig(), model_version=version)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     assert load_checkpoint(path).model_version == 2
+
+
+def test_journal_survives_reopen_and_positions_only_grow(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    assert journal.append([Sample("a", 1.0, None, 1), Sample("a", 2.0, 5.0, 2)]) == 2
+    journal.close()  # no checkpoint, as after a SIGKILL: the rows are all there
+    journal = Journal(path)
+    assert [(p, s.seq) for p, s in journal.after(0)] == [(1, 1), (2, 2)]
+    journal.trim(2)
+    assert journal.pending(0) == 0
+    journal.close()
+    journal = Journal(path, sync="normal")
+    assert journal.append([Sample("b", 3.0, None, 1)]) == 3  # never reuses a trimmed position
+    journal.close()
+
+
+def test_journal_lost_file_never_reuses_a_checkpointed_position(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "fresh.sqlite")
+    journal.start_at(1000)  # the checkpoint says 1000 rows are in it
+    assert journal.append([Sample("a", 1.0, None, 1)]) == 1001
+    assert [p for p, _ in journal.after(1000)] == [1001]
+    journal.close()

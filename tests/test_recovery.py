@@ -1,0 +1,428 @@
+"""Crash-exact recovery over a real Mosquitto broker: ``forecaster run`` SIGKILLed, stopped, and the
+broker killed, while a publisher keeps sending QoS 1 samples with a per-stream ``seq``.
+
+What must hold after every fault: every sample has a forecast equal (1e-5) to the one an
+uninterrupted offline run through the ``Engine`` gives, and the final state (each stream's last
+applied seq and hidden state, read from the checkpoint written at the final SIGTERM) equals that
+run's. A sample applied twice, or lost, would shift every later prediction and the final state.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from forecaster.engine import Engine, Sample
+from forecaster.persist import load_checkpoint
+from tests.conftest import Broker, Collector
+
+
+def series(streams: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Noisy sines, one per stream, of different amplitude, offset and frequency."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(streams):
+        t = np.arange(rounds)
+        wave = (
+            (1 + i) * np.sin(t * np.pi / (10 + i)) + 5 * i + rng.normal(0, 0.05 * (1 + i), rounds)
+        )
+        out[f"s{i:02d}"] = [float(v) for v in wave]
+    return out
+
+
+@dataclass
+class Reference:
+    """What an uninterrupted run gives: every prediction and the final state per stream."""
+
+    predictions: dict[str, list[float]] = field(default_factory=dict)
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def offline_reference(values: dict[str, list[float]]) -> Reference:
+    checkpoint = load_checkpoint()
+    engine = Engine(checkpoint.model, checkpoint.normalizer)
+    ref = Reference()
+    for stream, vs in values.items():
+        ref.predictions[stream] = [
+            engine.tick([Sample(stream, v)]).forecasts[0].prediction for v in vs
+        ]
+    arrays = engine.streams.arrays()
+    for i, name in enumerate(engine.streams.names):
+        ref.state[name] = arrays["state"][:, i]
+    return ref
+
+
+def write_config(tmp_path: Path, broker: Broker, prefix: str, **state: object) -> Path:
+    path = tmp_path / "forecaster.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "client_id": f"{prefix}-fc",
+                    "qos_out": 1,
+                    "input_topics": [f"{prefix}/in/{{stream}}"],
+                    "output_topic": f"{prefix}/out/{{stream}}",
+                    "status_topic": f"{prefix}/status",
+                    "reconnect_min_delay": 0.5,
+                    "reconnect_max_delay": 1,
+                },
+                "state": {"dir": str(tmp_path / "state"), "checkpoint_interval": 1, **state},
+                "metrics": {"port": 0},
+            }
+        )
+    )
+    return path
+
+
+class DaemonProcess:
+    """``forecaster run -c FILE`` as users run it; output appended to one log file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "forecaster.cli", "run", "-c", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.kills += 1
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Every daemon a test starts is killed at teardown, whatever the test's outcome."""
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+
+
+def wait_online(status: Collector, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with status.lock:
+            if status.messages and status.messages[-1][1] == b"online":
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"daemon not online; status messages {status.messages}")
+
+
+class Publisher:
+    """The simulator: round-robin over the streams at ``rate`` messages/s, QoS 1, JSON with seq."""
+
+    def __init__(self, broker: Broker, prefix: str, values: dict[str, list[float]], rate: float):
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}"
+        )
+        self.client.reconnect_delay_set(1, 1)
+        self.disconnects = 0
+        self.client.on_disconnect = self._on_disconnect
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.prefix, self.values, self.rate = prefix, values, rate
+        self.infos: list[paho.MQTTMessageInfo] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Publisher:
+        self.thread.start()
+        return self
+
+    def _on_disconnect(self, *args: object) -> None:
+        self.disconnects += 1
+
+    def _in_order(self, seen: int) -> int:
+        """After a reconnect, wait until paho has resent what was unacknowledged.
+
+        paho resends those only once the broker's CONNACK is in, while a publish() called after
+        the socket is back goes out at once: a seq could overtake older ones, which the daemon
+        would then refuse as duplicates. A sender's seq must rise in the order it publishes.
+        """
+        if self.disconnects == seen:
+            return seen
+        seen = self.disconnects
+        while not self.client.is_connected() or not all(i._published for i in self.infos):
+            time.sleep(0.01)
+        return seen
+
+    def _run(self) -> None:
+        rounds = len(next(iter(self.values.values())))
+        began = time.monotonic()
+        sent = 0
+        seen = 0
+        for k in range(rounds):
+            for stream, vs in self.values.items():
+                seen = self._in_order(seen)
+                payload = json.dumps({"value": vs[k], "seq": k + 1, "ts": time.time()})
+                self.infos.append(self.client.publish(f"{self.prefix}/in/{stream}", payload, qos=1))
+                sent += 1
+                ahead = began + sent / self.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    def wait_accepted(self, timeout: float) -> None:
+        """Until the broker has acknowledged every message (paho resends across reconnects)."""
+        self.thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        # paho's is_published() raises for a message queued while disconnected (rc NO_CONN) even
+        # though paho sends it after reconnecting; the flag it sets on the PUBACK is the truth.
+        while not all(info._published for info in self.infos):
+            assert time.monotonic() < deadline, "the broker did not accept every sample"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def wait_forecasts(out: Collector, want: set[tuple[str, int]], timeout: float) -> dict:
+    """(stream, seq) -> every prediction published for it (replays publish again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got: dict[tuple[str, int], list[float]] = {}
+        for f in out.json():
+            got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+        if want <= got.keys() or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def check_final_state(state_dir: Path, ref: Reference, rounds: int) -> None:
+    checkpoint = load_checkpoint(state_dir / "checkpoint.safetensors")
+    names = checkpoint.stream_names
+    assert sorted(names) == sorted(ref.state)
+    for i, name in enumerate(names):
+        assert checkpoint.stream_arrays["seq"][i] == rounds, name
+        np.testing.assert_allclose(
+            checkpoint.stream_arrays["state"][:, i], ref.state[name], atol=1e-5, err_msg=name
+        )
+
+
+def check_forecasts(got: dict, values: dict[str, list[float]], ref: Reference) -> None:
+    rounds = len(next(iter(values.values())))
+    for stream in values:
+        seqs = sorted(k for s, k in got if s == stream)
+        assert seqs == list(range(1, rounds + 1)), (
+            f"{stream}: missing {set(range(1, rounds + 1)) - set(seqs)}"
+        )
+        for k in seqs:
+            np.testing.assert_allclose(
+                got[(stream, k)],
+                ref.predictions[stream][k - 1],
+                atol=1e-5,
+                err_msg=f"{stream} seq {k}",
+            )
+
+
+def sigkill_run(
+    broker: Broker,
+    prefix: str,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+    streams: int,
+    rounds: int,
+    kills: int,
+    rate: float,
+) -> None:
+    values = series(streams, rounds)
+    ref = offline_reference(values)
+    config = write_config(tmp_path, broker, prefix)
+    status = Collector(broker, f"{prefix}/status")
+    out = Collector(broker, f"{prefix}/out/+")
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.start()
+    wait_online(status)
+    publisher = Publisher(broker, prefix, values, rate).start()
+    duration = streams * rounds / rate
+    rng = random.Random(7)
+    # Random moments, at least 1.5 s apart (a restart takes a second or two): some land while the
+    # previous start is still restoring or replaying.
+    moments = sorted(rng.uniform(0.05, 0.85) * duration for _ in range(kills))
+    for i in range(1, kills):
+        moments[i] = max(moments[i], moments[i - 1] + 1.5)
+    began = time.monotonic()
+    for moment in moments:
+        time.sleep(max(0.0, began + moment - time.monotonic()))
+        daemon.kill()
+        time.sleep(rng.uniform(0, 0.5))
+        daemon.start()
+    assert daemon.kills == kills
+    assert publisher.thread.is_alive(), "every kill must land while samples are still arriving"
+    publisher.wait_accepted(timeout=duration + 60)
+    want = {(s, k) for s in values for k in range(1, rounds + 1)}
+    got = wait_forecasts(out, want, timeout=60 + rounds * streams / 1000)
+    assert daemon.stop() == 0, daemon.text()[-3000:]
+    log = daemon.text()
+    assert "replayed" in log, "no restart replayed the journal: the kills missed the window"
+    check_forecasts(got, values, ref)
+    check_final_state(tmp_path / "state", ref, rounds)
+    for c in (status, out):
+        c.close()
+    publisher.close()
+
+
+def test_sigkill_twice_during_2000_samples_every_forecast_exact(
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    sigkill_run(broker, prefix, tmp_path, daemons, streams=20, rounds=100, kills=2, rate=250)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_six_times_during_20000_samples_every_forecast_exact(
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    sigkill_run(broker, prefix, tmp_path, daemons, streams=20, rounds=1000, kills=6, rate=400)
+
+
+def down_while_publishing(
+    broker: Broker,
+    prefix: str,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+    down_for: float,
+    rounds: int,
+    rate: float,
+) -> None:
+    """SIGTERM, stay down ``down_for`` s while samples keep coming, restart: all applied once."""
+    values = series(10, rounds, seed=1)
+    ref = offline_reference(values)
+    config = write_config(tmp_path, broker, prefix)
+    status = Collector(broker, f"{prefix}/status")
+    out = Collector(broker, f"{prefix}/out/+")
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.start()
+    wait_online(status)
+    publisher = Publisher(broker, prefix, values, rate).start()
+    time.sleep(2.0)
+    assert daemon.stop() == 0
+    time.sleep(down_for)
+    assert publisher.thread.is_alive(), "the publisher must still be sending during the downtime"
+    daemon.start()
+    publisher.wait_accepted(timeout=10 * rounds / rate + 60)
+    want = {(s, k) for s in values for k in range(1, rounds + 1)}
+    got = wait_forecasts(out, want, timeout=60)
+    assert daemon.stop() == 0
+    check_forecasts(got, values, ref)
+    check_final_state(tmp_path / "state", ref, rounds)
+    for c in (status, out):
+        c.close()
+    publisher.close()
+
+
+def test_down_3s_while_publishing_everything_forecast_after_restart(
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    down_while_publishing(broker, prefix, tmp_path, daemons, down_for=3, rounds=150, rate=100)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_down_30s_while_publishing_everything_forecast_after_restart(
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    down_while_publishing(broker, prefix, tmp_path, daemons, down_for=30, rounds=500, rate=100)
+
+
+class PersistentBroker(Broker):
+    """Mosquitto with persistence on, saved every second, and $SYS published every second."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.conf.write_text(
+            self.conf.read_text().replace("persistence false\n", "")
+            + "persistence true\n"
+            + f"persistence_location {folder}/\n"
+            + "autosave_interval 1\n"
+            + "sys_interval 1\n"
+            # Started as root, mosquitto would switch to its own user, which cannot write here.
+            + f"user {getpass.getuser()}\n"
+        )
+
+
+def read_dropped(broker: Broker) -> float:
+    """Mosquitto's ``$SYS/broker/publish/messages/dropped`` (retained, published every second)."""
+    sys_topic = Collector(broker, "$SYS/broker/publish/messages/dropped", qos=0)
+    raw = sys_topic.wait_raw(1, timeout=5)
+    sys_topic.close()
+    assert raw, "mosquitto published no $SYS dropped count"
+    return float(raw[-1][1])
+
+
+def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
+    tmp_path: Path, prefix: str, daemons: list[DaemonProcess]
+) -> None:
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    broker = PersistentBroker(folder).start()
+    try:
+        rounds, rate = 150, 300
+        values = series(20, rounds, seed=2)
+        ref = offline_reference(values)
+        config = write_config(tmp_path, broker, prefix)
+        status = Collector(broker, f"{prefix}/status")
+        daemon = DaemonProcess(config, tmp_path / "daemon.log")
+        daemons.append(daemon)
+        daemon.start()
+        wait_online(status)
+        status.close()
+        time.sleep(1.2)  # the daemon's session is in the broker's saved state
+        publisher = Publisher(broker, prefix, values, rate).start()
+        time.sleep(4.0)
+        assert read_dropped(broker) == 0
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait(5)
+        broker.proc = None
+        time.sleep(1.0)
+        broker.start()
+        out = Collector(broker, f"{prefix}/out/+")
+        assert publisher.thread.is_alive(), "the broker must die while samples are arriving"
+        publisher.wait_accepted(timeout=60)
+        last = {(s, rounds) for s in values}  # every accepted sample applied, the last ones too
+        assert last <= wait_forecasts(out, last, timeout=60).keys()
+        out.close()
+        assert read_dropped(broker) == 0
+        assert daemon.stop() == 0, daemon.text()[-3000:]
+        check_final_state(tmp_path / "state", ref, rounds)
+        publisher.close()
+    finally:
+        broker.stop()
