@@ -42,10 +42,11 @@ from tests.helpers import metric_value
 
 CALIBRATION_BURST = 600
 MAX_OFFERED_RATE = 1500.0
-# Offered load / the rate measured on the calibration burst. Under back-pressure the daemon's ticks
-# grow and it sustains more than on the burst, so it is offered more (check() verifies that the
-# offered rate is at least 1.5x what it sustained while overloaded).
-FACTOR = {"drop_oldest": 2.0, "drop_newest": 2.5, "backpressure": 3.0}
+# Offered load / the rate measured on the calibration burst. Once overloaded the daemon's ticks grow
+# and it sustains more than on the burst, so every policy is offered 3x (at most MAX_OFFERED_RATE;
+# check() verifies the offered rate is at least 1.5x what it then sustained). 2x fell short of that
+# in a clean CI run: 730/s offered, 505/s sustained.
+FACTOR = {"drop_oldest": 3.0, "drop_newest": 3.0, "backpressure": 3.0}
 RSS_GROWTH_BOUND_MB = 100  # stated bound: RSS growth over the pre-load RSS during the whole run
 
 
