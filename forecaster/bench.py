@@ -370,12 +370,13 @@ def _timed(call: object, repeats: int) -> float:
 
 
 def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -> dict[str, object]:
-    """ns per stream-step of ``Engine.tick`` (validation, gather, normalise, step, scatter,
-    scoring, Forecast objects) for ticks of ``n`` distinct streams, and of a plain ``nn.RNN`` +
-    ``Linear`` call over the same batch, so the engine's own overhead is visible."""
+    """ns per stream-step of ``Engine.tick_batch`` (columns in and out: validation, gather,
+    normalise, step, scatter, scoring) and of ``Engine.tick`` (``Sample`` objects in, ``Forecast``
+    objects out) for ticks of ``n`` distinct streams, beside a plain ``nn.RNN`` + ``Linear`` call
+    over the same batch, so the engine's own overhead is visible."""
     import torch
 
-    from forecaster.engine import Engine, Sample
+    from forecaster.engine import Batch, Engine, Sample
     from forecaster.persist import load_checkpoint
 
     torch.set_num_threads(1)  # the daemon's setting
@@ -383,21 +384,25 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
     model = checkpoint.model.eval()
     rows = []
     for n in tqdm(sizes, desc="engine sizes", leave=False):
-        engine = Engine(model, checkpoint.normalizer)
         rng = np.random.default_rng(0)
         names = [f"s{i}" for i in range(n)]
         repeats = max(3, min(200, 200_000 // n))
-
-        # Samples are built beforehand: the figure is the engine's, not the driver's.
-        batches = iter(
-            [
-                [Sample(s, v) for s, v in zip(names, rng.standard_normal(n).tolist(), strict=True)]
-                for _ in range(repeats + 1)
-            ]
+        # Inputs are built beforehand: the figure is the engine's, not the driver's.
+        values = [rng.standard_normal(n) for _ in range(repeats + 1)]
+        batches = iter([Batch.of(names, v) for v in values])
+        samples = iter(
+            [[Sample(s, x) for s, x in zip(names, v.tolist(), strict=True)] for v in values]
+        )
+        columns, objects = (
+            Engine(model, checkpoint.normalizer),
+            Engine(model, checkpoint.normalizer),
         )
 
-        def tick(engine: Engine = engine, batches: Iterator[list[Sample]] = batches) -> None:
-            engine.tick(next(batches))
+        def tick_batch(engine: Engine = columns, batches: Iterator[Batch] = batches) -> None:
+            engine.tick_batch(next(batches))
+
+        def tick(engine: Engine = objects, samples: Iterator[list[Sample]] = samples) -> None:
+            _ = engine.tick(next(samples)).forecasts
 
         state = model.init_state(n)
         x = torch.randn(n, 1, 1)
@@ -406,14 +411,16 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
             with torch.inference_mode():
                 model(x, state)  # nn.RNN + Linear, nothing else
 
-        engine_s, plain_s = _timed(tick, repeats), _timed(plain, repeats)
+        batch_s, plain_s = _timed(tick_batch, repeats), _timed(plain, repeats)
+        objects_s = _timed(tick, repeats)
         rows.append(
             {
                 "streams": n,
-                "engine_ns_per_step": 1e9 * engine_s / n,
+                "engine_ns_per_step": 1e9 * batch_s / n,
                 "plain_rnn_ns_per_step": 1e9 * plain_s / n,
-                "overhead": engine_s / plain_s,
-                "stream_steps_per_s": n / engine_s,
+                "overhead": batch_s / plain_s,
+                "stream_steps_per_s": n / batch_s,
+                "objects_ns_per_step": 1e9 * objects_s / n,
             }
         )
     return {"cell": model.config.cell, "hidden_size": model.config.hidden_size, "sizes": rows}
@@ -426,14 +433,14 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
 
     code = (
         "import resource, numpy as np, torch; torch.set_num_threads(1)\n"
-        "from forecaster.engine import Engine, Sample\n"
+        "from forecaster.engine import Batch, Engine\n"
         "from forecaster.persist import load_checkpoint\n"
         "ck = load_checkpoint(); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "e = Engine(ck.model, ck.normalizer)\n"
         f"names = [f's{{i}}' for i in range({streams})]\n"
         "for t in range(3):\n"
         "    for lo in range(0, len(names), 10000):\n"
-        "        e.tick([Sample(s, float(t)) for s in names[lo:lo + 10000]])\n"
+        "        e.tick_batch(Batch.of(names[lo:lo + 10000], np.full(10000, float(t))))\n"
         "print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(e.streams))\n"
     )
     out = subprocess.run(
@@ -448,12 +455,13 @@ def print_engine(result: dict[str, object], memory: dict[str, float], as_json: b
         return
     print(f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread:")
     print(
-        f"  {'streams':>8} {'engine ns/step':>15} {'nn.RNN ns/step':>15} {'overhead':>9} {'steps/s':>12}"
+        f"  {'streams':>8} {'engine ns/step':>15} {'nn.RNN ns/step':>15} {'overhead':>9}"
+        f" {'steps/s':>12} {'objects ns/step':>16}"
     )
     for row in result["sizes"]:  # type: ignore[attr-defined]
         print(
             f"  {row['streams']:>8} {row['engine_ns_per_step']:>15.0f} {row['plain_rnn_ns_per_step']:>15.0f}"
-            f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f}"
+            f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f} {row['objects_ns_per_step']:>16.0f}"
         )
     print(
         f"memory: {memory['streams']} active streams, peak RSS {memory['rss_mb_peak']:.0f} MB"

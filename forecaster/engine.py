@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -23,7 +24,14 @@ from forecaster.store import MemoryStore, StreamStore
 from forecaster.streams import StreamTable
 
 # Bounded set of reasons a sample is refused by the engine (``parse`` adds the payload ones).
-REJECT_REASONS = ("not_a_number", "non_finite", "out_of_range", "bad_stream", "duplicate")
+REJECT_REASONS = (
+    "not_a_number",
+    "non_finite",
+    "out_of_range",
+    "bad_stream",
+    "duplicate",
+    "bad_seq",
+)
 # A stream id becomes one level of an output topic and a metric label: ``^[A-Za-z0-9][A-Za-z0-9_.-]
 # {0,63}$``. Always ``STREAM_ID.fullmatch`` (with ``re.match`` and ``$``, "a\n" would pass). The
 # metrics' overflow label ``_other`` cannot collide with it. parse.py checks the same rule.
@@ -102,10 +110,147 @@ class StepRecord:
     state_before: torch.Tensor  # (num_layers, B, width) state before stepping z_in
 
 
+NO_SEQ = -1  # in ``Batch.seq``: the sender gave none, the engine assigns the stream's next one
+SEQ_LIMIT = 2**63  # sequence numbers live in int64 columns
+
+
 @dataclass(slots=True)
+class Batch:
+    """One tick's samples as columns: what a drained queue or a frame becomes.
+
+    The engine's own entry point (``Engine.tick_batch``); ``Engine.tick`` builds one from
+    ``Sample`` objects. Columns cost one NumPy operation per tick where objects cost one Python
+    loop per sample, which is most of a tick at a thousand streams.
+    """
+
+    streams: list[str]
+    values: np.ndarray  # (N,) float64
+    ts: np.ndarray  # (N,) float64; NaN where the sender gave none
+    seq: np.ndarray  # (N,) int64; NO_SEQ where the sender gave none
+
+    @classmethod
+    def of(
+        cls, streams: list[str], values: Sequence[float], ts: Sequence[float] | None = None
+    ) -> Batch:
+        """Samples with no sequence numbers (and no ``ts`` unless given).
+
+        >>> Batch.of(["a", "b"], [1.0, 2.0]).seq.tolist()
+        [-1, -1]
+        """
+        n = len(streams)
+        stamps = np.full(n, np.nan) if ts is None else np.asarray(ts, dtype=np.float64)
+        return cls(streams, np.asarray(values, dtype=np.float64), stamps, np.full(n, NO_SEQ))
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+
+@dataclass(slots=True)
+class ForecastColumns:
+    """A tick's forecasts as columns, in the order their samples arrived.
+
+    ``index[i]`` is forecast i's position in the tick's input. NaN stands for "none" in ``ts``,
+    ``error`` and ``naive_error``; ``covered`` means nothing where ``error`` is NaN.
+    """
+
+    streams: list[str]
+    index: np.ndarray  # (M,) int64
+    seq: np.ndarray  # (M,) int64
+    ts: np.ndarray  # (M,) float64
+    value: np.ndarray
+    prediction: np.ndarray
+    error: np.ndarray
+    naive_error: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    anomaly: np.ndarray
+    covered: np.ndarray  # (M,) bool
+    warm: np.ndarray  # (M,) bool
+    model_version: int
+    path: np.ndarray | None = None  # (M, H) with a horizon H > 1
+    path_lower: np.ndarray | None = None
+    path_upper: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def to_list(self) -> list[Forecast]:
+        """One ``Forecast`` object per row (``tolist`` first: one C call per column)."""
+        error, naive = self.error.tolist(), self.naive_error.tolist()
+        paths = (
+            [{}] * len(self)
+            if self.path is None or self.path_lower is None or self.path_upper is None
+            else [
+                {"path": tuple(p), "path_lower": tuple(lo), "path_upper": tuple(up)}
+                for p, lo, up in zip(
+                    self.path.tolist(),
+                    self.path_lower.tolist(),
+                    self.path_upper.tolist(),
+                    strict=True,
+                )
+            ]
+        )
+        version = self.model_version
+        return [
+            Forecast(
+                stream=stream,
+                seq=seq,
+                ts=None if ts != ts else ts,  # NaN: not given
+                value=value,
+                prediction=prediction,
+                error=None if err != err else err,
+                naive_error=None if nai != nai else nai,
+                model_version=version,
+                warm=warm,
+                lower=lower,
+                upper=upper,
+                anomaly=anomaly,
+                covered=None if err != err else covered,
+                **extra,
+            )
+            for stream, seq, ts, value, prediction, err, nai, warm, lower, upper, anomaly, covered, extra in zip(
+                self.streams,
+                self.seq.tolist(),
+                self.ts.tolist(),
+                self.value.tolist(),
+                self.prediction.tolist(),
+                error,
+                naive,
+                self.warm.tolist(),
+                self.lower.tolist(),
+                self.upper.tolist(),
+                self.anomaly.tolist(),
+                self.covered.tolist(),
+                paths,
+                strict=True,
+            )
+        ]
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What ``tick_batch`` gives: forecasts as columns, and the refused samples' positions."""
+
+    forecasts: ForecastColumns
+    rejected_index: np.ndarray  # (K,) int64, ascending
+    rejected_reason: list[str]  # (K,) one of REJECT_REASONS
+
+
 class TickResult:
-    forecasts: list[Forecast] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
+    """What ``tick`` gives: ``forecasts`` (built on first use) and ``rejected``, in input order."""
+
+    __slots__ = ("_forecasts", "columns", "rejected")
+
+    def __init__(self, columns: ForecastColumns, rejected: list[Rejection]) -> None:
+        self.columns = columns
+        self.rejected = rejected
+        self._forecasts: list[Forecast] | None = None
+
+    @property
+    def forecasts(self) -> list[Forecast]:
+        if self._forecasts is None:
+            self._forecasts = self.columns.to_list()
+        return self._forecasts
 
 
 class Engine:
@@ -217,48 +362,144 @@ class Engine:
         return 0
 
     def tick(self, samples: Sequence[Sample]) -> TickResult:
-        """Apply ``samples`` in arrival order; one batched model step per round of distinct streams.
+        """Apply ``samples`` in arrival order: ``tick_batch`` for ``Sample`` objects.
 
-        Several samples of one stream in a tick go into consecutive rounds, so each stream sees its
-        values in order, and a stream's forecast never depends on which others share the tick.
+        Anything that is not a number, a string id or an integer ``seq`` is refused here, before
+        the samples become columns; the rest is checked by ``tick_batch``.
         """
-        result = TickResult()
-        rounds: list[list[tuple[int, int, float, int]]] = []  # (order, slot, value, seq)
-        pending_seq: dict[int, int] = {}
-        depth: dict[int, int] = {}
-        accepted: list[Sample] = []
-        reasons = [self.reject_reason(sample) for sample in samples]
-        self.ticks += 1
-        if self.max_streams:
-            self._make_room({s.stream for s, r in zip(samples, reasons, strict=True) if r is None})
-        for sample, reason in zip(samples, reasons, strict=True):
-            slot = -1
+        keep: list[int] = []
+        refused: list[tuple[int, str]] = []
+        for i, sample in enumerate(samples):
+            reason = _object_reason(sample)
             if reason is None:
-                slot = self.streams.slot(sample.stream)
-                last = pending_seq.get(slot, int(self.streams.seq[slot]))
-                seq = last + 1 if sample.seq is None else int(sample.seq)
-                if seq <= last:
-                    reason = "duplicate"
-            if reason is not None:
-                result.rejected.append(Rejection(sample, reason))
-                continue
-            pending_seq[slot] = seq
-            level = depth.get(slot, 0)
-            depth[slot] = level + 1
-            if level == len(rounds):
-                rounds.append([])
-            rounds[level].append((len(accepted), slot, float(sample.value), seq))
-            accepted.append(sample)
-        out: list[Forecast | None] = [None] * len(accepted)
-        if self.max_streams and pending_seq:
-            self.streams.last_used[np.fromiter(pending_seq, dtype=np.int64)] = self.ticks
+                keep.append(i)
+            else:
+                refused.append((i, reason))
+        kept = [samples[i] for i in keep]
+        batch = Batch(
+            [s.stream for s in kept],
+            np.array([float(s.value) for s in kept], dtype=np.float64),
+            np.array([np.nan if s.ts is None else s.ts for s in kept], dtype=np.float64),
+            np.array([NO_SEQ if s.seq is None else s.seq for s in kept], dtype=np.int64),
+        )
+        result = self.tick_batch(batch)
+        if refused or len(kept) < len(samples):
+            positions = np.asarray(keep, dtype=np.int64)
+            result.forecasts.index = positions[result.forecasts.index]
+            rows = result.rejected_index.tolist()
+            refused += [(keep[i], r) for i, r in zip(rows, result.rejected_reason, strict=True)]
+            refused.sort(key=lambda pair: pair[0])
+        else:
+            refused = list(zip(result.rejected_index.tolist(), result.rejected_reason, strict=True))
+        return TickResult(result.forecasts, [Rejection(samples[i], r) for i, r in refused])
+
+    def tick_batch(self, batch: Batch) -> BatchResult:
+        """Apply a tick's samples in arrival order; one batched model step per round.
+
+        A round holds at most one sample per stream: several samples of one stream in a tick go
+        into consecutive rounds, so each stream sees its values in order, and a stream's forecast
+        never depends on which others share the tick. Refused samples touch no state.
+        """
+        self.ticks += 1
+        table = self.streams
+        names = batch.streams
+        n = len(names)
+        values = np.asarray(batch.values, dtype=np.float64)
+        reason = np.zeros(n, dtype=np.int8)  # 0: fine, else 1 + index in REJECT_REASONS
+        with np.errstate(invalid="ignore"):
+            reason[np.abs(values) > self.max_abs_value] = 1 + REJECT_REASONS.index("out_of_range")
+            reason[~np.isfinite(values)] = 1 + REJECT_REASONS.index("non_finite")
+        if self.max_streams:
+            ok_names = {names[i] for i in np.flatnonzero(reason == 0).tolist()}
+            self._make_room({s for s in ok_names if s in table or _valid_stream(s)})
+        slots = np.array(list(map(table.slots.get, names, repeat(-1))), dtype=np.int64)
+        for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
+            if _valid_stream(names[i]):
+                slots[i] = table.slot(names[i])  # a new stream: fresh state
+            else:
+                reason[i] = 1 + REJECT_REASONS.index("bad_stream")
+        candidates = np.flatnonzero(reason == 0)
+        accepted, seq, level = self._sequence(slots[candidates], batch.seq[candidates])
+        reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
+        index = candidates[accepted]  # (M,) positions of the samples applied, in arrival order
+        slots, seq = slots[index], seq[accepted]
+        if self.max_streams and len(index):
+            table.last_used[slots] = self.ticks
+        out = self._empty_columns(index, names)
+        out.seq = seq
         with torch.no_grad():
-            for batch in rounds:
-                self._step_round(batch, accepted, out)
-        result.forecasts = [f for f in out if f is not None]
+            if level is None:  # one round: every stream once
+                self._step_round(out, slice(None), slots, values[index], batch.ts[index], seq)
+            else:
+                level = level[accepted]
+                order = np.argsort(level, kind="stable")
+                bounds = np.flatnonzero(np.diff(level[order])) + 1
+                for rows in np.split(order, bounds):
+                    r_slots = slots[rows]
+                    self._step_round(
+                        out, rows, r_slots, values[index[rows]], batch.ts[index[rows]], seq[rows]
+                    )
         if self.max_streams:  # a tick wider than the bound: back under it before the next one
-            self._evict(len(self.streams) - self.max_streams, set())
-        return result
+            self._evict(len(table) - self.max_streams, set())
+        bad = np.flatnonzero(reason)
+        return BatchResult(out, bad, [REJECT_REASONS[r - 1] for r in reason[bad].tolist()])
+
+    def _sequence(
+        self, slots: np.ndarray, given: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Sequence numbers: (accepted, seq, level) for samples of ``slots`` in arrival order.
+
+        A sample without one (``NO_SEQ``) gets its stream's next; one at or below the stream's
+        last is a duplicate. ``level`` is each sample's round (None: all in one, the usual case
+        of distinct streams, done without a Python loop).
+        """
+        table = self.streams
+        last = table.seq[slots]
+        rank = np.arange(len(slots))
+        table.scratch[slots] = rank  # where a slot comes twice, the later position wins
+        if (table.scratch[slots] == rank).all():  # distinct slots
+            seq = np.where(given == NO_SEQ, last + 1, given)
+            return seq > last, seq, None
+        accepted = np.zeros(len(slots), dtype=bool)
+        seq = np.zeros(len(slots), dtype=np.int64)
+        level = np.zeros(len(slots), dtype=np.int64)
+        pending: dict[int, tuple[int, int]] = {}  # slot -> (last seq, rounds used)
+        for i, (slot, before, wanted) in enumerate(
+            zip(slots.tolist(), last.tolist(), given.tolist(), strict=True)
+        ):
+            prev, depth = pending.get(slot, (before, 0))
+            number = prev + 1 if wanted == NO_SEQ else wanted
+            if number > prev:
+                accepted[i], seq[i], level[i] = True, number, depth
+                pending[slot] = (number, depth + 1)
+        return accepted, seq, level
+
+    def _empty_columns(self, index: np.ndarray, names: list[str]) -> ForecastColumns:
+        m = len(index)
+        horizon = self.horizon if self.horizon > 1 else 0
+
+        def floats() -> np.ndarray:
+            return np.empty(m, dtype=np.float64)
+
+        return ForecastColumns(
+            streams=[names[i] for i in index.tolist()],
+            index=index,
+            seq=np.empty(m, dtype=np.int64),
+            ts=floats(),
+            value=floats(),
+            prediction=floats(),
+            error=floats(),
+            naive_error=floats(),
+            lower=floats(),
+            upper=floats(),
+            anomaly=floats(),
+            covered=np.empty(m, dtype=bool),
+            warm=np.ones(m, dtype=bool),
+            model_version=self.model_version,
+            path=np.empty((m, horizon)) if horizon else None,
+            path_lower=np.empty((m, horizon)) if horizon else None,
+            path_upper=np.empty((m, horizon)) if horizon else None,
+        )
 
     def _make_room(self, needed: set[str]) -> None:
         """Bring back parked streams this tick needs, parking least recently used others first."""
@@ -289,22 +530,11 @@ class Engine:
         if self.slot_listener is not None:
             self.slot_listener(chosen, src, dst)
 
-    def _gaps(
-        self,
-        slots: np.ndarray,
-        batch: list[tuple[int, int, float, int]],
-        accepted: list[Sample],
-        before: torch.Tensor,
-    ) -> np.ndarray:
+    def _gaps(self, slots: np.ndarray, ts: np.ndarray, before: torch.Tensor) -> np.ndarray:
         """Detect gaps, reset those streams' state in ``before``; return each forecast's warm."""
         policy = self.gaps
         assert policy is not None
         table = self.streams
-        ts = np.fromiter(
-            (np.nan if (t := accepted[b[0]].ts) is None else t for b in batch),
-            dtype=np.float64,
-            count=len(batch),
-        )
         usual = table.interval[slots]
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf only where ts is unknown
             dt = ts - table.last_ts[slots]  # NaN where either is unknown
@@ -324,15 +554,17 @@ class Engine:
 
     def _step_round(
         self,
-        batch: list[tuple[int, int, float, int]],
-        accepted: list[Sample],
-        out: list[Forecast | None],
+        out: ForecastColumns,
+        rows: slice | np.ndarray,
+        slots: np.ndarray,
+        values: np.ndarray,
+        ts: np.ndarray,
+        seq: np.ndarray,
     ) -> None:
+        """Score, step and forecast one round (distinct ``slots``); fill ``out[rows]``."""
         table = self.streams
-        slots = np.fromiter((b[1] for b in batch), dtype=np.int64, count=len(batch))
-        values = np.fromiter((b[2] for b in batch), dtype=np.float64, count=len(batch))
         error = values - table.last_prediction[slots]  # NaN where there was no forecast yet
-        naive_error = values - table.last_value[slots]
+        out.naive_error[rows] = values - table.last_value[slots]
         anomaly, covered = self._score(slots, values, error)
         observer = self.observer
         if observer is not None:  # the value in the frame its forecast was made in
@@ -341,45 +573,37 @@ class Engine:
         z = table.normalizer.update(slots, values)
         index = torch.from_numpy(slots).to(self.device)
         before = table.state.index_select(1, index)  # (num_layers, B, width): a copy
-        warm = None
         if self.gaps is not None:
-            warm = self._gaps(slots, batch, accepted, before)
+            out.warm[rows] = self._gaps(slots, ts, before)
         z_next, state = self.model.step(
             torch.from_numpy(z.astype(np.float32)).to(self.device), before
         )
         if observer is not None:
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
-        prediction = table.normalizer.forecast(slots, z_next.double().cpu().numpy())
+        scale = table.normalizer.frame_scale(slots)  # after the update: the forecast's frame
+        prediction = table.normalizer.forecast(slots, z_next.double().cpu().numpy(), scale)
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
-        half = table.scorer.halfwidth(slots) * table.normalizer.frame_scale(slots)
+        half = table.scorer.halfwidth(slots) * scale
         lower, upper = prediction - half, prediction + half
         table.last_lower[slots] = lower
         table.last_upper[slots] = upper
-        paths = self._paths(slots, z_next, state, half, prediction) if self.horizon > 1 else None
-        for i, (position, slot, value, seq) in enumerate(batch):
-            sample = accepted[position]
-            table.seq[slot] = seq
-            if sample.ts is not None:
-                table.last_ts[slot] = sample.ts
-            err, naive = float(error[i]), float(naive_error[i])
-            out[position] = Forecast(
-                stream=sample.stream,
-                seq=seq,
-                ts=sample.ts,
-                value=value,
-                prediction=float(prediction[i]),
-                error=None if math.isnan(err) else err,
-                naive_error=None if math.isnan(naive) else naive,
-                model_version=self.model_version,
-                warm=True if warm is None else bool(warm[i]),
-                lower=float(lower[i]),
-                upper=float(upper[i]),
-                anomaly=float(anomaly[i]),
-                covered=None if math.isnan(err) else bool(covered[i]),
-                **({} if paths is None else {k: tuple(v[i].tolist()) for k, v in paths.items()}),
-            )
+        table.seq[slots] = seq
+        known = ~np.isnan(ts)
+        table.last_ts[slots[known]] = ts[known]
+        out.ts[rows] = ts
+        out.value[rows] = values
+        out.prediction[rows] = prediction
+        out.error[rows] = error
+        out.lower[rows] = lower
+        out.upper[rows] = upper
+        out.anomaly[rows] = anomaly
+        out.covered[rows] = covered
+        if self.horizon > 1:
+            paths = self._paths(slots, z_next, state, half, prediction)
+            for key, path in paths.items():
+                getattr(out, key)[rows] = path
 
     def _paths(
         self,
@@ -415,8 +639,31 @@ class Engine:
         table = self.streams
         covered = (values >= table.last_lower[slots]) & (values <= table.last_upper[slots])
         scored = ~np.isnan(error) & (table.normalizer.count[slots] >= self.scoring_config.warmup)
-        s = np.abs(np.nan_to_num(error)) / table.normalizer.frame_scale(slots)
+        s = np.fmax(np.abs(error), 0.0) / table.normalizer.frame_scale(slots)  # NaN -> 0
         return table.scorer.observe(slots, s, covered, scored), covered
+
+
+def _object_reason(sample: Sample) -> str | None:
+    """Why ``sample`` cannot become a row of a ``Batch`` (its values checked by ``tick_batch``)."""
+    if not isinstance(sample.stream, str):
+        return "bad_stream"
+    value = sample.value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        return "not_a_number"
+    try:
+        float(value)
+    except OverflowError:  # an int too large for a float
+        return "out_of_range"
+    seq = sample.seq
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, (int, np.integer))):
+        return "bad_seq"
+    if seq is not None and not 0 <= seq < SEQ_LIMIT:
+        return "duplicate" if seq < 0 else "bad_seq"  # below every stream's last: seen before
+    return None
+
+
+def _valid_stream(stream: str) -> bool:
+    return isinstance(stream, str) and STREAM_ID.fullmatch(stream) is not None
 
 
 def _row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:

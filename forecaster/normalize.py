@@ -117,7 +117,7 @@ class Normalizer:
         self.count[slots] = count
         self.mean[slots] = mean
         self.var[slots] = var
-        z = self.normalize(slots, x)
+        z = np.clip((x - mean) / self.scale(slots), -self.config.clip, self.config.clip)
         self.clipped[slots] = np.abs(z) >= self.config.clip
         return z
 
@@ -128,10 +128,13 @@ class Normalizer:
         z = (x - self.mean[slots]) / self.scale(slots)
         return np.clip(z, -self.config.clip, self.config.clip)
 
-    def denormalize(self, slots: np.ndarray, z: np.ndarray) -> np.ndarray:
+    def denormalize(
+        self, slots: np.ndarray, z: np.ndarray, scale: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``z`` in stream units; ``scale``: ``frame_scale(slots)`` when the caller has it."""
         if self.config.kind == "none":
             return np.asarray(z, dtype=np.float64).copy()
-        return self.mean[slots] + self.scale(slots) * z
+        return self.mean[slots] + (self.scale(slots) if scale is None else scale) * z
 
     def _update_gain(self, slots: np.ndarray, x: np.ndarray) -> None:
         """Fold the outcome of the last forecast (the change that followed) into the moments."""
@@ -165,7 +168,9 @@ class Normalizer:
         ratio = np.divide(sxy, sxx, out=np.ones(len(slots)), where=sxx > 0)
         return np.clip(ratio, 0.0, 1.0)
 
-    def forecast(self, slots: np.ndarray, z: np.ndarray) -> np.ndarray:
+    def forecast(
+        self, slots: np.ndarray, z: np.ndarray, scale: np.ndarray | None = None
+    ) -> np.ndarray:
         """Map the model's ``z`` back to stream units with the predicted change shrunk by the
         gain; call once per step, after ``update`` (it records the change for the next one).
 
@@ -178,7 +183,7 @@ class Normalizer:
         >>> norm.forecast(slot, np.array([0.0])).tolist()  # z = 0 would be "back to the mean"
         [1000.0]
         """
-        raw = self.denormalize(slots, z)
+        raw = self.denormalize(slots, z, scale)
         if self.config.gain_halflife is None:
             return raw
         last = self.last[slots]

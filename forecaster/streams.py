@@ -44,6 +44,7 @@ class StreamTable:
         self.last_used = np.zeros(capacity, dtype=np.int64)
         self.intervals = np.zeros(capacity, dtype=np.int64)
         self.cold = np.zeros(capacity, dtype=np.int64)
+        self.scratch = np.zeros(capacity, dtype=np.int64)  # the engine's work space, not state
         self.interval = np.full(capacity, np.nan)
         self.last_value = np.full(capacity, np.nan)
         self.last_prediction = np.full(capacity, np.nan)
@@ -78,7 +79,7 @@ class StreamTable:
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
         self.normalizer.grow(capacity)
         self.scorer.grow(capacity)
-        for name in INT_COLUMNS:
+        for name in (*INT_COLUMNS, "scratch"):
             setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra, np.int64)]))
         for name in FLOAT_COLUMNS:
             setattr(self, name, np.concatenate([getattr(self, name), np.full(extra, np.nan)]))
@@ -112,7 +113,7 @@ class StreamTable:
         self.state[:, :n] = torch.as_tensor(arrays["state"], device=self.device)
         self.normalizer = Normalizer(self.normalizer.config, capacity)
         self.scorer = Scorer(self.scorer.config, capacity)
-        for name in INT_COLUMNS:
+        for name in (*INT_COLUMNS, "scratch"):
             setattr(self, name, np.zeros(capacity, dtype=np.int64))
         for name in FLOAT_COLUMNS:
             setattr(self, name, np.full(capacity, np.nan))
