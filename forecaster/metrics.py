@@ -375,59 +375,87 @@ class Metrics(LinkEvents):
         return OTHER
 
     def observe_forecasts(self, forecasts: Iterable[Forecast]) -> None:
-        """Error metrics for a tick's forecasts (errors are finite: the engine saw to that)."""
+        """Error metrics for a tick's forecasts (errors are finite: the engine saw to that).
+
+        The rolling statistics take every forecast; each label's gauges and counters are written
+        once per tick (a scrape sees the tick's end either way, and every write takes a lock).
+        """
+        touched: dict[str, list] = {}  # label -> [series, samples, anomalies, last forecast]
         for forecast in forecasts:
             label = self.label_for(forecast.stream)
-            series = self._streams.get(label)
-            if series is None:
-                series = self._streams[label] = self._series(label)
-            series.samples.inc()
-            if label != OTHER:
-                series.value.set(_finite(forecast.value))
-                series.prediction.set(_finite(forecast.prediction))
-                series.lower.set(_finite(forecast.lower))
-                series.upper.set(_finite(forecast.upper))
-                series.anomaly.set(_finite(forecast.anomaly))
+            entry = touched.get(label)
+            if entry is None:
+                series = self._streams.get(label)
+                if series is None:
+                    series = self._streams[label] = self._series(label)
+                entry = touched[label] = [series, 0, 0, forecast]
+            series = entry[0]
+            entry[1] += 1
+            entry[3] = forecast
             if forecast.anomaly > self.anomaly_threshold:
-                series.anomalies.inc()
+                entry[2] += 1
             if forecast.covered is not None:
-                interval = series.interval
-                interval.update(
+                series.interval.update(
                     forecast.covered,
                     _finite(forecast.upper - forecast.lower, 1e150),
                     self.coverage_alpha,
                 )
-                series.coverage.set(interval.coverage)
-                series.width.set(interval.width)
             if forecast.error is None or forecast.naive_error is None:
                 continue
             # Clamped so that squares stay finite too.
             error, naive = _finite(forecast.error, 1e150), _finite(forecast.naive_error, 1e150)
             self.abs_error.observe(abs(error))
+            series.rolling.update(error, naive, self.alpha)
+        for label, (series, samples, anomalies, last) in touched.items():
+            series.samples.inc(samples)
+            if anomalies:
+                series.anomalies.inc(anomalies)
+            if series.value is not None:  # not _other
+                series.value.set(_finite(last.value))
+                series.prediction.set(_finite(last.prediction))
+                series.lower.set(_finite(last.lower))
+                series.upper.set(_finite(last.upper))
+                series.anomaly.set(_finite(last.anomaly))
+            if series.interval.n:  # exported from the first scored interval on
+                if series.coverage is None:
+                    series.coverage = self.stream_coverage.labels(label)
+                    series.width = self.stream_width.labels(label)
+                series.coverage.set(series.interval.coverage)
+                series.width.set(series.interval.width)
             rolling = series.rolling
-            rolling.update(error, naive, self.alpha)
-            series.mae.set(rolling.abs)
-            series.rmse.set(math.sqrt(rolling.sq))
-            series.naive_mae.set(rolling.naive_abs)
-            series.naive_rmse.set(math.sqrt(rolling.naive_sq))
-            series.skill.set(rolling.skill)
+            if rolling.n:  # exported from the first error on
+                if series.errors is None:
+                    series.errors = tuple(
+                        metric.labels(label)
+                        for metric in (
+                            self.stream_mae,
+                            self.stream_rmse,
+                            self.stream_naive_mae,
+                            self.stream_naive_rmse,
+                            self.stream_skill,
+                        )
+                    )
+                mae, rmse, naive_mae, naive_rmse, skill = series.errors
+                mae.set(rolling.abs)
+                rmse.set(math.sqrt(rolling.sq))
+                naive_mae.set(rolling.naive_abs)
+                naive_rmse.set(math.sqrt(rolling.naive_sq))
+                skill.set(rolling.skill)
 
     def _series(self, label: str) -> _StreamSeries:
+        last = label != OTHER  # _other aggregates: it has no last-value gauges
+
+        def gauge(metric: Gauge) -> Gauge | None:
+            return metric.labels(label) if last else None
+
         return _StreamSeries(
             samples=self.stream_samples.labels(label),
-            value=self.stream_value.labels(label),
-            prediction=self.stream_prediction.labels(label),
-            lower=self.stream_lower.labels(label),
-            upper=self.stream_upper.labels(label),
-            anomaly=self.stream_anomaly.labels(label),
+            value=gauge(self.stream_value),
+            prediction=gauge(self.stream_prediction),
+            lower=gauge(self.stream_lower),
+            upper=gauge(self.stream_upper),
+            anomaly=gauge(self.stream_anomaly),
             anomalies=self.stream_anomalies.labels(label),
-            coverage=self.stream_coverage.labels(label),
-            width=self.stream_width.labels(label),
-            mae=self.stream_mae.labels(label),
-            rmse=self.stream_rmse.labels(label),
-            naive_mae=self.stream_naive_mae.labels(label),
-            naive_rmse=self.stream_naive_rmse.labels(label),
-            skill=self.stream_skill.labels(label),
         )
 
 
@@ -436,19 +464,15 @@ class _StreamSeries:
     """One label's children of the per-stream metrics, and the rolling statistics behind them."""
 
     samples: Counter
-    value: Gauge
-    prediction: Gauge
-    lower: Gauge
-    upper: Gauge
-    anomaly: Gauge
+    value: Gauge | None  # None for _other
+    prediction: Gauge | None
+    lower: Gauge | None
+    upper: Gauge | None
+    anomaly: Gauge | None
     anomalies: Counter
-    coverage: Gauge
-    width: Gauge
-    mae: Gauge
-    rmse: Gauge
-    naive_mae: Gauge
-    naive_rmse: Gauge
-    skill: Gauge
+    coverage: Gauge | None = None  # made with the first scored interval
+    width: Gauge | None = None
+    errors: tuple[Gauge, ...] | None = None  # mae, rmse, naive mae, naive rmse, skill
     interval: RollingInterval = field(default_factory=RollingInterval)
     rolling: RollingError = field(default_factory=RollingError)
 
