@@ -72,7 +72,7 @@ ERFC_POLY = (
     1.00002368,
     -1.26551223,
 )
-EXACT_UP_TO = 128  # rounds up to this size call math.erfc per value: exact, and cheaper there
+EXACT_UP_TO = 256  # rounds up to this size call math.erfc per value: exact, and cheaper there
 
 
 def normal_cdf(x: np.ndarray) -> np.ndarray:
