@@ -1024,7 +1024,12 @@ def bench_anomaly(
 ) -> dict[str, object]:
     """Every labelled NAB file through one Engine (one stream each, stepped together): coverage
     of the interval and event-level precision/recall of ``anomaly > threshold`` after NAB's
-    probationary period; with ``out``, NAB-format results files (timestamp,value,anomaly_score)."""
+    probationary period; with ``out``, NAB-format results files (timestamp,value,anomaly_score).
+
+    A file whose forecasts were exact on every scored sample (NAB's ``art_flatline``: one value
+    4,032 times) is listed with its coverage but left out of the coverage figures, the way
+    ``bench accuracy`` skips files where naive has zero error: no interval, even of width 0, can
+    miss a value forecast exactly, so its 100 % says nothing about calibration."""
     from forecaster.config import Config, scoring_config
     from forecaster.engine import Engine, Sample
     from forecaster.persist import load_checkpoint
@@ -1040,6 +1045,7 @@ def bench_anomaly(
     covered = {name: np.zeros(len(series[name][1]), dtype=bool) for name in names}
     anomaly = {name: np.zeros(len(series[name][1])) for name in names}
     width = {name: np.zeros(len(series[name][1])) for name in names}
+    error = {name: np.zeros(len(series[name][1])) for name in names}
     length = max(len(v) for _, v in series.values())
     by_stream = {s: n for n, s in streams.items()}
     for t in tqdm(range(length), desc=f"NAB, {len(names)} files", leave=False):
@@ -1049,6 +1055,7 @@ def bench_anomaly(
             covered[name][t] = bool(forecast.covered)
             anomaly[name][t] = forecast.anomaly
             width[name][t] = forecast.upper - forecast.lower
+            error[name][t] = forecast.error or 0.0
     files: dict[str, dict[str, object]] = {}
     hits = misses = windows_total = detected_total = false_total = 0
     for name in names:
@@ -1063,13 +1070,16 @@ def bench_anomaly(
             else:
                 false_alarms += 1
         hit = int(covered[name][start:].sum())
-        hits, misses = hits + hit, misses + len(values) - start - hit
+        exact = not np.any(error[name][start:])
+        if not exact:
+            hits, misses = hits + hit, misses + len(values) - start - hit
         windows_total += len(scored_windows)
         detected_total += len(detected)
         false_total += false_alarms
         files[name] = {
             "samples": len(values) - start,
             "coverage": hit / (len(values) - start),
+            "coverage_scored": not exact,
             "mean_width": float(np.mean(width[name][start:])),
             "windows": len(scored_windows),
             "detected": len(detected),
@@ -1085,8 +1095,11 @@ def bench_anomaly(
             target = folder / f"forecaster_{Path(name).name}"
             target.write_text("timestamp,value,anomaly_score\n" + rows)
     found = detected_total + false_total
+    scored = [f["coverage"] for f in files.values() if f["coverage_scored"]]
     return {
-        "coverage": hits / (hits + misses),
+        "coverage": hits / (hits + misses) if scored else float("nan"),
+        "coverage_range": [min(scored), max(scored)] if scored else None,
+        "coverage_unscored": [name for name, f in files.items() if not f["coverage_scored"]],
         "precision": detected_total / found if found else float("nan"),
         "recall": detected_total / windows_total if windows_total else float("nan"),
         "threshold": threshold,
@@ -1109,12 +1122,15 @@ def print_anomaly(result: dict[str, object], as_json: bool) -> None:
         f"(anomaly > {r['threshold']}, one alarm per incident: {r['alarm_gap']} samples apart)"
     )
     for name, f in r["files"].items():  # type: ignore[union-attr]
+        note = "" if f["coverage_scored"] else " (not scored: every forecast exact)"
         print(
             f"  {name:58s} coverage {f['coverage']:.3f}  windows {f['detected']}/{f['windows']}"
-            f"  false alarms {f['false_alarms']}"
+            f"  false alarms {f['false_alarms']}{note}"
         )
+    low, high = r["coverage_range"] or (float("nan"), float("nan"))  # type: ignore[misc]
     print(
-        f"  overall coverage {r['coverage']:.3f}; recall {r['recall']:.3f} "
+        f"  overall coverage {r['coverage']:.3f} (per file {low:.3f}-{high:.3f}); "
+        f"recall {r['recall']:.3f} "
         f"({r['detected']}/{r['windows']} windows), precision {r['precision']:.3f} "
         f"({r['false_alarms']} false alarms)"
     )

@@ -18,7 +18,7 @@ from forecaster.daemon import forecast_payload
 from forecaster.engine import Engine, Forecast, Sample
 from forecaster.metrics import OTHER, Metrics
 from forecaster.persist import load_checkpoint, save_checkpoint
-from forecaster.scoring import ScoringConfig
+from forecaster.scoring import ScoringConfig, normal_cdf
 from simulators.signals import sine_wave
 from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, metric_value
@@ -61,6 +61,30 @@ def test_stationary_noisy_sine_is_covered_at_the_target_rate() -> None:
     # Calibrated, not just wide: the half-width is close to the Gaussian 90% quantile of the noise.
     half = (out["upper"] - out["lower"])[:, WARMUP:] / 2
     assert 0.12 < float(np.median(half)) < 0.25  # 1.645 x sigma 0.1 (plus the model's own error)
+
+
+def test_a_constant_start_does_not_leave_the_interval_too_narrow() -> None:
+    # The first tracked errors are exactly 0 (a constant is forecast exactly), as at the start of
+    # NAB's art_daily_* files; the interval must still be calibrated 500 samples into the signal.
+    series = np.stack(
+        [
+            np.concatenate([np.full(50, 5.0), 5.0 + sine_wave(3000, noise=0.1, seed=seed)])
+            for seed in range(3)
+        ]
+    )
+    rates = replay(series)["covered"][:, 50 + WARMUP :].mean(axis=1)
+    assert np.all((rates >= 0.88) & (rates <= 0.92)), rates
+
+
+def test_normal_cdf_matches_the_standard_library_in_both_tails() -> None:
+    x = np.linspace(-8.0, 8.0, 1601)  # more values than EXACT_UP_TO: the polynomial path
+    # Phi(-|x|) from math.erfc (NormalDist.cdf goes through erf and loses the far lower tail).
+    lower = np.array([0.5 * math.erfc(abs(v) / math.sqrt(2.0)) for v in x])
+    for got in (normal_cdf(x), np.concatenate([normal_cdf(v[None]) for v in x])):
+        tail = np.where(x >= 0, 1.0 - got, got)
+        inner = np.abs(x) < 5  # 1 - Phi keeps ~11 digits at most above 5 sigma
+        np.testing.assert_allclose(got[x <= 0], lower[x <= 0], rtol=2e-7)
+        np.testing.assert_allclose(tail[inner], lower[inner], rtol=2e-7)
 
 
 @pytest.mark.parametrize(("before", "after"), [(0.1, 0.3), (0.3, 0.1)])
@@ -233,6 +257,26 @@ def test_bench_anomaly_scores_a_labelled_jump_and_writes_nab_results(tmp_path: P
     assert lines[0] == "timestamp,value,anomaly_score" and len(lines) == 1501
     scores = np.array([float(line.split(",")[2]) for line in lines[1:]])
     assert scores[:100].tolist() == [0.5] * 100 and scores[1200] > result["threshold"]
+
+
+def test_bench_anomaly_leaves_an_exactly_forecast_file_out_of_the_coverage(tmp_path: Path) -> None:
+    labels = _write_nab(tmp_path / "nab", spike_at=900, length=1000)
+    stamps = (tmp_path / "nab" / "cat" / "calm.csv").read_text().splitlines()[1:]
+    rows = "".join(f"{line.split(',')[0]},45.0\n" for line in stamps)
+    (tmp_path / "nab" / "cat" / "flat.csv").write_text("timestamp,value\n" + rows)
+    labels["cat/flat.csv"] = []
+    (tmp_path / "nab" / "labels" / "combined_windows.json").write_text(json.dumps(labels))
+    result = bench_anomaly(tmp_path / "nab")
+    flat, calm = result["files"]["cat/flat.csv"], result["files"]["cat/calm.csv"]
+    assert flat["coverage"] == 1.0 and not flat["coverage_scored"]
+    assert calm["coverage_scored"] and result["coverage_unscored"] == ["cat/flat.csv"]
+    scored = [result["files"][name] for name in ("cat/calm.csv", "cat/jump.csv")]
+    pooled = sum(f["coverage"] * f["samples"] for f in scored) / sum(f["samples"] for f in scored)
+    assert result["coverage"] == pytest.approx(pooled)
+    assert result["coverage_range"] == [
+        min(f["coverage"] for f in scored),
+        max(f["coverage"] for f in scored),
+    ]
 
 
 def test_bench_anomaly_command_prints_json(tmp_path: Path) -> None:
