@@ -125,8 +125,10 @@ def parse_number(value: object, what: str = "value") -> float:
     raise PayloadError("not_a_number", f"{what}={str(value)[:40]!r}")
 
 
-def _reject_constant(name: str) -> float:
-    raise PayloadError("non_finite", f"JSON constant {name}")
+def _constant_as_text(name: str) -> str:
+    """JSON's ``NaN``/``Infinity`` stay text, so ``parse_number`` refuses them as ``non_finite``
+    where they stand: in a frame, only their element is lost."""
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +251,7 @@ class PayloadParser:
     @staticmethod
     def _json(text: str) -> object:
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text, parse_constant=_constant_as_text)
         except ValueError as exc:
             raise PayloadError("invalid_json", str(exc)[:80]) from None
         except RecursionError:  # '{"value": [[[[...' within max_bytes (found by the fuzz test)
