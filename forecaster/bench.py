@@ -488,6 +488,72 @@ def publish_load(port: int, streams: int, count: int, rate: float) -> None:
     client.loop_stop()
 
 
+def device_frame(step: int, size: int) -> str:
+    """A device's ``step``-th frame: ``size`` sine readings and the send time."""
+    frame: dict[str, float] = {f"r{k}": round(math.sin(0.157 * step + k), 6) for k in range(size)}
+    frame["ts"] = time.time()
+    return json.dumps(frame)
+
+
+def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> dict[str, float]:
+    """Where the engine thread's time goes on device frames: ``Daemon.step`` under cProfile, fed
+    straight from its inbox (no broker; publish and ack are no-ops). Returns microseconds per
+    sample spent in each stage (cumulative, profiler overhead included) and in all of ``step``."""
+    import cProfile
+    import pstats
+    import tempfile
+
+    import torch
+
+    from forecaster.config import Config
+    from forecaster.daemon import Daemon
+    from forecaster.mqtt import RawMessage
+
+    folder = tempfile.mkdtemp(prefix="forecaster-profile-")
+    mqtt = {"frame_topics": ["load/in/{device}"], "output_frames": True, "qos_in": 0}
+    config = Config.model_validate(
+        {"mqtt": mqtt, "state": {"dir": folder}, "metrics": {"enabled": False}}
+    )
+    daemon = Daemon(config)
+    torch.set_num_threads(1)
+    daemon.engine, checkpoint = daemon._build_engine()
+    daemon._replay_journal(checkpoint)
+    daemon.link.publish = lambda *args, **kwargs: True  # type: ignore[method-assign]
+    daemon.link.ack = lambda batch: None  # type: ignore[method-assign]
+
+    def offer(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            topic, payload = f"load/in/d{i % devices}", device_frame(i // devices, size)
+            daemon.inbox.put(RawMessage(topic, payload.encode(), time.time(), 0))
+
+    def drain() -> None:
+        while daemon.step(0.0):
+            pass
+
+    offer(0, devices)
+    drain()  # every stream exists before the profile
+    offer(devices, frames)
+    profile = cProfile.Profile()
+    profile.runcall(drain)
+    stages = {
+        "Daemon.step (all)": ("daemon.py", "step"),
+        "metrics.observe_forecasts": ("metrics.py", "observe_forecasts"),
+        "engine.tick": ("engine.py", "tick"),
+        "json.dumps (output frames)": ("__init__.py", "dumps"),
+        "journal append (SQLite)": ("persist.py", "append"),
+        "engine.admit (journal seq)": ("engine.py", "admit"),
+        "parse_message": ("parse.py", "parse_message"),
+        "forecast_body": ("daemon.py", "forecast_body"),
+    }
+    cumulative = {
+        (Path(file).name, name): ct
+        for (file, _, name), (_, _, _, ct, _) in pstats.Stats(profile).stats.items()  # type: ignore[attr-defined]
+    }
+    daemon.journal.close()  # type: ignore[union-attr]
+    samples = frames * size
+    return {label: 1e6 * cumulative.get(key, 0.0) / samples for label, key in stages.items()}
+
+
 def publish_frames(port: int, devices: int, count: int, rate: float, size: int = 100) -> None:
     """Publisher process: ``count`` device frames of ``size`` readings each (``{"r0": .., ...,
     "ts": send time}``), round-robin over ``devices`` devices, as fast as paho takes them."""
@@ -497,17 +563,13 @@ def publish_frames(port: int, devices: int, count: int, rate: float, size: int =
 
     client = connected_client("127.0.0.1", port, "bench-frames")
     topics = [LOAD_IN.format(stream=f"d{i}") for i in range(devices)]
-    keys = [f"r{k}" for k in range(size)]
     started = time.monotonic()
     for i in range(count):
         if rate > 0:
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        t = 0.157 * (i // devices)
-        frame = {key: round(math.sin(t + k), 6) for k, key in enumerate(keys)}
-        frame["ts"] = time.time()
-        body = json.dumps(frame)
+        body = device_frame(i // devices, size)
         while client.publish(topics[i % devices], body, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE:
             time.sleep(0.001)
     client.disconnect()
