@@ -148,3 +148,34 @@ def test_bad_elements_are_counted_and_the_good_ones_forecast(
         )
     running.stop()
     collector.close()
+
+
+def test_a_frame_is_journaled_whole_before_its_one_ack(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    collector = Collector(broker, f"{prefix}/forecasts/+")
+    running = RunningDaemon(frames_config(broker, prefix, tmp_path / "state", True))
+    daemon = running.daemon
+    assert daemon.journal is not None
+    events: list[tuple[str, int]] = []
+    append, ack = daemon.journal.append, daemon.link.client.ack
+
+    def spy_append(samples: list) -> int:
+        events.append(("journaled", len(samples)))
+        return append(samples)
+
+    def spy_ack(mid: int, qos: int) -> None:
+        events.append(("acked", qos))
+        ack(mid, qos)
+
+    daemon.journal.append = spy_append  # type: ignore[method-assign]
+    daemon.link.client.ack = spy_ack  # type: ignore[method-assign]
+    frames = [b"[1, 2, 3]", b'[4, "x", 5]', b'{"value": 6}']
+    for count, payload in enumerate(frames, start=1):
+        publisher.publish(f"{prefix}/sensors/a/value", payload, qos=1)
+        collector.wait_raw(count)  # one message per step
+    time.sleep(0.3)
+    # "x" is refused by the parser; each message: all its samples in one append, then one ack
+    assert events == [event for n in (3, 2, 1) for event in (("journaled", n), ("acked", 1))]
+    running.stop()
+    collector.close()
