@@ -496,6 +496,94 @@ def publish_load(port: int, streams: int, count: int, rate: float) -> None:
     client.loop_stop()
 
 
+def device_frame(step: int, size: int) -> str:
+    """A device's ``step``-th frame: ``size`` sine readings and the send time."""
+    frame: dict[str, float] = {f"r{k}": round(math.sin(0.157 * step + k), 6) for k in range(size)}
+    frame["ts"] = time.time()
+    return json.dumps(frame)
+
+
+def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> dict[str, float]:
+    """Where the engine thread's time goes on device frames: ``Daemon.step`` under cProfile, fed
+    straight from its inbox (no broker; publish and ack are no-ops). Returns microseconds per
+    sample spent in each stage (cumulative, profiler overhead included) and in all of ``step``."""
+    import cProfile
+    import pstats
+    import tempfile
+
+    import torch
+
+    from forecaster.config import Config
+    from forecaster.daemon import Daemon
+    from forecaster.mqtt import RawMessage
+
+    folder = tempfile.mkdtemp(prefix="forecaster-profile-")
+    mqtt = {"frame_topics": ["load/in/{device}"], "output_frames": True, "qos_in": 0}
+    config = Config.model_validate(
+        {"mqtt": mqtt, "state": {"dir": folder}, "metrics": {"enabled": False}}
+    )
+    daemon = Daemon(config)
+    torch.set_num_threads(1)
+    daemon.engine, checkpoint = daemon._build_engine()
+    daemon._replay_journal(checkpoint)
+    daemon.link.publish = lambda *args, **kwargs: True  # type: ignore[method-assign]
+    daemon.link.ack = lambda batch: None  # type: ignore[method-assign]
+
+    def offer(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            topic, payload = f"load/in/d{i % devices}", device_frame(i // devices, size)
+            daemon.inbox.put(RawMessage(topic, payload.encode(), time.time(), 0))
+
+    def drain() -> None:
+        while daemon.step(0.0):
+            pass
+
+    offer(0, devices)
+    drain()  # every stream exists before the profile
+    offer(devices, frames)
+    profile = cProfile.Profile()
+    profile.runcall(drain)
+    stages = {
+        "Daemon.step (all)": ("daemon.py", "step"),
+        "metrics.observe_forecasts": ("metrics.py", "observe_forecasts"),
+        "engine.tick": ("engine.py", "tick"),
+        "json.dumps (output frames)": ("__init__.py", "dumps"),
+        "journal append (SQLite)": ("persist.py", "append"),
+        "engine.admit (journal seq)": ("engine.py", "admit"),
+        "parse_message": ("parse.py", "parse_message"),
+        "forecast_body": ("daemon.py", "forecast_body"),
+    }
+    cumulative = {
+        (Path(file).name, name): ct
+        for (file, _, name), (_, _, _, ct, _) in pstats.Stats(profile).stats.items()  # type: ignore[attr-defined]
+    }
+    daemon.journal.close()  # type: ignore[union-attr]
+    samples = frames * size
+    return {label: 1e6 * cumulative.get(key, 0.0) / samples for label, key in stages.items()}
+
+
+def publish_frames(port: int, devices: int, count: int, rate: float, size: int = 100) -> None:
+    """Publisher process: ``count`` device frames of ``size`` readings each (``{"r0": .., ...,
+    "ts": send time}``), round-robin over ``devices`` devices, as fast as paho takes them."""
+    import paho.mqtt.client as paho
+
+    from simulators.client import connected_client
+
+    client = connected_client("127.0.0.1", port, "bench-frames")
+    topics = [LOAD_IN.format(stream=f"d{i}") for i in range(devices)]
+    started = time.monotonic()
+    for i in range(count):
+        if rate > 0:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        body = device_frame(i // devices, size)
+        while client.publish(topics[i % devices], body, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE:
+            time.sleep(0.001)
+    client.disconnect()
+    client.loop_stop()
+
+
 def run_relay(port: int) -> None:
     """The no-model relay, built from the daemon's own MqttLink: receive -> republish the payload
     to the output topic (no parsing, no model, no JSON work). Runs until SIGTERM."""
@@ -563,9 +651,11 @@ class _Collector:
             if payload == b"online":
                 self.online.add(topic)
             return
-        ts = json.loads(payload).get("ts")
-        self.times.append(time.monotonic())
-        self.latencies.append(now - ts if ts is not None else math.nan)
+        body = json.loads(payload)
+        for item in body if isinstance(body, list) else [body]:  # an output frame: each forecast
+            ts = item.get("ts")
+            self.times.append(time.monotonic())
+            self.latencies.append(now - ts if ts is not None else math.nan)
 
     def reset(self) -> None:
         self.times, self.latencies = [], []
@@ -575,15 +665,26 @@ class _Collector:
         self.client.disconnect()
 
 
-def _offer(collector: _Collector, port: int, streams: int, count: int, rate: float) -> dict:
+def _offer(
+    collector: _Collector,
+    port: int,
+    streams: int,
+    count: int,
+    rate: float,
+    publisher: str = "publish_load",
+    per_message: int = 1,
+) -> dict:
+    """Offer ``count`` messages (``per_message`` outputs expected from each); rates are of outputs."""
     import subprocess
     import sys
 
     collector.reset()
-    code = f"from forecaster.bench import publish_load; publish_load({port}, {streams}, {count}, {rate})"
+    code = (
+        f"from forecaster.bench import {publisher}; {publisher}({port}, {streams}, {count}, {rate})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     deadline, seen = time.monotonic() + 30, -1
-    while len(collector.times) < count and time.monotonic() < deadline:
+    while len(collector.times) < count * per_message and time.monotonic() < deadline:
         if len(collector.times) == seen:  # nothing new for a second: the rest was dropped
             break
         seen = len(collector.times)
@@ -598,7 +699,9 @@ def _offer(collector: _Collector, port: int, streams: int, count: int, rate: flo
     }
 
 
-def _start_target(kind: str, port: int, folder: Path, collector: _Collector) -> object:
+def _start_target(
+    kind: str, port: int, folder: Path, collector: _Collector, frames: bool = False
+) -> object:
     import subprocess
     import sys
 
@@ -616,9 +719,18 @@ def _start_target(kind: str, port: int, folder: Path, collector: _Collector) -> 
                         "port": port,
                         "client_id": "bench-daemon",
                         "qos_in": 0,
-                        "input_topics": [LOAD_IN],
                         "output_topic": LOAD_OUT,
                         "status_topic": "load/status/daemon",
+                        # frames: the same topics carry device frames, answered by output frames
+                        **(
+                            {
+                                "input_topics": ["load/single/{stream}"],
+                                "frame_topics": [LOAD_IN.replace("{stream}", "{device}")],
+                                "output_frames": True,
+                            }
+                            if frames
+                            else {"input_topics": [LOAD_IN]}
+                        ),
                     },
                     "state": {"dir": str(folder / "state")},
                     "metrics": {"port": 0},
@@ -638,8 +750,50 @@ def _start_target(kind: str, port: int, folder: Path, collector: _Collector) -> 
     return proc
 
 
+def bench_frames(
+    port: int, folder: Path, collector: _Collector, size: int = 100, count: int = 1500
+) -> dict[str, object]:
+    """Device frames of ``size`` readings (100 devices, so 100 x ``size`` streams) offered as fast
+    as the publisher goes, to the relay (payload republished) and to the daemon (output frames)."""
+    import shutil
+    import signal
+
+    figures: dict[str, dict] = {}
+    for kind in ("relay", "forecaster"):
+        proc = _start_target(kind, port, folder, collector, frames=True)
+        try:
+            cpu0, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+            per = size if kind == "forecaster" else 1
+            got = _offer(collector, port, 100, count, 0, "publish_frames", per)
+            cpu1, rss = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+        finally:
+            proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+            proc.wait(30)  # type: ignore[attr-defined]
+            shutil.rmtree(folder / "state", ignore_errors=True)
+        figures[kind] = {**got, "cpu_s": cpu1 - cpu0, "rss_mb": rss}
+    daemon, relay = figures["forecaster"], figures["relay"]
+    relay_samples = relay["per_s"] * size
+    return {
+        "samples_per_frame": size,
+        "streams": 100 * size,
+        "frames_offered": count,
+        "samples_per_s": daemon["per_s"],
+        "relay_samples_per_s": relay_samples,
+        "ratio": daemon["per_s"] / relay_samples,
+        "p50_ms_saturated": daemon["p50_ms"],
+        "p99_ms_saturated": daemon["p99_ms"],
+        "cpu_s_per_1000": 1000 * daemon["cpu_s"] / max(1, daemon["received"]),
+        "rss_mb": daemon["rss_mb"],
+        "received": daemon["received"],
+        "relay_received": relay["received"] * size,
+    }
+
+
 def bench_throughput(
-    sizes: tuple[int, ...] = (1, 100, 1000, 10_000), count: int = 20_000, seconds: float = 5.0
+    sizes: tuple[int, ...] = (1, 100, 1000, 10_000),
+    count: int = 20_000,
+    seconds: float = 5.0,
+    frame_size: int = 100,
 ) -> dict[str, object]:
     """For each stream count: the relay's and the daemon's sustained rate at saturation (and the
     p99 latency there), then p50/p99 latency at half the relay's peak rate, CPU per 1,000 samples
@@ -702,12 +856,13 @@ def bench_throughput(
                     "relay_received": relay["saturated"]["received"],
                 }
             )
+        frames = bench_frames(port, folder, collector, frame_size) if frame_size else None
     finally:
         collector.close()
         broker.terminate()
         broker.wait(5)
         shutil.rmtree(folder, ignore_errors=True)
-    return {"broker": name, "messages_per_run": count, "runs": runs}
+    return {"broker": name, "messages_per_run": count, "runs": runs, "frames": frames}
 
 
 def print_throughput(result: dict[str, object], as_json: bool) -> None:
@@ -726,6 +881,15 @@ def print_throughput(result: dict[str, object], as_json: bool) -> None:
             f" {r['cpu_s_per_1000']:>9.3f} {r['relay_cpu_s_per_1000']:>9.3f} {r['rss_mb']:>7.0f}"
         )
     print("  (p50/p99 at half the relay's peak rate; p99 sat at saturation)")
+    frames = result.get("frames")
+    if frames:
+        print(
+            f"frames of {frames['samples_per_frame']} samples ({frames['streams']} streams), output"
+            f" frames: forecaster {frames['samples_per_s']:.0f} samples/s, relay"
+            f" {frames['relay_samples_per_s']:.0f} (ratio {frames['ratio']:.2f}); p50/p99"
+            f" {frames['p50_ms_saturated']:.0f}/{frames['p99_ms_saturated']:.0f} ms saturated,"
+            f" {frames['cpu_s_per_1000']:.3f} CPU s per 1k samples, {frames['rss_mb']:.0f} MB RSS"
+        )
 
 
 # -- accuracy: the forecaster against the tools a user would pick instead -------------------------

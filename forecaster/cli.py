@@ -158,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.part == "engine":
         bench.print_engine(bench.bench_engine(), bench.bench_memory(), args.json)
     elif args.part == "throughput":
-        sizes = tuple(int(n) for n in args.sizes.split(","))
+        sizes = tuple(int(n) for n in args.sizes.split(",") if n)  # "": the frames figure only
         bench.print_throughput(bench.bench_throughput(sizes, args.count), args.json)
     elif args.part == "accuracy":
         if args.data is None:

@@ -32,8 +32,8 @@ SECRET_KEYS = frozenset({"password"})
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-def check_template(topic: str) -> str:
-    """A topic template names the stream with one whole ``{stream}`` level and no wildcards.
+def check_template(topic: str, name: str = "stream") -> str:
+    """A topic template names the stream (or device) with one whole level and no wildcards.
 
     >>> check_template("sensors/{stream}/value")
     'sensors/{stream}/value'
@@ -43,20 +43,21 @@ def check_template(topic: str) -> str:
     ValueError: template 'sensors/#' must contain exactly one '{stream}' level and no '+' or '#'
     """
     levels = topic.split("/")
-    if levels.count("{stream}") != 1 or any(c in topic for c in "+#") or topic.count("{") != 1:
+    placeholder = "{" + name + "}"
+    if levels.count(placeholder) != 1 or any(c in topic for c in "+#") or topic.count("{") != 1:
         raise ValueError(
-            f"template {topic!r} must contain exactly one '{{stream}}' level and no '+' or '#'"
+            f"template {topic!r} must contain exactly one {placeholder!r} level and no '+' or '#'"
         )
     return topic
 
 
 def template_filter(template: str) -> str:
-    """The subscription filter of a template: ``{stream}`` becomes ``+``.
+    """The subscription filter of a template: ``{stream}`` (or ``{device}``) becomes ``+``.
 
-    >>> template_filter("sensors/{stream}/value")
-    'sensors/+/value'
+    >>> template_filter("sensors/{stream}/value"), template_filter("devices/{device}/state")
+    ('sensors/+/value', 'devices/+/state')
     """
-    return template.replace("{stream}", "+")
+    return template.replace("{stream}", "+").replace("{device}", "+")
 
 
 def filters_overlap(a: str, b: str) -> bool:
@@ -131,7 +132,13 @@ class MqttConfig(Section):
     input_topics: list[str] = Field(
         default_factory=lambda: ["sensors/{stream}/value"], min_length=1
     )
+    # Device frames: one JSON object of readings per message, {"temp": 21.5, "hum": 40.1} on
+    # devices/d1/state -> streams d1.temp and d1.hum.
+    frame_topics: list[str] = Field(default_factory=list)
     output_topic: str = "forecasts/{stream}"
+    # Publish a frame's forecasts as one message (a JSON list) on the output topic of the frame's
+    # stream (list frame) or device (device frame), instead of one message per forecast.
+    output_frames: bool = False
     status_topic: str = "forecaster/status"
     reconnect_min_delay: PositiveFloat = 1.0
     reconnect_max_delay: PositiveFloat = 30.0
@@ -153,6 +160,13 @@ class MqttConfig(Section):
             check_template(topic)
         return topics
 
+    @field_validator("frame_topics")
+    @classmethod
+    def _check_frames(cls, topics: list[str]) -> list[str]:
+        for topic in topics:
+            check_template(topic, "device")
+        return topics
+
     @field_validator("output_topic")
     @classmethod
     def _check_output(cls, topic: str) -> str:
@@ -168,7 +182,14 @@ class MqttConfig(Section):
     @model_validator(mode="after")
     def _trees_must_not_overlap(self) -> MqttConfig:
         output = template_filter(self.output_topic)
-        for topic in self.input_topics:
+        for frames in self.frame_topics:
+            for topic in self.input_topics:
+                if filters_overlap(template_filter(frames), template_filter(topic)):
+                    raise ValueError(
+                        f"frame topic {frames!r} overlaps input topic {topic!r}: "
+                        "a message must name either a stream or a device"
+                    )
+        for topic in (*self.input_topics, *self.frame_topics):
             for other, what in ((output, "output_topic"), (self.status_topic, "status_topic")):
                 if filters_overlap(template_filter(topic), other):
                     raise ValueError(

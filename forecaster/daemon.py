@@ -66,9 +66,9 @@ class RateLimitedLog:
         log.warning(message, *args)
 
 
-def forecast_payload(forecast: Forecast) -> str:
-    """The documented forecast message (see README: "Forecast messages")."""
-    body = {
+def forecast_body(forecast: Forecast) -> dict[str, object]:
+    """The documented forecast object (see README: "Forecast messages")."""
+    body: dict[str, object] = {
         "stream": forecast.stream,
         "seq": forecast.seq,
         "ts": forecast.ts,
@@ -85,7 +85,12 @@ def forecast_payload(forecast: Forecast) -> str:
         body["horizon"] = list(forecast.path)
         body["horizon_lower"] = list(forecast.path_lower or ())
         body["horizon_upper"] = list(forecast.path_upper or ())
-    return json.dumps(body)
+    return body
+
+
+def forecast_payload(forecast: Forecast) -> str:
+    """One forecast message."""
+    return json.dumps(forecast_body(forecast))
 
 
 def gap_policy(config: Config) -> GapPolicy | None:
@@ -112,6 +117,7 @@ class Daemon:
         payload = config.mqtt.payload
         self.parser = PayloadParser(
             config.mqtt.input_topics,
+            frame_templates=config.mqtt.frame_topics,
             value_field=payload.value_field,
             ts_field=payload.ts_field,
             seq_field=payload.seq_field,
@@ -126,9 +132,10 @@ class Daemon:
         self.journal_path = Path(config.state.dir) / "journal.sqlite"
         self.journal: Journal | None = None
         self._applied = 0  # journal position of the last sample applied to the engine
-        # Forecasts not yet handed to the broker (replayed, or refused while disconnected):
-        # retried in order; a checkpoint waits until this is empty so none is lost by a crash.
-        self._unpublished: deque[tuple[str, str]] = deque()
+        # Messages not yet handed to the broker (replayed, or refused while disconnected), with
+        # the forecasts each carries: retried in order; a checkpoint waits until this is empty so
+        # none is lost by a crash.
+        self._unpublished: deque[tuple[str, str, int]] = deque()
         self._unpublished_cap = config.engine.queue_size
         self.engine: Engine | None = None
         self.learner: Learner | None = None
@@ -238,20 +245,20 @@ class Daemon:
         if replayed:
             log.info("replayed %d journaled samples after position %d", replayed, position)
 
-    def _retry_later(self, topic: str, payload: str) -> None:
+    def _retry_later(self, topic: str, payload: str, forecasts: int = 1) -> None:
         if len(self._unpublished) >= self._unpublished_cap:
             self._unpublished.popleft()
             self.metrics.dropped("not_connected")
-        self._unpublished.append((topic, payload))
+        self._unpublished.append((topic, payload, forecasts))
 
     def _publish_unpublished(self) -> None:
         qos = self.config.mqtt.qos_out
         while self._unpublished and self.link.is_connected.is_set():
-            topic, payload = self._unpublished[0]
+            topic, payload, forecasts = self._unpublished[0]
             if not self.link.publish(topic, payload, qos, count_drop=False):
                 return
             self._unpublished.popleft()
-            self.metrics.forecasts_published.inc()
+            self.metrics.forecasts_published.inc(forecasts)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -291,42 +298,59 @@ class Daemon:
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self, timeout: float) -> int:
-        """One tick over whatever is queued (up to ``max_batch``); returns samples processed."""
+        """One tick over whatever is queued (messages up to ``max_batch`` samples); returns the
+        number of messages handled. A frame is never split: all its samples go into this tick."""
         self._heartbeat = time.monotonic()
         try:
-            batch = [self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()]
+            raw = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:
             return 0
+        batch: list[RawMessage] = []
+        frames: list[str | None] = []  # per message: the frame's output name, None: one sample
+        samples: list[Sample] = []
+        origins: list[int] = []  # per sample: index in ``batch`` of the message it came in
         limit = self.config.engine.max_batch
-        while len(batch) < limit:
+        while True:
+            frames.append(self._parse(raw, len(batch), samples, origins))
+            batch.append(raw)
+            if len(samples) >= limit:
+                break
             try:
-                batch.append(self.inbox.get_nowait())
+                raw = self.inbox.get_nowait()
             except queue.Empty:
                 break
         self.metrics.queue_depth.set(self.inbox.qsize())
         self.metrics.samples_received.inc(len(batch))
         self._publish_unpublished()
-        samples: list[Sample] = []
-        received: list[float] = []
-        for raw in batch:
-            try:
-                samples.append(self.parser.parse(raw.topic, raw.payload, raw.received))
-                received.append(raw.received)
-            except PayloadError as exc:
-                self._reject(exc.reason, raw.topic, exc.detail)
-            except Exception:
-                log.exception("unexpected error parsing a message on %s", raw.topic)
-                self._reject("internal_error", raw.topic, "parser")
-        if samples and not self._journal(samples, received):
+        if samples and not self._journal(samples, origins):
             return len(batch)  # not acknowledged: the broker redelivers them
-        self.link.ack(batch)
+        self.link.ack(batch)  # one ack per message, once every sample of it is journaled
         if samples:
-            self._tick(samples, received)
+            self._tick(samples, origins, batch, frames)
         if self.learner is not None:
             self.learner.after_tick()
         return len(batch)
 
-    def _journal(self, samples: list[Sample], received: list[float]) -> bool:
+    def _parse(
+        self, raw: RawMessage, index: int, samples: list[Sample], origins: list[int]
+    ) -> str | None:
+        """Append the message's samples; count every refusal (whole message or one element)."""
+        try:
+            parsed = self.parser.parse_message(raw.topic, raw.payload, raw.received)
+        except PayloadError as exc:
+            self._reject(exc.reason, raw.topic, exc.detail)
+            return None
+        except Exception:
+            log.exception("unexpected error parsing a message on %s", raw.topic)
+            self._reject("internal_error", raw.topic, "parser")
+            return None
+        for error in parsed.errors:
+            self._reject(error.reason, raw.topic, error.detail)
+        samples.extend(parsed.samples)
+        origins.extend([index] * len(parsed.samples))
+        return parsed.frame
+
+    def _journal(self, samples: list[Sample], origins: list[int]) -> bool:
         """Replace ``samples`` (in place) by the admitted ones with their seq, journaled durably."""
         if self.journal is None:
             return True
@@ -335,7 +359,7 @@ class Daemon:
         for rejection in rejected:
             self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
         gone = {id(r.sample) for r in rejected}
-        kept = [t for s, t in zip(samples, received, strict=True) if id(s) not in gone]
+        kept = [o for s, o in zip(samples, origins, strict=True) if id(s) not in gone]
         try:
             position = self.journal.append(admitted)
         except Exception:
@@ -344,12 +368,18 @@ class Daemon:
                 self.metrics.rejected.labels("internal_error").inc()
             return False
         samples[:] = admitted
-        received[:] = kept
+        origins[:] = kept
         self._applied = position
         self.metrics.journal_pending.inc(len(admitted))
         return True
 
-    def _tick(self, samples: list[Sample], received: list[float]) -> None:
+    def _tick(
+        self,
+        samples: list[Sample],
+        origins: list[int],
+        batch: list[RawMessage],
+        frames: list[str | None],
+    ) -> None:
         assert self.engine is not None
         started = time.perf_counter()
         try:
@@ -364,20 +394,22 @@ class Daemon:
         rejected = {id(r.sample) for r in result.rejected}
         for rejection in result.rejected:
             self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
-        accepted_at = [t for s, t in zip(samples, received, strict=True) if id(s) not in rejected]
-        qos = self.config.mqtt.qos_out
-        for forecast, arrived in zip(result.forecasts, accepted_at, strict=True):
-            payload = forecast_payload(forecast)
-            topic = self.output.topic_for(forecast.stream)
-            if self.journal is None:
-                if self.link.publish(topic, payload, qos):
-                    self.metrics.forecasts_published.inc()
-                    self.metrics.latency.observe(max(0.0, time.time() - arrived))
-            elif not self._unpublished and self.link.publish(topic, payload, qos, count_drop=False):
-                self.metrics.forecasts_published.inc()
-                self.metrics.latency.observe(max(0.0, time.time() - arrived))
-            else:
-                self._retry_later(topic, payload)
+        accepted = [o for s, o in zip(samples, origins, strict=True) if id(s) not in rejected]
+        # A message's forecasts are consecutive (arrival order), so an output frame is a run of
+        # them; publishing run by run keeps each output topic in arrival order.
+        framed = self.config.mqtt.output_frames
+        run: list[dict[str, object]] = []
+        for i, (forecast, origin) in enumerate(zip(result.forecasts, accepted, strict=True)):
+            frame = frames[origin] if framed else None
+            if frame is None:
+                topic = self.output.topic_for(forecast.stream)
+                self._send(topic, forecast_payload(forecast), batch[origin].received, 1)
+                continue
+            run.append(forecast_body(forecast))
+            if i + 1 == len(accepted) or accepted[i + 1] != origin:
+                topic = self.output.topic_for(frame)
+                self._send(topic, json.dumps(run), batch[origin].received, len(run))
+                run = []
         self.metrics.observe_forecasts(result.forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
@@ -388,6 +420,22 @@ class Daemon:
         self.metrics.streams_restored.inc(self._evictions_seen[1] - seen[1])
         self.metrics.gap_resets.inc(self.engine.gap_resets - self._gap_resets_seen)
         self._gap_resets_seen = self.engine.gap_resets
+
+    def _send(self, topic: str, payload: str, arrived: float, forecasts: int) -> None:
+        """Publish one output message (one forecast, or a frame of ``forecasts``); with the
+        journal on, a refused one waits in order for the broker instead of being dropped."""
+        qos = self.config.mqtt.qos_out
+        if self.journal is None:
+            sent = self.link.publish(topic, payload, qos)
+        else:
+            sent = not self._unpublished and self.link.publish(
+                topic, payload, qos, count_drop=False
+            )
+            if not sent:
+                self._retry_later(topic, payload, forecasts)
+        if sent:
+            self.metrics.forecasts_published.inc(forecasts)
+            self.metrics.latency.observe(max(0.0, time.time() - arrived))
 
     def _reject(self, reason: str, where: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()

@@ -99,7 +99,7 @@ class MqttLink:
         self.inbox = inbox
         self.events = events or LinkEvents()
         self.on_message_hook = on_message_hook  # test seam: runs inside the guarded callback
-        self.filters = [template_filter(t) for t in config.input_topics]
+        self.filters = [template_filter(t) for t in (*config.input_topics, *config.frame_topics)]
         self.is_connected = threading.Event()
         self.is_subscribed = threading.Event()
         self.accepting = True

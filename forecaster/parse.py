@@ -1,9 +1,15 @@
-"""Pure: ``(topic, payload) -> Sample`` or ``PayloadError(reason)``.
+"""Pure: ``(topic, payload) -> Sample`` or ``PayloadError(reason)``; frames give many samples.
 
-Accepted payloads: a bare number (``0.42``) or a JSON object (``{"value": 0.42, "ts": 1700000000.25,
-"seq": 17}``; field names configurable, ``ts`` and ``seq`` optional). Every refusal carries one of
-the bounded ``REASONS`` so it can be counted by label. ``NaN``/``Infinity`` are refused even though
-``json.loads`` and ``float`` accept them: a non-finite number must never reach a hidden state.
+Accepted payloads on a stream topic (``sensors/{stream}/value``): a bare number (``0.42``), a JSON
+object (``{"value": 0.42, "ts": 1700000000.25, "seq": 17}``; field names configurable, ``ts`` and
+``seq`` optional), or a list frame of consecutive samples of that stream (``[0.41, 0.42]`` or
+``[{"value": 0.41, "seq": 16}, {"value": 0.42, "seq": 17}]``). On a device topic
+(``devices/{device}/state``) a device frame carries one reading per key: ``{"temp": 21.5, "hum":
+40.1, "ts": 5}`` gives streams ``device.temp`` and ``device.hum`` (``ts``/``seq`` keys apply to every
+reading; a reading may also be a sample object). Every refusal carries one of the bounded
+``REASONS`` so it can be counted by label; a bad element of a frame is refused alone, the good ones
+are kept. ``NaN``/``Infinity`` are refused even though ``json.loads`` and ``float`` accept them: a
+non-finite number must never reach a hidden state.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from forecaster.engine import STREAM_ID, Sample
 from forecaster.errors import PayloadError
@@ -53,9 +59,9 @@ class TopicTemplate:
     index: int
 
     @classmethod
-    def compile(cls, template: str) -> TopicTemplate:
+    def compile(cls, template: str, placeholder: str = "{stream}") -> TopicTemplate:
         levels = tuple(template.split("/"))
-        return cls(levels, levels.index("{stream}"))
+        return cls(levels, levels.index(placeholder))
 
     def stream_of(self, topic: str) -> str | None:
         levels = topic.split("/")
@@ -119,8 +125,23 @@ def parse_number(value: object, what: str = "value") -> float:
     raise PayloadError("not_a_number", f"{what}={str(value)[:40]!r}")
 
 
-def _reject_constant(name: str) -> float:
-    raise PayloadError("non_finite", f"JSON constant {name}")
+def _constant_as_text(name: str) -> str:
+    """JSON's ``NaN``/``Infinity`` stay text, so ``parse_number`` refuses them as ``non_finite``
+    where they stand: in a frame, only their element is lost."""
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What one message gave: its samples in order, the elements refused, and whether a frame.
+
+    ``frame`` names the stream (list frame) or device (device frame) a frame's forecasts are
+    published under when ``mqtt.output_frames`` is on; None for a one-sample message.
+    """
+
+    samples: list[Sample]
+    errors: list[PayloadError] = field(default_factory=list)
+    frame: str | None = None
 
 
 class PayloadParser:
@@ -130,12 +151,14 @@ class PayloadParser:
         self,
         templates: Sequence[str],
         *,
+        frame_templates: Sequence[str] = (),
         value_field: str = "value",
         ts_field: str = "ts",
         seq_field: str = "seq",
         max_bytes: int = 4096,
     ) -> None:
         self.templates = [TopicTemplate.compile(t) for t in templates]
+        self.frame_templates = [TopicTemplate.compile(t, "{device}") for t in frame_templates]
         self.value_field = value_field
         self.ts_field = ts_field
         self.seq_field = seq_field
@@ -157,7 +180,64 @@ class PayloadParser:
         >>> parser.parse("sensors/t1/value", b"0.42", received=9.0)
         Sample(stream='t1', value=0.42, ts=9.0, seq=None)
         """
-        stream = self.stream_of(topic)
+        return self._single(self.stream_of(topic), self._text(payload), received)
+
+    def parse_message(self, topic: str, payload: bytes, received: float | None = None) -> Parsed:
+        """Any message -> its samples; a whole-message defect raises, a bad element is listed.
+
+        >>> parser = PayloadParser(["s/{stream}"], frame_templates=["d/{device}/state"])
+        >>> parser.parse_message("s/a", b"[1, 2]", received=9.0).samples
+        [Sample(stream='a', value=1.0, ts=9.0, seq=None), Sample(stream='a', value=2.0, ts=9.0, seq=None)]
+        >>> got = parser.parse_message("d/k1/state", b'{"temp": 21.5, "hum": "x", "ts": 5}')
+        >>> got.samples, [e.reason for e in got.errors], got.frame
+        ([Sample(stream='k1.temp', value=21.5, ts=5.0, seq=None)], ['not_a_number'], 'k1')
+        """
+        device = None
+        for template in self.frame_templates:
+            device = template.stream_of(topic)
+            if device is not None:
+                break
+        if device is None:
+            stream = self.stream_of(topic)
+            text = self._text(payload)
+            if not text.startswith("["):
+                return Parsed([self._single(stream, text, received)])
+            document = self._json(text)
+            return self._frame(((stream, e) for e in document), stream, received, None)
+        device = check_stream_id(device)  # the output frame's topic level
+        document = self._json(self._text(payload))
+        if not isinstance(document, dict):
+            raise PayloadError("invalid_json", "a device frame is an object")
+        ts = self._ts(document, received)
+        seq = self._seq(document)
+        readings = (
+            (f"{device}.{key}", element)
+            for key, element in document.items()
+            if key not in (self.ts_field, self.seq_field)
+        )
+        return self._frame(readings, device, ts, seq)
+
+    def _single(self, stream: str, text: str, received: float | None) -> Sample:
+        if not text.startswith("{"):
+            return Sample(stream, parse_number(text), received, None)
+        return self._element(stream, self._json(text), received, None)
+
+    def _frame(
+        self, elements: Iterable[tuple[str, object]], name: str, ts: float | None, seq: int | None
+    ) -> Parsed:
+        samples: list[Sample] = []
+        errors: list[PayloadError] = []
+        for stream, element in elements:
+            try:
+                samples.append(self._element(check_stream_id(stream), element, ts, seq))
+            except PayloadError as exc:
+                errors.append(exc)
+        if not samples and not errors:
+            raise PayloadError("empty", "a frame without readings")
+        return Parsed(samples, errors, name)
+
+    def _text(self, payload: bytes) -> str:
+        """The decoded payload; the size cap is checked before any decoding."""
         if len(payload) > self.max_bytes:
             raise PayloadError("too_large", f"{len(payload)} bytes > {self.max_bytes}")
         try:
@@ -166,29 +246,40 @@ class PayloadParser:
             raise PayloadError("not_utf8", f"{len(payload)} bytes") from None
         if not text:
             raise PayloadError("empty")
-        if not text.startswith("{"):
-            return Sample(stream, parse_number(text), received, None)
+        return text
+
+    @staticmethod
+    def _json(text: str) -> object:
         try:
-            document = json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text, parse_constant=_constant_as_text)
         except ValueError as exc:
             raise PayloadError("invalid_json", str(exc)[:80]) from None
         except RecursionError:  # '{"value": [[[[...' within max_bytes (found by the fuzz test)
             raise PayloadError("invalid_json", "nested too deeply") from None
-        if not isinstance(document, dict):
-            raise PayloadError("invalid_json", "not an object")
-        if self.value_field not in document:
+
+    def _element(self, stream: str, element: object, ts: float | None, seq: int | None) -> Sample:
+        """A sample object (its ``ts``/``seq`` override the defaults) or a bare number."""
+        if not isinstance(element, dict):
+            if isinstance(element, list):
+                raise PayloadError("not_a_number", "a list where a number belongs")
+            return Sample(stream, parse_number(element), ts, seq)
+        if self.value_field not in element:
             raise PayloadError("missing_value", f"no field {self.value_field!r}")
-        value = parse_number(document[self.value_field])
-        ts = received
-        if document.get(self.ts_field) is not None:
-            try:
-                ts = parse_number(document[self.ts_field], self.ts_field)
-            except PayloadError as exc:
-                raise PayloadError("bad_timestamp", exc.detail) from None
-        seq = None
-        if document.get(self.seq_field) is not None:
-            raw = document[self.seq_field]
-            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0 or raw >= 2**63:
-                raise PayloadError("bad_seq", f"{self.seq_field}={str(raw)[:40]!r}")
-            seq = raw
-        return Sample(stream, value, ts, seq)
+        value = parse_number(element[self.value_field])
+        return Sample(stream, value, self._ts(element, ts), self._seq(element, seq))
+
+    def _ts(self, document: dict, default: float | None) -> float | None:
+        if document.get(self.ts_field) is None:
+            return default
+        try:
+            return parse_number(document[self.ts_field], self.ts_field)
+        except PayloadError as exc:
+            raise PayloadError("bad_timestamp", exc.detail) from None
+
+    def _seq(self, document: dict, default: int | None = None) -> int | None:
+        raw = document.get(self.seq_field)
+        if raw is None:
+            return default
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0 or raw >= 2**63:
+            raise PayloadError("bad_seq", f"{self.seq_field}={str(raw)[:40]!r}")
+        return raw
