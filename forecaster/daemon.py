@@ -391,10 +391,9 @@ class Daemon:
             return
         self.metrics.tick_duration.observe(time.perf_counter() - started)
         self.metrics.tick_batch.observe(len(samples))
-        rejected = {id(r.sample) for r in result.rejected}
         for rejection in result.rejected:
             self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
-        accepted = [o for s, o in zip(samples, origins, strict=True) if id(s) not in rejected]
+        accepted = [origins[i] for i in result.columns.index.tolist()]  # message of each forecast
         # A message's forecasts are consecutive (arrival order), so an output frame is a run of
         # them; publishing run by run keeps each output topic in arrival order.
         framed = self.config.mqtt.output_frames
