@@ -334,23 +334,40 @@ class Engine:
         >>> [s.seq for s in ok], [r.reason for r in bad]
         ([1, 7], ['duplicate'])
         """
-        admitted: list[Sample] = []
-        rejected: list[Rejection] = []
-        pending: dict[str, int] = {}
-        for sample in samples:
-            reason = self.reject_reason(sample)
-            if reason is None:
-                last = pending.get(sample.stream)
-                if last is None:
-                    last = self.last_seq(sample.stream)
-                seq = last + 1 if sample.seq is None else int(sample.seq)
-                if seq <= last:
-                    reason = "duplicate"
-            if reason is not None:
-                rejected.append(Rejection(sample, reason))
+        keep = [i for i, sample in enumerate(samples) if _object_reason(sample) is None]
+        kept = [samples[i] for i in keep]
+        names = [s.stream for s in kept]
+        reason = self._value_reasons(np.array([float(s.value) for s in kept], dtype=np.float64))
+        given = np.array([NO_SEQ if s.seq is None else s.seq for s in kept], dtype=np.int64)
+        table = self.streams
+        slots = np.array(list(map(table.slots.get, names, repeat(-1))), dtype=np.int64)
+        last = np.where(slots >= 0, table.seq[slots], 0)
+        parked: dict[str, int] = {}  # streams not resident: their last seq, looked up once
+        for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
+            name = names[i]
+            if not _valid_stream(name):
+                reason[i] = 1 + REJECT_REASONS.index("bad_stream")
                 continue
-            pending[sample.stream] = seq
-            admitted.append(Sample(sample.stream, sample.value, sample.ts, seq))
+            if name not in parked:
+                parked[name] = self.last_seq(name)
+            last[i] = parked[name]
+        candidates = np.flatnonzero(reason == 0)
+        ids: dict[str, int] = {}
+        keys = np.array([ids.setdefault(names[i], len(ids)) for i in candidates.tolist()])
+        accepted, seq, _ = _number(
+            keys, last[candidates], given[candidates], distinct=len(ids) == len(candidates)
+        )
+        reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
+        admitted = [
+            Sample(kept[i].stream, kept[i].value, kept[i].ts, number)
+            for i, number in zip(candidates[accepted].tolist(), seq[accepted].tolist(), strict=True)
+        ]
+        why = {keep[i]: REJECT_REASONS[r - 1] for i, r in enumerate(reason.tolist()) if r}
+        rejected = [
+            Rejection(sample, why.get(i) or _object_reason(sample) or "")
+            for i, sample in enumerate(samples)
+            if i in why or _object_reason(sample) is not None
+        ]
         return admitted, rejected
 
     def last_seq(self, stream: str) -> int:
@@ -370,14 +387,7 @@ class Engine:
         Anything that is not a number, a string id or an integer ``seq`` is refused here, before
         the samples become columns; the rest is checked by ``tick_batch``.
         """
-        keep: list[int] = []
-        refused: list[tuple[int, str]] = []
-        for i, sample in enumerate(samples):
-            reason = _object_reason(sample)
-            if reason is None:
-                keep.append(i)
-            else:
-                refused.append((i, reason))
+        keep = [i for i, sample in enumerate(samples) if _object_reason(sample) is None]
         kept = [samples[i] for i in keep]
         batch = Batch(
             [s.stream for s in kept],
@@ -386,14 +396,19 @@ class Engine:
             np.array([NO_SEQ if s.seq is None else s.seq for s in kept], dtype=np.int64),
         )
         result = self.tick_batch(batch)
-        if refused or len(kept) < len(samples):
+        if len(kept) == len(samples):
+            refused = list(zip(result.rejected_index.tolist(), result.rejected_reason, strict=True))
+        else:
             positions = np.asarray(keep, dtype=np.int64)
             result.forecasts.index = positions[result.forecasts.index]
+            refused = [
+                (i, reason)
+                for i, sample in enumerate(samples)
+                if (reason := _object_reason(sample)) is not None
+            ]
             rows = result.rejected_index.tolist()
             refused += [(keep[i], r) for i, r in zip(rows, result.rejected_reason, strict=True)]
             refused.sort(key=lambda pair: pair[0])
-        else:
-            refused = list(zip(result.rejected_index.tolist(), result.rejected_reason, strict=True))
         return TickResult(result.forecasts, [Rejection(samples[i], r) for i, r in refused])
 
     def tick_batch(self, batch: Batch) -> BatchResult:
@@ -406,12 +421,8 @@ class Engine:
         self.ticks += 1
         table = self.streams
         names = batch.streams
-        n = len(names)
         values = np.asarray(batch.values, dtype=np.float64)
-        reason = np.zeros(n, dtype=np.int8)  # 0: fine, else 1 + index in REJECT_REASONS
-        with np.errstate(invalid="ignore"):
-            reason[np.abs(values) > self.max_abs_value] = 1 + REJECT_REASONS.index("out_of_range")
-            reason[~np.isfinite(values)] = 1 + REJECT_REASONS.index("non_finite")
+        reason = self._value_reasons(values)
         if self.max_streams:
             ok_names = {names[i] for i in np.flatnonzero(reason == 0).tolist()}
             self._make_room({s for s in ok_names if s in table or _valid_stream(s)})
@@ -422,7 +433,15 @@ class Engine:
             else:
                 reason[i] = 1 + REJECT_REASONS.index("bad_stream")
         candidates = np.flatnonzero(reason == 0)
-        accepted, seq, level = self._sequence(slots[candidates], batch.seq[candidates])
+        slots_in = slots[candidates]
+        rank = np.arange(len(slots_in))
+        table.scratch[slots_in] = rank  # where a slot comes twice, the later position wins
+        accepted, seq, level = _number(
+            slots_in,
+            table.seq[slots_in],
+            batch.seq[candidates],
+            distinct=bool((table.scratch[slots_in] == rank).all()),
+        )
         reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
         index = candidates[accepted]  # (M,) positions of the samples applied, in arrival order
         slots, seq = slots[index], seq[accepted]
@@ -447,35 +466,13 @@ class Engine:
         bad = np.flatnonzero(reason)
         return BatchResult(out, bad, [REJECT_REASONS[r - 1] for r in reason[bad].tolist()])
 
-    def _sequence(
-        self, slots: np.ndarray, given: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Sequence numbers: (accepted, seq, level) for samples of ``slots`` in arrival order.
-
-        A sample without one (``NO_SEQ``) gets its stream's next; one at or below the stream's
-        last is a duplicate. ``level`` is each sample's round (None: all in one, the usual case
-        of distinct streams, done without a Python loop).
-        """
-        table = self.streams
-        last = table.seq[slots]
-        rank = np.arange(len(slots))
-        table.scratch[slots] = rank  # where a slot comes twice, the later position wins
-        if (table.scratch[slots] == rank).all():  # distinct slots
-            seq = np.where(given == NO_SEQ, last + 1, given)
-            return seq > last, seq, None
-        accepted = np.zeros(len(slots), dtype=bool)
-        seq = np.zeros(len(slots), dtype=np.int64)
-        level = np.zeros(len(slots), dtype=np.int64)
-        pending: dict[int, tuple[int, int]] = {}  # slot -> (last seq, rounds used)
-        for i, (slot, before, wanted) in enumerate(
-            zip(slots.tolist(), last.tolist(), given.tolist(), strict=True)
-        ):
-            prev, depth = pending.get(slot, (before, 0))
-            number = prev + 1 if wanted == NO_SEQ else wanted
-            if number > prev:
-                accepted[i], seq[i], level[i] = True, number, depth
-                pending[slot] = (number, depth + 1)
-        return accepted, seq, level
+    def _value_reasons(self, values: np.ndarray) -> np.ndarray:
+        """Per value: 0 when fine, else 1 + its index in ``REJECT_REASONS``."""
+        reason = np.zeros(len(values), dtype=np.int8)
+        with np.errstate(invalid="ignore"):
+            reason[np.abs(values) > self.max_abs_value] = 1 + REJECT_REASONS.index("out_of_range")
+            reason[~np.isfinite(values)] = 1 + REJECT_REASONS.index("non_finite")
+        return reason
 
     def _empty_columns(self, index: np.ndarray, names: list[str]) -> ForecastColumns:
         m = len(index)
@@ -663,6 +660,37 @@ def _object_reason(sample: Sample) -> str | None:
     if seq is not None and not 0 <= seq < SEQ_LIMIT:
         return "duplicate" if seq < 0 else "bad_seq"  # below every stream's last: seen before
     return None
+
+
+def _number(
+    keys: np.ndarray, last: np.ndarray, given: np.ndarray, distinct: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Sequence numbers: (accepted, seq, level) for samples of streams ``keys`` in arrival order.
+
+    ``last``: each sample's stream's last applied seq; ``given``: the sender's, or NO_SEQ for the
+    stream's next. One at or below the stream's last is a duplicate. ``level`` is each sample's
+    round in a tick (None when every stream comes once: ``distinct``, done without a Python loop).
+
+    >>> ok, seq, level = _number(np.array([0, 0, 0]), np.array([4, 4, 4]), np.array([-1, 5, 9]), False)
+    >>> ok.tolist(), seq[ok].tolist(), level[ok].tolist()
+    ([True, False, True], [5, 9], [0, 1])
+    """
+    if distinct:
+        seq = np.where(given == NO_SEQ, last + 1, given)
+        return seq > last, seq, None
+    accepted = np.zeros(len(keys), dtype=bool)
+    seq = np.zeros(len(keys), dtype=np.int64)
+    level = np.zeros(len(keys), dtype=np.int64)
+    pending: dict[int, tuple[int, int]] = {}  # key -> (last seq, rounds used)
+    for i, (key, before, wanted) in enumerate(
+        zip(keys.tolist(), last.tolist(), given.tolist(), strict=True)
+    ):
+        prev, depth = pending.get(key, (before, 0))
+        number = prev + 1 if wanted == NO_SEQ else wanted
+        if number > prev:
+            accepted[i], seq[i], level[i] = True, number, depth
+            pending[key] = (number, depth + 1)
+    return accepted, seq, level
 
 
 def _valid_stream(stream: str) -> bool:
