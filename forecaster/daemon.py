@@ -127,9 +127,9 @@ class Daemon:
         self.journal: Journal | None = None
         self._applied = 0  # journal position of the last sample applied to the engine
         # Forecasts not yet handed to the broker (replayed, or refused while disconnected):
-        # retried in order; a checkpoint waits until this is empty so none is lost by a crash.
-        self._unpublished: deque[tuple[str, str]] = deque()
-        self._unpublished_cap = config.engine.queue_size
+        # retried in order, never dropped; a checkpoint waits until this is empty so none is lost
+        # by a crash. With ``mqtt.max_outgoing`` on their way, the engine takes no more input.
+        self._unpublished: deque[tuple[str, str | bytes, int]] = deque()
         self.engine: Engine | None = None
         self.learner: Learner | None = None
         self.http: HttpEndpoint | None = None
@@ -227,10 +227,10 @@ class Daemon:
             result = self.engine.tick([sample for _, sample in batch])
             for rejection in result.rejected:  # rows overlapping the checkpoint: never re-applied
                 self.metrics.rejected.labels(rejection.reason).inc()
+            qos = self.config.mqtt.qos_out
             for forecast in result.forecasts:
-                self._retry_later(
-                    self.output.topic_for(forecast.stream), forecast_payload(forecast)
-                )
+                topic = self.output.topic_for(forecast.stream)
+                self._unpublished.append((topic, forecast_payload(forecast), qos))
             self._applied = batch[-1][0]
             replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
@@ -238,20 +238,44 @@ class Daemon:
         if replayed:
             log.info("replayed %d journaled samples after position %d", replayed, position)
 
-    def _retry_later(self, topic: str, payload: str) -> None:
-        if len(self._unpublished) >= self._unpublished_cap:
-            self._unpublished.popleft()
-            self.metrics.dropped("not_connected")
-        self._unpublished.append((topic, payload))
-
     def _publish_unpublished(self) -> None:
-        qos = self.config.mqtt.qos_out
+        self._unpublished.extendleft(reversed(self.link.settle()))  # lost unwritten: first again
         while self._unpublished and self.link.is_connected.is_set():
-            topic, payload = self._unpublished[0]
-            if not self.link.publish(topic, payload, qos, count_drop=False):
+            topic, payload, qos = self._unpublished[0]
+            if not self.link.publish(topic, payload, qos):
                 return
             self._unpublished.popleft()
             self.metrics.forecasts_published.inc()
+
+    @property
+    def outgoing(self) -> int:
+        """Forecasts not yet with the broker: unpublished here, or in paho and not yet settled."""
+        return len(self._unpublished) + self.link.outgoing
+
+    def _intake_held(self, timeout: float) -> bool:
+        """Take no input while ``mqtt.max_outgoing`` forecasts are on their way to the broker.
+
+        A forecast is data: rather than drop one, the daemon stops taking samples, so the
+        back-pressure reaches the broker (unacknowledged QoS 1 samples stay there; the receive
+        queue fills and ``engine.overload`` applies) until the link is back and they have left.
+        Not while the MQTT reader waits for room in the queue: paho reads the broker's acks on
+        that thread, so only taking input lets them in (measured: a deadlock otherwise).
+        """
+        deadline = time.monotonic() + timeout
+        limit = self.config.mqtt.max_outgoing
+        while True:
+            self._publish_unpublished()
+            waiting = self.outgoing
+            if waiting < limit or self.link.blocked:
+                return False
+            if time.monotonic() >= deadline:
+                self.rate_limited.warning(
+                    "max_outgoing",
+                    "%d forecasts waiting for the broker (mqtt.max_outgoing): input paused",
+                    waiting,
+                )
+                return True
+            time.sleep(0.002)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -275,7 +299,7 @@ class Daemon:
         self.link.stop_intake()
         deadline = time.monotonic() + drain_s
         while not self.inbox.empty() and time.monotonic() < deadline:
-            self.step(timeout=0.0)
+            self.step(timeout=0.05)  # the queue is not empty: no wait unless intake is held
         self.checkpoint()
         if self.learner is not None:
             self.learner.close()
@@ -293,6 +317,8 @@ class Daemon:
     def step(self, timeout: float) -> int:
         """One tick over whatever is queued (up to ``max_batch``); returns samples processed."""
         self._heartbeat = time.monotonic()
+        if self._intake_held(timeout):
+            return 0
         try:
             batch = [self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()]
         except queue.Empty:
@@ -303,9 +329,12 @@ class Daemon:
                 batch.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
+        taken = len(batch)
+        batch = [raw for raw in batch if not self.link.redelivered(raw)]  # the resent copy counts
+        if not batch:
+            return taken
         self.metrics.queue_depth.set(self.inbox.qsize())
         self.metrics.samples_received.inc(len(batch))
-        self._publish_unpublished()
         samples: list[Sample] = []
         received: list[float] = []
         for raw in batch:
@@ -369,15 +398,11 @@ class Daemon:
         for forecast, arrived in zip(result.forecasts, accepted_at, strict=True):
             payload = forecast_payload(forecast)
             topic = self.output.topic_for(forecast.stream)
-            if self.journal is None:
-                if self.link.publish(topic, payload, qos):
-                    self.metrics.forecasts_published.inc()
-                    self.metrics.latency.observe(max(0.0, time.time() - arrived))
-            elif not self._unpublished and self.link.publish(topic, payload, qos, count_drop=False):
+            if not self._unpublished and self.link.publish(topic, payload, qos):
                 self.metrics.forecasts_published.inc()
                 self.metrics.latency.observe(max(0.0, time.time() - arrived))
             else:
-                self._retry_later(topic, payload)
+                self._unpublished.append((topic, payload, qos))
         self.metrics.observe_forecasts(result.forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
