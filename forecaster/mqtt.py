@@ -80,8 +80,8 @@ class _Client(paho.Client):
     """
 
     def loop_misc(self) -> paho.MQTTErrorCode:
-        with self._msgtime_mutex:
-            if self._ping_t and self._last_bytes_received > self._ping_t:
+        with self._msgtime_mutex:  # paho's own names (2.2); absent ones leave paho's behaviour
+            if self._ping_t and getattr(self, "_last_bytes_received", 0.0) > self._ping_t:
                 self._ping_t = 0
         return super().loop_misc()
 
