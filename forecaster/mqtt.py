@@ -69,23 +69,6 @@ class LinkEvents:
     def backpressure(self) -> None: ...
 
 
-class _Client(paho.Client):
-    """paho's client, with a keep-alive that takes any packet from the broker as its answer.
-
-    paho 2.2 sends a PINGREQ every keep-alive period even while packets flow both ways (paho
-    #813), then closes the link as "keep alive timeout" if the PINGRESP is more than one period
-    late, even though the broker is sending all along. Under overload that closed a busy link
-    (a 60 s back-pressure run). A broker that sent anything after the ping is alive: the ping is
-    taken as answered. A silent broker is still detected after one period, as before.
-    """
-
-    def loop_misc(self) -> paho.MQTTErrorCode:
-        with self._msgtime_mutex:  # paho's own names (2.2); absent ones leave paho's behaviour
-            if self._ping_t and getattr(self, "_last_bytes_received", 0.0) > self._ping_t:
-                self._ping_t = 0
-        return super().loop_misc()
-
-
 def _is_settled(info: paho.MQTTMessageInfo) -> bool:
     """Left (QoS 0) or acknowledged (QoS > 0); paho's ``is_published()`` raises for a lost one."""
     return info._published
@@ -140,7 +123,7 @@ class MqttLink:
         self.blocked = False  # the reader is waiting for room in the queue (back-pressure)
         # Forecasts handed to paho and not yet settled: (info, topic, payload, qos), oldest first.
         self._outgoing: deque[tuple[paho.MQTTMessageInfo, str, str | bytes, int]] = deque()
-        self.client = _Client(
+        self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
