@@ -297,6 +297,7 @@ class MqttLink:
         A QoS > 0 message refused as "not connected" is taken: paho keeps it and sends it after
         the reconnect (retrying it too would publish it twice).
         """
+        self._prune()  # keeps the tracking small for callers that never call settle()
         info = self.client.publish(topic, payload, qos=qos)
         if info.rc == paho.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN):
             self._outgoing.append((info, topic, payload, qos))
