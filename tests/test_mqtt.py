@@ -1,6 +1,6 @@
-"""paho's keep-alive, which the link relies on: a broker that keeps sending is not dropped.
+"""What the link relies on from paho and Mosquitto, checked against them.
 
-Mosquitto always answers a PINGREQ, so a minimal MQTT 3.1.1 server stands in for a broker too
+paho's keep-alive: a broker that keeps sending is not dropped. Mosquitto always answers a PINGREQ, so a minimal MQTT 3.1.1 server stands in for a broker too
 busy to answer it: it accepts one client, never sends a PINGRESP, and either sends a QoS 0
 message every 0.1 s or nothing at all. paho 2.2 pings every keep-alive period even while packets
 flow (paho #813); it must keep the busy link and close the silent one ("keep alive timeout").
@@ -16,6 +16,10 @@ import time
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.conftest import Broker
 
 CONNACK = b"\x20\x02\x00\x00"  # MQTT 3.1.1, session not present, accepted
 TOPIC = b"busy/broker"
@@ -71,3 +75,55 @@ def test_unanswered_pings_close_only_a_silent_link(busy: bool) -> None:
         assert received and lost == []
     else:
         assert lost and "keep alive" in lost[0].lower(), lost
+
+
+def unacked_received(broker: Broker, prefix: str, publish: int, ack_first: int) -> list[int]:
+    """One connection of a persistent MQTT 5 session with Receive Maximum 5: the messages it got
+    in 1.5 s, acknowledging only the first ``ack_first``; ``publish`` messages are sent first."""
+    got: list[int] = []
+
+    def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        got.append(int(message.payload))
+        if len(got) <= ack_first:
+            client.ack(message.mid, message.qos)
+
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{prefix}-sub",
+        protocol=paho.MQTTv5,
+        manual_ack=True,
+    )
+    client.on_message = on_message
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_connect = lambda c, *a: c.subscribe(f"{prefix}/t", 1)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 600
+    properties.ReceiveMaximum = 5
+    client.connect(broker.host, broker.port, clean_start=False, properties=properties)
+    client.loop_start()
+    assert subscribed.wait(10)
+    sender = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{prefix}-pub")
+    sender.connect(broker.host, broker.port)
+    sender.loop_start()
+    for k in range(publish):
+        sender.publish(f"{prefix}/t", str(k), qos=1).wait_for_publish(5)
+    time.sleep(1.5)
+    sender.loop_stop()
+    sender.disconnect()
+    client.loop_stop()
+    client.socket().close()  # the link breaks: the session stays with the broker
+    return got
+
+
+def test_mosquitto_receive_maximum_fresh_and_resumed(broker: Broker, prefix: str) -> None:
+    """Back-pressure's flow control: Mosquitto keeps to Receive Maximum on a fresh session.
+
+    On the resumed one, Mosquitto 2.0.11 resends the 5 unacknowledged messages and, once they are
+    acknowledged, sends more than 5 more (printed; the README cites the figure).
+    """
+    fresh = unacked_received(broker, prefix, publish=100, ack_first=0)
+    assert fresh == [0, 1, 2, 3, 4]
+    resumed = unacked_received(broker, prefix, publish=0, ack_first=5)
+    assert resumed[:5] == fresh  # resent first
+    print(f"resumed session, Receive Maximum 5, 5 acknowledged: {len(resumed)} received")
