@@ -9,6 +9,7 @@ The README's account of the 60 s overload run's disconnect rests on this.
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -19,7 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.conftest import Broker
+from forecaster.config import MqttConfig
+from forecaster.mqtt import MqttLink
+from tests.conftest import Broker, Collector
+from tests.test_recovery import Relay
 
 CONNACK = b"\x20\x02\x00\x00"  # MQTT 3.1.1, session not present, accepted
 TOPIC = b"busy/broker"
@@ -127,3 +131,51 @@ def test_mosquitto_receive_maximum_fresh_and_resumed(broker: Broker, prefix: str
     resumed = unacked_received(broker, prefix, publish=0, ack_first=5)
     assert resumed[:5] == fresh  # resent first
     print(f"resumed session, Receive Maximum 5, 5 acknowledged: {len(resumed)} received")
+
+
+def test_qos0_forecasts_unwritten_when_the_link_breaks_are_handed_back(
+    broker: Broker, prefix: str
+) -> None:
+    """paho forgets QoS 0 messages it had queued but not written when the link breaks; the
+    link hands them back (``settle()``) and they arrive once published again.
+
+    The link stalls (a relay stops carrying its bytes), so 1 MB payloads fill the socket buffers
+    and the rest wait in paho's queue; then the link is cut and comes back.
+    """
+    relay = Relay(broker)
+    config = MqttConfig(
+        host=relay.host,
+        port=relay.port,
+        client_id=f"{prefix}-link",
+        input_topics=[f"{prefix}/in/{{stream}}"],
+        output_topic=f"{prefix}/out/{{stream}}",
+        status_topic=f"{prefix}/status",
+        reconnect_min_delay=0.5,
+        reconnect_max_delay=1,
+    )
+    link = MqttLink(config, queue.Queue(maxsize=10))
+    link.start()
+    out = Collector(broker, f"{prefix}/out/+", qos=0)
+    try:
+        assert link.is_subscribed.wait(10)
+        relay.stall()
+        payloads = [bytes([65 + k]) * 1_000_000 for k in range(30)]
+        for payload in payloads:
+            assert link.publish(f"{prefix}/out/s", payload, 0)
+        relay.cut(down_for=0.5)
+        deadline = time.monotonic() + 20
+        while link.connects < 2:
+            assert time.monotonic() < deadline, "no reconnect"
+            time.sleep(0.05)
+        lost = link.settle()
+        print(f"{len(lost)} of {len(payloads)} payloads unwritten at the cut, handed back")
+        assert lost, "the socket buffers took every payload: nothing was left unwritten"
+        assert [p for _, p, _ in lost] == payloads[len(payloads) - len(lost) :]  # the last ones
+        for topic, payload, qos in lost:
+            assert link.publish(topic, payload, qos)
+        got = out.wait_raw(len(lost), timeout=20)
+        assert [p for _, p, _ in got][-len(lost) :] == [p for _, p, _ in lost]
+    finally:
+        out.close()
+        link.close()
+        relay.close()
