@@ -22,8 +22,7 @@ from paho.mqtt.properties import Properties
 
 from forecaster.config import MqttConfig
 from forecaster.mqtt import MqttLink
-from tests.conftest import Broker, Collector
-from tests.test_recovery import Relay
+from tests.conftest import Broker, Collector, Relay
 
 CONNACK = b"\x20\x02\x00\x00"  # MQTT 3.1.1, session not present, accepted
 TOPIC = b"busy/broker"
