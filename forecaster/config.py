@@ -146,6 +146,9 @@ class MqttConfig(Section):
     # daemon is away (paho's default would start a clean session on every new client).
     clean_start: bool = False
     session_expiry: int = Field(86_400, ge=0)  # seconds the broker keeps the session (MQTT 5)
+    # Forecasts on their way to the broker at most (refused while disconnected, or not yet written
+    # or acknowledged); at the bound the daemon stops taking input until the broker has them.
+    max_outgoing: int = Field(10_000, ge=1)
     payload: PayloadConfig = PayloadConfig()
 
     @field_validator("protocol", mode="before")

@@ -133,10 +133,10 @@ class Daemon:
         self.journal: Journal | None = None
         self._applied = 0  # journal position of the last sample applied to the engine
         # Messages not yet handed to the broker (replayed, or refused while disconnected), with
-        # the forecasts each carries: retried in order; a checkpoint waits until this is empty so
-        # none is lost by a crash.
-        self._unpublished: deque[tuple[str, str, int]] = deque()
-        self._unpublished_cap = config.engine.queue_size
+        # how many forecasts each carries (0: counted when first sent): retried in order, never
+        # dropped; a checkpoint waits until this is empty so none is lost by a crash. With
+        # ``mqtt.max_outgoing`` on their way, the engine takes no more input.
+        self._unpublished: deque[tuple[str, str | bytes, int, int]] = deque()
         self.engine: Engine | None = None
         self.learner: Learner | None = None
         self.http: HttpEndpoint | None = None
@@ -234,10 +234,10 @@ class Daemon:
             result = self.engine.tick([sample for _, sample in batch])
             for rejection in result.rejected:  # rows overlapping the checkpoint: never re-applied
                 self.metrics.rejected.labels(rejection.reason).inc()
+            qos = self.config.mqtt.qos_out
             for forecast in result.forecasts:
-                self._retry_later(
-                    self.output.topic_for(forecast.stream), forecast_payload(forecast)
-                )
+                topic = self.output.topic_for(forecast.stream)
+                self._unpublished.append((topic, forecast_payload(forecast), qos, 1))
             self._applied = batch[-1][0]
             replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
@@ -245,20 +245,45 @@ class Daemon:
         if replayed:
             log.info("replayed %d journaled samples after position %d", replayed, position)
 
-    def _retry_later(self, topic: str, payload: str, forecasts: int = 1) -> None:
-        if len(self._unpublished) >= self._unpublished_cap:
-            self._unpublished.popleft()
-            self.metrics.dropped("not_connected")
-        self._unpublished.append((topic, payload, forecasts))
-
     def _publish_unpublished(self) -> None:
-        qos = self.config.mqtt.qos_out
+        lost = [(topic, payload, qos, 0) for topic, payload, qos in self.link.settle()]
+        self._unpublished.extendleft(reversed(lost))  # lost unwritten: first again
         while self._unpublished and self.link.is_connected.is_set():
-            topic, payload, forecasts = self._unpublished[0]
-            if not self.link.publish(topic, payload, qos, count_drop=False):
+            topic, payload, qos, forecasts = self._unpublished[0]
+            if not self.link.publish(topic, payload, qos):
                 return
             self._unpublished.popleft()
             self.metrics.forecasts_published.inc(forecasts)
+
+    @property
+    def outgoing(self) -> int:
+        """Forecasts not yet with the broker: unpublished here, or in paho and not yet settled."""
+        return len(self._unpublished) + self.link.outgoing
+
+    def _intake_held(self, timeout: float) -> bool:
+        """Take no input while ``mqtt.max_outgoing`` forecasts are on their way to the broker.
+
+        A forecast is data: rather than drop one, the daemon stops taking samples, so the
+        back-pressure reaches the broker (unacknowledged QoS 1 samples stay there; the receive
+        queue fills and ``engine.overload`` applies) until the link is back and they have left.
+        Not while the MQTT reader waits for room in the queue: paho reads the broker's acks on
+        that thread, so only taking input lets them in (measured: a deadlock otherwise).
+        """
+        deadline = time.monotonic() + timeout
+        limit = self.config.mqtt.max_outgoing
+        while True:
+            self._publish_unpublished()
+            waiting = self.outgoing
+            if waiting < limit or self.link.blocked:
+                return False
+            if time.monotonic() >= deadline:
+                self.rate_limited.warning(
+                    "max_outgoing",
+                    "%d forecasts waiting for the broker (mqtt.max_outgoing): input paused",
+                    waiting,
+                )
+                return True
+            time.sleep(0.002)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -282,7 +307,7 @@ class Daemon:
         self.link.stop_intake()
         deadline = time.monotonic() + drain_s
         while not self.inbox.empty() and time.monotonic() < deadline:
-            self.step(timeout=0.0)
+            self.step(timeout=0.05)  # the queue is not empty: no wait unless intake is held
         self.checkpoint()
         if self.learner is not None:
             self.learner.close()
@@ -301,6 +326,8 @@ class Daemon:
         """One tick over whatever is queued (messages up to ``max_batch`` samples); returns the
         number of messages handled. A frame is never split: all its samples go into this tick."""
         self._heartbeat = time.monotonic()
+        if self._intake_held(timeout):
+            return 0
         try:
             raw = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:
@@ -310,18 +337,22 @@ class Daemon:
         samples: list[Sample] = []
         origins: list[int] = []  # per sample: index in ``batch`` of the message it came in
         limit = self.config.engine.max_batch
+        taken = 0
         while True:
-            frames.append(self._parse(raw, len(batch), samples, origins))
-            batch.append(raw)
+            taken += 1
+            if not self.link.redelivered(raw):  # else the resent copy counts
+                frames.append(self._parse(raw, len(batch), samples, origins))
+                batch.append(raw)
             if len(samples) >= limit:
                 break
             try:
                 raw = self.inbox.get_nowait()
             except queue.Empty:
                 break
+        if not batch:
+            return taken
         self.metrics.queue_depth.set(self.inbox.qsize())
         self.metrics.samples_received.inc(len(batch))
-        self._publish_unpublished()
         if samples and not self._journal(samples, origins):
             return len(batch)  # not acknowledged: the broker redelivers them
         self.link.ack(batch)  # one ack per message, once every sample of it is journaled
@@ -421,20 +452,14 @@ class Daemon:
         self._gap_resets_seen = self.engine.gap_resets
 
     def _send(self, topic: str, payload: str, arrived: float, forecasts: int) -> None:
-        """Publish one output message (one forecast, or a frame of ``forecasts``); with the
-        journal on, a refused one waits in order for the broker instead of being dropped."""
+        """Publish one output message (one forecast, or a frame of ``forecasts``); one the link
+        refuses waits in order for the broker instead of being dropped."""
         qos = self.config.mqtt.qos_out
-        if self.journal is None:
-            sent = self.link.publish(topic, payload, qos)
-        else:
-            sent = not self._unpublished and self.link.publish(
-                topic, payload, qos, count_drop=False
-            )
-            if not sent:
-                self._retry_later(topic, payload, forecasts)
-        if sent:
+        if not self._unpublished and self.link.publish(topic, payload, qos):
             self.metrics.forecasts_published.inc(forecasts)
             self.metrics.latency.observe(max(0.0, time.time() - arrived))
+        else:
+            self._unpublished.append((topic, payload, qos, forecasts))
 
     def _reject(self, reason: str, where: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()

@@ -11,6 +11,11 @@ its sample is journaled, so a crash leaves every unjournaled message with the br
 redelivers it to the persistent session (fixed client id, ``clean_start=False``, a session expiry).
 A full receive queue either blocks this reader (back-pressure: unacked QoS 1 messages stay with the
 broker, whose in-flight window stops sending) or drops the oldest or the newest message, counted.
+
+Forecasts handed to paho are tracked until they have left (QoS 0: written) or been acknowledged
+(QoS > 0): paho keeps QoS > 0 ones through a reconnect and sends them again, but silently forgets
+QoS 0 ones still unwritten when the link breaks; ``settle()`` hands those back to be published
+again, and ``outgoing`` lets the daemon stop taking input while too many are on their way.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +67,11 @@ class LinkEvents:
     def callback_error(self, callback: str) -> None: ...
     def loop_restarted(self) -> None: ...
     def backpressure(self) -> None: ...
+
+
+def _is_settled(info: paho.MQTTMessageInfo) -> bool:
+    """Left (QoS 0) or acknowledged (QoS > 0); paho's ``is_published()`` raises for a lost one."""
+    return info._published
 
 
 def _network_thread_writes(client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -104,12 +115,14 @@ class MqttLink:
         self.is_subscribed = threading.Event()
         self.accepting = True
         self.connects = 0
+        self.session_present = False  # the broker resumed the session on this connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         v5 = config.protocol == "5"
         self.overload = overload
         self.blocked = False  # the reader is waiting for room in the queue (back-pressure)
-        self.last_publish: paho.MQTTMessageInfo | None = None
+        # Forecasts handed to paho and not yet settled: (info, topic, payload, qos), oldest first.
+        self._outgoing: deque[tuple[paho.MQTTMessageInfo, str, str | bytes, int]] = deque()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
@@ -220,15 +233,50 @@ class MqttLink:
             if raw.qos > 0 and raw.connection == current:
                 self.client.ack(raw.mid, raw.qos)
 
+    def redelivered(self, raw: RawMessage) -> bool:
+        """True for a QoS > 0 message from an earlier connection, the session since resumed.
+
+        It was not acknowledged on its connection, so the resumed session sends it again; taking
+        the copy that is queued now would only make the resent one a duplicate, and keep in the
+        queue the room the broker's resends need (a full queue blocks paho's reader, and with it
+        the broker's acks of our forecasts).
+        """
+        return raw.qos > 0 and raw.connection != self.connects and self.session_present
+
     def flush(self, timeout: float) -> bool:
-        """Wait until the last forecast published has left (QoS 0) or been acked (QoS > 0)."""
-        info = self.last_publish
+        """Wait until every forecast handed to paho has left (QoS 0) or been acked (QoS > 0).
+
+        False also when paho lost one unwritten: ``settle()`` hands it back to publish again.
+        """
         deadline = time.monotonic() + timeout
-        while info is not None and not info.is_published():
+        while self._outgoing:
+            if self._prune():
+                return False
             if time.monotonic() > deadline or not self.is_connected.is_set() or self.blocked:
                 return False  # a reader blocked on a full queue writes nothing: do not wait
             time.sleep(0.002)
         return True
+
+    @property
+    def outgoing(self) -> int:
+        """Forecasts handed to paho and not yet settled (an upper bound: oldest first)."""
+        return len(self._outgoing)
+
+    def _prune(self) -> bool:
+        """Forget settled forecasts, oldest first; True when the oldest left is one paho lost."""
+        while self._outgoing and _is_settled(self._outgoing[0][0]):
+            if self._outgoing[0][0].rc == paho.MQTT_ERR_CONN_LOST:  # QoS 0, link broke unwritten
+                return True
+            self._outgoing.popleft()
+        return False
+
+    def settle(self) -> list[tuple[str, str | bytes, int]]:
+        """Forget settled forecasts; return (topic, payload, qos) of those paho lost unwritten."""
+        lost: list[tuple[str, str | bytes, int]] = []
+        while self._prune():
+            _, topic, payload, qos = self._outgoing.popleft()
+            lost.append((topic, payload, qos))
+        return lost
 
     def close(self, status: str = STATUS_STOPPED, timeout: float = 2.0) -> None:
         """Publish the final status, wait for outgoing messages, disconnect, join the loop."""
@@ -243,27 +291,17 @@ class MqttLink:
             self._thread.join(timeout)
 
     # -- outgoing ----------------------------------------------------------------------------
-    def publish(
-        self,
-        topic: str,
-        payload: str | bytes,
-        qos: int,
-        retain: bool = False,
-        count_drop: bool = True,
-    ) -> bool:
-        """Publish and check the return code; a message paho could not take is counted.
+    def publish(self, topic: str, payload: str | bytes, qos: int) -> bool:
+        """Hand a forecast to paho; False: it could not take it, the caller keeps it to retry.
 
-        ``count_drop=False``: the caller keeps the message to retry (and counts it if it gives up).
+        A QoS > 0 message refused as "not connected" is taken: paho keeps it and sends it after
+        the reconnect (retrying it too would publish it twice).
         """
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == paho.MQTT_ERR_SUCCESS:
-            self.last_publish = info
+        self._prune()  # keeps the tracking small for callers that never call settle()
+        info = self.client.publish(topic, payload, qos=qos)
+        if info.rc == paho.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN):
+            self._outgoing.append((info, topic, payload, qos))
             return True
-        if not count_drop:
-            return False
-        self.events.dropped(
-            "not_connected" if info.rc == paho.MQTT_ERR_NO_CONN else "publish_error"
-        )
         return False
 
     # -- callbacks (convert and enqueue, nothing more) ----------------------------------------
@@ -299,6 +337,7 @@ class MqttLink:
                 hint,
             )
             return
+        self.session_present = bool(flags.session_present)
         self.connects += 1
         if self.connects > 1:
             self.events.reconnected()

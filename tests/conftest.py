@@ -169,3 +169,76 @@ def publisher(broker: Broker) -> Iterator[paho.Client]:
     yield client
     client.loop_stop()
     client.disconnect()
+
+
+# -- a link fault between a client and the broker ----------------------------------------------
+import contextlib  # noqa: E402
+
+
+class Relay:
+    """A TCP relay between the daemon and the broker that the test stalls and cuts (a network fault).
+
+    ``stall()`` stops carrying the daemon's bytes to the broker (its acks and forecasts wait in the
+    socket buffers) while the broker's still come through; ``cut()`` closes every connection, and
+    refuses new ones for a while, as a failed link would.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = "127.0.0.1", self.server.getsockname()[1]
+        self.up, self.flowing = threading.Event(), threading.Event()
+        self.up.set()
+        self.flowing.set()
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            if not self.up.is_set():
+                near.close()
+                continue
+            far = socket.create_connection((self.broker.host, self.broker.port))
+            for sock in (near, far):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                self.sockets += [near, far]
+            threading.Thread(target=self._pipe, args=(near, far, self.flowing), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(far, near, None), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, gate: threading.Event | None) -> None:
+        with contextlib.suppress(OSError):
+            while gate is None or gate.wait():
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def cut(self, down_for: float) -> None:
+        self.up.clear()
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.flowing.set()
+        time.sleep(down_for)
+        for sock in sockets:
+            sock.close()
+        self.up.set()
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut(0.0)

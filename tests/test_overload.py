@@ -5,7 +5,10 @@ heavy model (LSTM 256x2) so that a Python publisher can outrun it. A probe strea
 runs throughout and measures receive-to-forecast latency before, during and after the overload.
 What must hold: RSS stays under the stated bound, every message is either forecast or counted as a
 drop (``drop_oldest``), or none is lost (``backpressure``), and probe latency is back to normal
-within 10 s after the load falls (for back-pressure: after the broker's backlog is worked off).
+within 10 s after the load falls. With back-pressure nothing is dropped, so the broker holds the
+backlog and the daemon works it off at its own rate: there the 10 s count from the moment the
+backlog is gone, and the test checks that the backlog drains at no less than half the rate the
+daemon sustained while overloaded (no stall, no slow drain).
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Run:
     baseline_latency: float  # probe p50 before the load
     recovered_after: float  # s after the load fell (or the backlog drained) until latency normal
     drained_after: float  # s after the load fell until the last load sample was forecast
+    drain_rate: float  # load forecasts per second between the load falling and the last one
 
 
 def overload_run(
@@ -277,13 +281,14 @@ def overload_run(
         sustained_rate=sustained,
         dropped={
             r: metric_value(metrics, "forecaster_messages_dropped_total", reason=r)
-            for r in ("queue_full", "queue_full_oldest", "not_connected", "publish_error")
+            for r in ("queue_full", "queue_full_oldest")
         },
         rss_before=rss_before,
         rss_peak=max(rss) if rss else rss_before,
         baseline_latency=baseline,
         recovered_after=recovered,
         drained_after=drained,
+        drain_rate=(len(load) - len(during)) / max(drained, 1e-3),
     )
 
 
@@ -294,8 +299,7 @@ def check(run: Run, policy: str) -> None:
     if policy == "backpressure":
         assert run.forecast_load == run.sent  # none lost: the broker held what the daemon could not
         assert run.dropped["queue_full"] == run.dropped["queue_full_oldest"] == 0
-        # Forecasts refused while disconnected are retried, and counted when the retry buffer
-        # overflows (``not_connected``); one 60 s run saw a keep-alive timeout under this load.
+        assert run.drain_rate >= 0.5 * run.sustained_rate, "the backlog drained too slowly"
     else:
         reason = "queue_full_oldest" if policy == "drop_oldest" else "queue_full"
         assert run.dropped[reason] > 0

@@ -31,7 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from forecaster.engine import Engine, Sample
 from forecaster.persist import load_checkpoint
-from tests.conftest import Broker, Collector
+from tests.conftest import Broker, Collector, Relay
+from tests.helpers import RunningDaemon, daemon_config, metric_value
 
 
 def series(streams: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
@@ -426,3 +427,73 @@ def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
         publisher.close()
     finally:
         broker.stop()
+
+
+def test_link_stalled_and_cut_no_forecast_lost_and_outgoing_bounded(
+    broker: Broker, tmp_path: Path, prefix: str
+) -> None:
+    """Forecasts that cannot reach the broker pause the intake instead of being dropped.
+
+    Twice the link to the broker stalls (the daemon's acks and forecasts stop reaching it, while
+    samples still arrive) and is then cut. During the first stall, with ``max_outgoing`` 5, the
+    daemon holds at most 5 + one tick of forecasts (without the pause: the 30 samples of the
+    broker's in-flight window). paho sends the unacknowledged forecasts again after each
+    reconnect, the broker redelivers the unacknowledged samples (refused as duplicates), and
+    every sample ends with forecasts equal to an uninterrupted run's, none dropped.
+    """
+    rounds, max_batch, limit = 300, 4, 5  # 9 s of samples at 100/s
+    values = series(3, rounds, seed=3)
+    ref = offline_reference(values)
+    relay = Relay(broker)
+    config = daemon_config(
+        relay,
+        prefix,
+        tmp_path / "state",
+        mqtt={
+            "qos_out": 1,
+            "max_outgoing": limit,
+            "input_topics": [f"{prefix}/in/{{stream}}"],
+            "output_topic": f"{prefix}/out/{{stream}}",
+        },
+        engine={"queue_size": 60, "max_batch": max_batch},  # Receive Maximum 30
+    )
+    out = Collector(broker, f"{prefix}/out/+")
+    running = RunningDaemon(config)
+    daemon = running.daemon
+    peaks: dict[str, int] = {}
+    phase = ["before"]
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), daemon.outgoing)
+            time.sleep(0.0005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    publisher = Publisher(broker, prefix, values, rate=100).start()
+    try:
+        for cut in range(2):
+            time.sleep(1.0)
+            phase[0] = f"stall {cut}"
+            relay.stall()
+            time.sleep(1.5)  # the broker sends up to 30 unacknowledged samples meanwhile
+            phase[0] = f"cut {cut}"
+            relay.cut(down_for=1.0)
+        assert publisher.thread.is_alive(), "the faults must land while samples are arriving"
+        publisher.wait_accepted(timeout=60)
+        want = {(s, k) for s in values for k in range(1, rounds + 1)}
+        got = wait_forecasts(out, want, timeout=60)
+        metrics = running.scrape()
+    finally:
+        watching.set()
+        running.stop()
+        publisher.close()
+        out.close()
+        relay.close()
+    print(peaks)  # forecasts on their way at most, per phase (pytest -s)
+    assert daemon.link.connects >= 3, "the link was not cut twice"
+    check_forecasts(got, values, ref)  # every sample forecast, each as an uninterrupted run
+    assert limit <= peaks["stall 0"] <= limit + max_batch, peaks
+    assert metric_value(metrics, "forecaster_samples_rejected_total", reason="duplicate") > 0
+    for reason in ("queue_full", "queue_full_oldest"):
+        assert metric_value(metrics, "forecaster_messages_dropped_total", reason=reason) == 0
