@@ -431,17 +431,21 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
     import subprocess
     import sys
 
+    # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over fork and exec, so a child
+    # of a big bench process would report the parent's peak.
     code = (
-        "import resource, numpy as np, torch; torch.set_num_threads(1)\n"
+        "import numpy as np, torch; torch.set_num_threads(1)\n"
         "from forecaster.engine import Batch, Engine\n"
         "from forecaster.persist import load_checkpoint\n"
-        "ck = load_checkpoint(); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def hwm():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "ck = load_checkpoint(); base = hwm()\n"
         "e = Engine(ck.model, ck.normalizer)\n"
         f"names = [f's{{i}}' for i in range({streams})]\n"
         "for t in range(3):\n"
         "    for lo in range(0, len(names), 10000):\n"
         "        e.tick_batch(Batch.of(names[lo:lo + 10000], np.full(10000, float(t))))\n"
-        "print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(e.streams))\n"
+        "print(base / 1024, hwm() / 1024, len(e.streams))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
