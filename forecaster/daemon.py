@@ -15,7 +15,6 @@ the checkpoint is restored, the journal rows after its position are replayed thr
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -23,6 +22,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import orjson
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -88,9 +88,10 @@ def forecast_body(forecast: Forecast) -> dict[str, object]:
     return body
 
 
-def forecast_payload(forecast: Forecast) -> str:
-    """One forecast message."""
-    return json.dumps(forecast_body(forecast))
+def forecast_payload(forecast: Forecast) -> bytes:
+    """One forecast message (orjson: ~10x ``json.dumps``, and NaN becomes ``null``, not the
+    invalid ``NaN`` the standard encoder writes)."""
+    return orjson.dumps(forecast_body(forecast))
 
 
 def gap_policy(config: Config) -> GapPolicy | None:
@@ -438,7 +439,7 @@ class Daemon:
             run.append(forecast_body(forecast))
             if i + 1 == len(accepted) or accepted[i + 1] != origin:
                 topic = self.output.topic_for(frame)
-                self._send(topic, json.dumps(run), batch[origin].received, len(run))
+                self._send(topic, orjson.dumps(run), batch[origin].received, len(run))
                 run = []
         self.metrics.observe_forecasts(result.forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
@@ -451,7 +452,7 @@ class Daemon:
         self.metrics.gap_resets.inc(self.engine.gap_resets - self._gap_resets_seen)
         self._gap_resets_seen = self.engine.gap_resets
 
-    def _send(self, topic: str, payload: str, arrived: float, forecasts: int) -> None:
+    def _send(self, topic: str, payload: bytes, arrived: float, forecasts: int) -> None:
         """Publish one output message (one forecast, or a frame of ``forecasts``); one the link
         refuses waits in order for the broker instead of being dropped."""
         qos = self.config.mqtt.qos_out

@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from forecaster.engine import STREAM_ID, Sample
 from forecaster.errors import PayloadError
 
@@ -250,6 +252,10 @@ class PayloadParser:
 
     @staticmethod
     def _json(text: str) -> object:
+        try:
+            return orjson.loads(text)  # ~5x the standard parser on the documents that are valid
+        except orjson.JSONDecodeError:
+            pass  # NaN/Infinity, numbers past a double, deep nesting: the standard parser decides
         try:
             return json.loads(text, parse_constant=_constant_as_text)
         except ValueError as exc:

@@ -374,6 +374,6 @@ def test_horizon_runs_ahead_on_a_copy_of_the_state() -> None:
     naive = np.mean([abs(values[t] - values[t + 5]) for t in range(500, 1190)])
     step5 = np.mean([abs(got_five[t].path[4] - values[t + 5]) for t in range(500, 1190)])
     assert step5 < 0.1 * naive  # far better than holding the last value for 5 steps
-    assert forecast_payload(got_one[-1]).count("horizon") == 0
+    assert forecast_payload(got_one[-1]).count(b"horizon") == 0
     body = json.loads(forecast_payload(got_five[-1]))
     assert body["horizon"] == list(got_five[-1].path) and len(body["horizon_upper"]) == 5
