@@ -551,7 +551,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
         "Daemon.step (all)": ("daemon.py", "step"),
         "metrics.observe_forecasts": ("metrics.py", "observe_forecasts"),
         "engine.tick": ("engine.py", "tick"),
-        "json.dumps (output frames)": ("__init__.py", "dumps"),
+        "orjson.dumps (forecasts)": ("~", "<orjson.dumps>"),
         "journal append (SQLite)": ("persist.py", "append"),
         "engine.admit (journal seq)": ("engine.py", "admit"),
         "parse_message": ("parse.py", "parse_message"),
