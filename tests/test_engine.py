@@ -129,3 +129,67 @@ def test_bad_stream_ids_and_duplicates_are_rejected(tiny_model: Forecaster) -> N
     result = engine.tick([Sample("a", 2.0, seq=5), Sample("a", 2.0, seq=3), Sample("a", 2.0)])
     assert [r.reason for r in result.rejected] == ["duplicate", "duplicate"]
     assert [f.seq for f in result.forecasts] == [6]
+
+
+def _mixed_tick() -> list[Sample]:
+    """Repeated streams, explicit and missing seqs, a duplicate, bad values and ids, in one tick."""
+    return [
+        Sample("a", 1.0, ts=1.0),
+        Sample("b", 2.0, seq=10),
+        Sample("a", 1.5, ts=2.0),
+        Sample("b", 2.5, seq=10),  # duplicate of the one just before
+        Sample("c", float("nan")),
+        Sample("bad/id", 1.0),
+        Sample("b", 3.0, seq=12),
+        Sample("a", 1e300),
+        Sample("c", 4.0),
+        Sample("a", 2.0),
+    ]
+
+
+def test_tick_batch_columns_equal_tick_objects(tiny_model: Forecaster) -> None:
+    """The columnar entry point and the ``Sample`` one give the same forecasts and refusals."""
+    from forecaster.engine import NO_SEQ, Batch
+
+    objects, columns = Engine(tiny_model, NORM), Engine(tiny_model, NORM)
+    for _ in range(3):
+        samples = _mixed_tick()
+        expected = objects.tick(samples)
+        batch = Batch(
+            [s.stream for s in samples],
+            np.array([s.value for s in samples]),
+            np.array([np.nan if s.ts is None else s.ts for s in samples]),
+            np.array([NO_SEQ if s.seq is None else s.seq for s in samples]),
+        )
+        got = columns.tick_batch(batch)
+        assert got.forecasts.to_list() == expected.forecasts
+        assert got.forecasts.index.tolist() == [
+            i for i, s in enumerate(samples) if all(r.sample is not s for r in expected.rejected)
+        ]
+        assert got.rejected_reason == [r.reason for r in expected.rejected]
+    # The third time round, b's explicit 10 and 12 are at or below its last: duplicates too.
+    assert [r.reason for r in expected.rejected] == [
+        "duplicate",
+        "duplicate",
+        "non_finite",
+        "bad_stream",
+        "duplicate",
+        "out_of_range",
+    ]
+    assert _state_bytes(objects) == _state_bytes(columns)
+
+
+def test_admit_then_tick_equals_tick_alone(tiny_model: Forecaster) -> None:
+    """The daemon's path (admit, journal, tick the admitted) refuses and forecasts exactly what
+    one tick of the raw samples would."""
+    daemon_path, direct = Engine(tiny_model, NORM), Engine(tiny_model, NORM)
+    for _ in range(3):
+        samples = _mixed_tick()
+        admitted, rejected = daemon_path.admit(samples)
+        result = daemon_path.tick(admitted)
+        assert not result.rejected
+        expected = direct.tick(samples)
+        assert [(r.sample, r.reason) for r in rejected] == [
+            (r.sample, r.reason) for r in expected.rejected
+        ]
+        assert result.forecasts == expected.forecasts
