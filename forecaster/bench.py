@@ -687,12 +687,15 @@ def _offer(
         f"from forecaster.bench import {publisher}; {publisher}({port}, {streams}, {count}, {rate})"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    deadline, seen = time.monotonic() + 30, -1
+    # Nothing new for 5 s: the rest was dropped (a daemon mid-way through one long tick is
+    # silent for seconds; a 1 s window cut the one-stream runs short and inflated their CPU/1k).
+    deadline, seen, quiet_since = time.monotonic() + 60, -1, time.monotonic()
     while len(collector.times) < count * per_message and time.monotonic() < deadline:
-        if len(collector.times) == seen:  # nothing new for a second: the rest was dropped
+        if len(collector.times) != seen:
+            seen, quiet_since = len(collector.times), time.monotonic()
+        elif time.monotonic() - quiet_since > 5.0:
             break
-        seen = len(collector.times)
-        time.sleep(1.0)
+        time.sleep(0.25)
     times, latencies = list(collector.times), [x for x in collector.latencies if x == x]
     span = times[-1] - times[0] if len(times) > 1 else math.nan
     return {
