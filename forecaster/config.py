@@ -257,6 +257,9 @@ class GapConfig(Section):
 
 class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
+    # Samples of one stream in one tick at most: each is a round of its own (stepped in turn), so
+    # a fast stream gains nothing from a long tick and its forecasts would wait for all of it.
+    max_rounds: int = Field(64, ge=1)
     queue_size: int = Field(100_000, ge=1)  # bounded receive queue
     # Full queue: block the MQTT reader so unacknowledged QoS 1 samples stay with the broker
     # (back-pressure), or drop the oldest queued / the arriving sample (counted).

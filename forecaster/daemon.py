@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import orjson
@@ -337,14 +337,20 @@ class Daemon:
         frames: list[str | None] = []  # per message: the frame's output name, None: one sample
         samples: list[Sample] = []
         origins: list[int] = []  # per sample: index in ``batch`` of the message it came in
-        limit = self.config.engine.max_batch
+        limit, max_rounds = self.config.engine.max_batch, self.config.engine.max_rounds
+        per_stream: Counter[str] = Counter()  # samples of each stream in this tick
+        rounds = 0
         taken = 0
         while True:
             taken += 1
             if not self.link.redelivered(raw):  # else the resent copy counts
+                first = len(samples)
                 frames.append(self._parse(raw, len(batch), samples, origins))
                 batch.append(raw)
-            if len(samples) >= limit:
+                for sample in samples[first:]:
+                    per_stream[sample.stream] += 1
+                    rounds = max(rounds, per_stream[sample.stream])
+            if len(samples) >= limit or rounds >= max_rounds:
                 break
             try:
                 raw = self.inbox.get_nowait()
