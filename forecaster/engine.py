@@ -305,22 +305,15 @@ class Engine:
         self.model_version = version
 
     def reject_reason(self, sample: Sample) -> str | None:
-        """Why ``sample`` must not touch any state, or None when it may."""
-        stream = sample.stream
-        if not isinstance(stream, str) or not STREAM_ID.fullmatch(stream):
-            return "bad_stream"
-        value = sample.value
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-            return "not_a_number"
-        try:
-            value = float(value)
-        except OverflowError:  # an int too large for a float
-            return "out_of_range"
-        if not math.isfinite(value):
-            return "non_finite"
-        if abs(value) > self.max_abs_value:
-            return "out_of_range"
-        return None
+        """Why ``sample`` must not touch any state, whatever its stream has seen (sequence
+        numbers aside), or None when it may."""
+        reason = _object_reason(sample)
+        if reason is None and not _valid_stream(sample.stream):
+            reason = "bad_stream"
+        if reason is None:
+            code = int(self._value_reasons(np.array([float(sample.value)]))[0])
+            reason = REJECT_REASONS[code - 1] if code else None
+        return reason
 
     def admit(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Rejection]]:
         """What ``tick(samples)`` would accept, each with its sequence number filled in.
