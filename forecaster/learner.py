@@ -7,12 +7,14 @@ model on a minibatch of recent windows — on a background thread in the daemon,
 ``forecaster evaluate --learn`` — and hands the new weights over; the engine swaps them between
 ticks, so a forecast never waits for a backward pass.
 
-A stream's kept windows are contiguous, so before each step the trainer recomputes every chosen
+With ``refresh_states`` on (off by default), a stream's kept windows being contiguous, before
+each step the trainer recomputes every chosen
 window's start state with the weights it is about to train, running them (no gradient) from the
 oldest kept window's stored state through the windows before it. The stored states were made by
 older weights; training from them teaches the model to continue states it no longer produces, and
 after a drift, while the weights move fast, that mismatch had kept the rolling error above twice
-its earlier level for ~2,800 samples instead of ~1,400 (README, *Online learning*).
+its earlier level for ~2,600-2,800 samples, against ~1,300-1,500 with ``update_every`` 4 (README,
+*Online learning*).
 
 Guards: a step whose loss or gradient is not finite is skipped before the optimizer touches
 anything (weights stay byte-identical); an update after which the error grows beyond
@@ -76,6 +78,7 @@ class Pick:
 class Batch:
     x: torch.Tensor  # (B, window, 1)
     y: torch.Tensor  # (B, window, 1)
+    h0: torch.Tensor  # (num_layers, B, width): the states stored with the chosen windows
     chain_x: (
         torch.Tensor
     )  # (S, L * window, 1): each picked stream's chain, zero-padded to L windows
@@ -205,6 +208,7 @@ class Learner:
         for s, p in enumerate(picks):
             inputs = [v for w in p.chain for v in w.inputs]
             chain_x[s, : len(inputs)] = torch.tensor(inputs)
+        h0 = torch.stack([w.start_state for w in windows], dim=1)
         chain_h0 = torch.stack([p.chain[0].start_state for p in picks], dim=1)
         at = (
             [s for s, p in enumerate(picks) for _ in p.chosen],
@@ -212,12 +216,20 @@ class Learner:
         )
         device = self.engine.device
         return Batch(
-            x.to(device), y.to(device), chain_x.unsqueeze(-1).to(device), chain_h0.to(device), at
+            x.to(device),
+            y.to(device),
+            h0.to(device),
+            chain_x.unsqueeze(-1).to(device),
+            chain_h0.to(device),
+            at,
         )
 
     def start_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Each chosen window's start state under ``model``'s weights (see the module docstring):
-        the chains run window by window from their stored first state."""
+        the chains run window by window from their stored first state. With ``refresh_states``
+        off, the stored states."""
+        if not self.config.refresh_states:
+            return batch.h0
         window = self.config.window
         states = [batch.chain_h0]
         with torch.no_grad():
