@@ -203,12 +203,14 @@ class Learner:
         windows = [p.chain[i] for p in picks for i in p.chosen]
         x = torch.tensor([w.inputs for w in windows], dtype=torch.float32).unsqueeze(-1)
         y = torch.tensor([w.targets for w in windows], dtype=torch.float32).unsqueeze(-1)
+        h0 = torch.stack([w.start_state for w in windows], dim=1)
+        if not self.config.refresh_states:  # the chains are not needed: skip their Python loops
+            picks = [Pick(p.chain[:1], [0]) for p in picks[:1]]
         length = max(len(p.chain) for p in picks) * self.config.window
         chain_x = torch.zeros(len(picks), length)
         for s, p in enumerate(picks):
             inputs = [v for w in p.chain for v in w.inputs]
             chain_x[s, : len(inputs)] = torch.tensor(inputs)
-        h0 = torch.stack([w.start_state for w in windows], dim=1)
         chain_h0 = torch.stack([p.chain[0].start_state for p in picks], dim=1)
         at = (
             [s for s, p in enumerate(picks) for _ in p.chosen],
