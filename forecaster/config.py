@@ -290,6 +290,9 @@ class OnlineLearningConfig(Section):
     rollback_factor: PositiveFloat = 2.0  # roll back when loss > factor x the good weights' loss
     rollback_samples: int = Field(400, ge=1)  # samples watched after an update before it is trusted
     rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # lr multiplier after each rollback (kept)
+    # Recompute each training window's start state with the weights being trained (learner.py);
+    # off by default: see the README's *Online learning* for what it does to drift and accuracy.
+    refresh_states: bool = False
     seed: int = 0
 
 

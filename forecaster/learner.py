@@ -7,6 +7,15 @@ model on a minibatch of recent windows — on a background thread in the daemon,
 ``forecaster evaluate --learn`` — and hands the new weights over; the engine swaps them between
 ticks, so a forecast never waits for a backward pass.
 
+With ``refresh_states`` on (off by default), a stream's kept windows being contiguous, before
+each step the trainer recomputes every chosen
+window's start state with the weights it is about to train, running them (no gradient) from the
+oldest kept window's stored state through the windows before it. The stored states were made by
+older weights; training from them teaches the model to continue states it no longer produces, and
+after a drift, while the weights move fast, that mismatch had kept the rolling error above twice
+its earlier level for ~2,600-2,800 samples, against ~1,300-1,500 with ``update_every`` 4 (README,
+*Online learning*).
+
 Guards: a step whose loss or gradient is not finite is skipped before the optimizer touches
 anything (weights stay byte-identical); an update after which the error grows beyond
 ``rollback_factor`` times its earlier level for ``rollback_samples`` samples is rolled back to the
@@ -57,10 +66,24 @@ class LearnerStats:
 
 
 @dataclass
+class Pick:
+    """Windows chosen from one stream: its kept windows up to the last chosen one (oldest
+    first, contiguous) and the chosen ones' indices in that list."""
+
+    chain: list[Window]
+    chosen: list[int]
+
+
+@dataclass
 class Batch:
     x: torch.Tensor  # (B, window, 1)
     y: torch.Tensor  # (B, window, 1)
-    h0: torch.Tensor  # (num_layers, B, width)
+    h0: torch.Tensor  # (num_layers, B, width): the states stored with the chosen windows
+    chain_x: (
+        torch.Tensor
+    )  # (S, L * window, 1): each picked stream's chain, zero-padded to L windows
+    chain_h0: torch.Tensor  # (num_layers, S, width): the stored state at each chain's start
+    at: tuple[list[int], list[int]]  # (stream, window index) of each of the B chosen windows
 
 
 class Learner:
@@ -93,7 +116,7 @@ class Learner:
         self._handover_lock = threading.Lock()
         self.train_lock = threading.Lock()  # held during a step; checkpoints take it too
         self._restore_to: dict[str, torch.Tensor] | None = None  # applied by the trainer
-        self._jobs: queue.Queue[list[Window] | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[list[Pick] | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         engine.observer = self.observe
         engine.slot_listener = self.slots_moved
@@ -161,22 +184,63 @@ class Learner:
         except queue.Full:
             self.stats.skipped_behind += 1  # one update in flight at most; never queue more
 
-    def pick_windows(self) -> list[Window]:
-        """Up to ``streams_per_update`` recent complete windows (complete windows never change,
-        so the trainer may read them while the engine goes on)."""
-        windows = [w for ready in self.ready.values() for w in ready]
-        if len(windows) > self.config.streams_per_update:
-            chosen = self.rng.choice(len(windows), self.config.streams_per_update, replace=False)
-            windows = [windows[i] for i in sorted(chosen)]
-        return windows
+    def pick_windows(self) -> list[Pick]:
+        """Up to ``streams_per_update`` recent complete windows, with the windows before them
+        (complete windows never change, and the lists are copies, so the trainer may read them
+        while the engine goes on)."""
+        chains = [list(ready) for ready in self.ready.values() if ready]
+        where = [(c, i) for c, chain in enumerate(chains) for i in range(len(chain))]
+        if len(where) > self.config.streams_per_update:
+            chosen = self.rng.choice(len(where), self.config.streams_per_update, replace=False)
+            where = [where[i] for i in sorted(chosen)]
+        picks: dict[int, list[int]] = {}
+        for c, i in where:
+            picks.setdefault(c, []).append(i)
+        return [Pick(chains[c][: indices[-1] + 1], indices) for c, indices in picks.items()]
 
-    def make_batch(self, windows: list[Window]) -> Batch:
+    def make_batch(self, picks: list[Pick]) -> Batch:
         """Tensors for a minibatch; built on the trainer's thread, off the forecasting path."""
+        windows = [p.chain[i] for p in picks for i in p.chosen]
         x = torch.tensor([w.inputs for w in windows], dtype=torch.float32).unsqueeze(-1)
         y = torch.tensor([w.targets for w in windows], dtype=torch.float32).unsqueeze(-1)
-        h0 = torch.stack([w.start_state for w in windows], dim=1)  # (num_layers, B, width)
+        h0 = torch.stack([w.start_state for w in windows], dim=1)
+        if not self.config.refresh_states:  # the chains are not needed: skip their Python loops
+            picks = [Pick(p.chain[:1], [0]) for p in picks[:1]]
+        length = max(len(p.chain) for p in picks) * self.config.window
+        chain_x = torch.zeros(len(picks), length)
+        for s, p in enumerate(picks):
+            inputs = [v for w in p.chain for v in w.inputs]
+            chain_x[s, : len(inputs)] = torch.tensor(inputs)
+        chain_h0 = torch.stack([p.chain[0].start_state for p in picks], dim=1)
+        at = (
+            [s for s, p in enumerate(picks) for _ in p.chosen],
+            [i for p in picks for i in p.chosen],
+        )
         device = self.engine.device
-        return Batch(x.to(device), y.to(device), h0.to(device))  # x, y: (B, window, 1)
+        return Batch(
+            x.to(device),
+            y.to(device),
+            h0.to(device),
+            chain_x.unsqueeze(-1).to(device),
+            chain_h0.to(device),
+            at,
+        )
+
+    def start_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Each chosen window's start state under ``model``'s weights (see the module docstring):
+        the chains run window by window from their stored first state. With ``refresh_states``
+        off, the stored states."""
+        if not self.config.refresh_states:
+            return batch.h0
+        window = self.config.window
+        states = [batch.chain_h0]
+        with torch.no_grad():
+            for j in range(1, max(batch.at[1]) + 1):
+                _, state = model(batch.chain_x[:, (j - 1) * window : j * window], states[-1])
+                states.append(state)
+        stacked = torch.stack(states)  # (windows, num_layers, S, width)
+        stream, index = batch.at
+        return stacked[index, :, stream].transpose(0, 1).contiguous()  # (num_layers, B, width)
 
     def _apply_handover(self) -> None:
         with self._handover_lock:
@@ -234,10 +298,10 @@ class Learner:
             self._restore()
 
     # -- training (background thread, or inline) ------------------------------------------------
-    def train_step(self, windows: list[Window]) -> tuple[float, float] | None:
+    def train_step(self, picks: list[Pick]) -> tuple[float, float] | None:
         """One TBPTT step. Returns the batch's loss for the weights before the step and for the
         last good weights; ``None`` (and nothing changed) when a loss or gradient is not finite."""
-        batch = self.make_batch(windows)
+        batch = self.make_batch(picks)
         with self.train_lock:
             return self._train_step(batch)
 
@@ -246,12 +310,13 @@ class Learner:
         self._sync_good()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        with torch.no_grad():
-            good_prediction, _ = self.good_model(batch.x, batch.h0)
+        with torch.no_grad():  # each weights from the states they make themselves
+            good_prediction, _ = self.good_model(batch.x, self.start_states(self.good_model, batch))
             good_loss = float(nn.functional.mse_loss(good_prediction, batch.y))
+        h0 = self.start_states(self.model, batch)
         self.model.train()
         try:
-            prediction, _ = self.model(batch.x, batch.h0)
+            prediction, _ = self.model(batch.x, h0)
             loss = nn.functional.mse_loss(prediction, batch.y)
             if not torch.isfinite(loss):
                 self.stats.skipped_nonfinite += 1

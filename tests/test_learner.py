@@ -60,6 +60,36 @@ def _learner_with_windows(tiny_model: Forecaster) -> tuple[Engine, Learner]:
     return engine, learner
 
 
+def test_windows_start_from_the_states_the_trained_weights_make(any_cell_model: Forecaster) -> None:
+    engine = Engine(any_cell_model, NormalizerConfig())
+    config = OnlineLearningConfig(
+        enabled=True,
+        window=8,
+        update_every=10**9,
+        warmup=2,
+        streams_per_update=10**6,
+        refresh_states=True,
+    )
+    learner = Learner(engine, config)
+    for a, b in zip(sine_wave(200), sine_wave(200, freq_scale=2.0, noise=0.1), strict=True):
+        engine.tick([Sample("a", float(a)), Sample("b", float(b))])
+    picks = learner.pick_windows()
+    assert len(picks) == 2 and all(p.chosen == list(range(len(p.chain))) for p in picks)
+    batch = learner.make_batch(picks)
+    stored = torch.stack([p.chain[i].start_state for p in picks for i in p.chosen], dim=1)
+    # Same weights as served: running the chains reproduces the engine's states, window by window.
+    assert torch.allclose(learner.start_states(learner.model, batch), stored, atol=1e-5)
+    with torch.no_grad():
+        for weight in learner.model.rnn.parameters():
+            weight.mul_(1.5)
+    moved = learner.start_states(learner.model, batch)
+    first = torch.tensor([i == 0 for i in batch.at[1]])
+    assert torch.equal(moved[:, first], stored[:, first])  # a chain's start: the stored state
+    assert not torch.allclose(moved[:, ~first], stored[:, ~first], atol=1e-3)  # then the new ones'
+    learner.config = config.model_copy(update={"refresh_states": False})
+    assert torch.equal(learner.start_states(learner.model, batch), stored)  # off: the stored ones
+
+
 def test_nan_in_a_training_window_never_changes_the_weights(tiny_model: Forecaster) -> None:
     _engine, learner = _learner_with_windows(tiny_model)
     learner.ready[0][-1].inputs[3] = math.nan
