@@ -184,7 +184,15 @@ def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Clie
     collector = Collector(broker, f"{prefix}/forecasts/#")
     running = RunningDaemon(config)
     subscription = f"{prefix}/sensors/+/value"
-    expected, infos = [0], []
+    expected, infos = [0, 0], []  # messages, and the samples or refusals they make
+    parser = running.daemon.parser  # pure: how many outcomes a message has (frames: several)
+
+    def outcomes(topic: str, payload: bytes) -> int:
+        try:
+            parsed = parser.parse_message(topic, payload, 0.0)
+        except PayloadError:
+            return 1
+        return len(parsed.samples) + len(parsed.errors)
 
     @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(part=stream_parts(safe=True), payload=PAYLOADS)
@@ -198,6 +206,7 @@ def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Clie
             return
         if paho.topic_matches_sub(subscription, topic):
             expected[0] += 1
+            expected[1] += outcomes(topic, payload)
 
     prop()
     for info in infos:
@@ -224,7 +233,8 @@ def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Clie
     assert rejected["internal_error"] == 0
     assert "forecaster_callback_errors_total{" not in metrics
     published = metric_value(metrics, "forecaster_forecasts_published_total")
-    assert published + sum(rejected.values()) == received  # every message accounted for
+    # Every sample is forecast or refused, and a message that makes none is one refusal.
+    assert published + sum(rejected.values()) == expected[1]
     forecasts = collector.wait_for(int(published), timeout=20)
     assert len(forecasts) == published
     for forecast in forecasts:
