@@ -194,6 +194,13 @@ class PayloadParser:
         >>> got.samples, [e.reason for e in got.errors], got.frame
         ([Sample(stream='k1.temp', value=21.5, ts=5.0, seq=None)], ['not_a_number'], 'k1')
         """
+        try:
+            return self._message(topic, payload, received)
+        except RecursionError:  # '[[[[...' within max_bytes: orjson decodes 1,024 levels, which
+            # the standard library cannot even repr (found by the fuzz test)
+            raise PayloadError("invalid_json", "nested too deeply") from None
+
+    def _message(self, topic: str, payload: bytes, received: float | None) -> Parsed:
         device = None
         for template in self.frame_templates:
             device = template.stream_of(topic)
