@@ -419,7 +419,7 @@ class Engine:
         if self.max_streams:
             ok_names = {names[i] for i in np.flatnonzero(reason == 0).tolist()}
             self._make_room({s for s in ok_names if s in table or _valid_stream(s)})
-        slots = np.array(list(map(table.slots.get, names, repeat(-1))), dtype=np.int64)
+        slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
         for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
             if _valid_stream(names[i]):
                 slots[i] = table.slot(names[i])  # a new stream: fresh state
@@ -474,8 +474,10 @@ class Engine:
         def floats() -> np.ndarray:
             return np.empty(m, dtype=np.float64)
 
+        # Every sample applied (the usual tick): the batch's own list, not a copy of it.
+        everyone = m == len(names)
         return ForecastColumns(
-            streams=[names[i] for i in index.tolist()],
+            streams=names if everyone else [names[i] for i in index.tolist()],
             index=index,
             seq=np.empty(m, dtype=np.int64),
             ts=floats(),

@@ -117,16 +117,15 @@ class Normalizer:
         self.count[slots] = count
         self.mean[slots] = mean
         self.var[slots] = var
-        z = np.clip((x - mean) / self.scale(slots), -self.config.clip, self.config.clip)
+        z = (x - mean) / self.scale(slots)
         self.clipped[slots] = np.abs(z) >= self.config.clip
-        return z
+        return _clip(z, self.config.clip)
 
     def normalize(self, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``z`` of ``x`` under the current statistics (no update)."""
         if self.config.kind == "none":
             return np.asarray(x, dtype=np.float64).copy()
-        z = (x - self.mean[slots]) / self.scale(slots)
-        return np.clip(z, -self.config.clip, self.config.clip)
+        return _clip((x - self.mean[slots]) / self.scale(slots), self.config.clip)
 
     def denormalize(
         self, slots: np.ndarray, z: np.ndarray, scale: np.ndarray | None = None
@@ -166,7 +165,8 @@ class Normalizer:
             return np.ones(len(slots))
         sxx, sxy = self.sxx[slots], self.sxy[slots]
         ratio = np.divide(sxy, sxx, out=np.ones(len(slots)), where=sxx > 0)
-        return np.clip(ratio, 0.0, 1.0)
+        np.maximum(ratio, 0.0, out=ratio)
+        return np.minimum(ratio, 1.0, out=ratio)
 
     def forecast(
         self, slots: np.ndarray, z: np.ndarray, scale: np.ndarray | None = None
@@ -211,6 +211,12 @@ class Normalizer:
         for key in ("last", "change", "sxx", "sxy", "clipped"):  # absent in older checkpoints
             if key in arrays:
                 setattr(self, key, np.asarray(arrays[key], dtype=np.float64).copy())
+
+
+def _clip(z: np.ndarray, bound: float) -> np.ndarray:
+    """``np.clip(z, -bound, bound)`` in place (np.clip's own overhead is a tick's hot spot)."""
+    np.maximum(z, -bound, out=z)
+    return np.minimum(z, bound, out=z)
 
 
 def normalize_series(values: np.ndarray, config: NormalizerConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -90,7 +90,12 @@ def normal_cdf(x: np.ndarray) -> np.ndarray:
         tail = 0.5 * np.fromiter(map(math.erfc, u.tolist()), np.float64, len(u))
     else:
         t = 1.0 / (1.0 + 0.5 * u)
-        tail = 0.5 * t * np.exp(np.polyval(ERFC_POLY, t) - u * u)  # Phi(-|x|) = erfc(|x|/sqrt 2)/2
+        poly = np.full_like(t, ERFC_POLY[0])
+        for coefficient in ERFC_POLY[1:]:  # Horner in place: np.polyval allocates per term
+            poly *= t
+            poly += coefficient
+        poly -= u * u
+        tail = 0.5 * t * np.exp(poly)  # Phi(-|x|) = erfc(|x|/sqrt 2)/2
     return np.where(x >= 0, 1.0 - tail, tail)
 
 
