@@ -1313,7 +1313,7 @@ def bench_journal(
     """Cost of journaling one tick (one SQLite transaction) beside the engine tick it guards."""
     import tempfile
 
-    from forecaster.engine import Engine, Sample
+    from forecaster.engine import Engine, Sample, as_batch
     from forecaster.persist import Journal, load_checkpoint
 
     checkpoint = load_checkpoint()
@@ -1329,9 +1329,10 @@ def bench_journal(
             for _ in range(repeats):
                 seq += 1
                 samples = [Sample(f"s{i}", float(np.sin(seq + i)), None, seq) for i in range(size)]
+                batch = as_batch(samples)[0]
                 for sync, journal in journals.items():
                     started = time.perf_counter()
-                    journal.append(samples)
+                    journal.append(batch)
                     figures[sync].append(time.perf_counter() - started)
                 started = time.perf_counter()
                 engine.tick(samples)

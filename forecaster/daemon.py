@@ -22,12 +22,13 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
+import numpy as np
 import orjson
 import torch
 from prometheus_client import CollectorRegistry
 
 from forecaster.config import Config, scoring_config
-from forecaster.engine import Engine, Forecast, GapPolicy, Sample
+from forecaster.engine import Batch, Engine, Forecast, GapPolicy, Sample, as_batch
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
@@ -359,12 +360,18 @@ class Daemon:
         if not batch:
             return taken
         self.metrics.queue_depth.set(self.inbox.qsize())
-        self.metrics.samples_received.inc(len(batch))
-        if samples and not self._journal(samples, origins):
+        self.metrics.messages_received.inc(len(batch))
+        self.metrics.samples_received.inc(len(samples))
+        columns, keep, refused = as_batch(samples)
+        for i, reason in refused:  # the parser makes none of these; counted all the same
+            self._reject(reason, str(samples[i].stream)[:200], repr(samples[i].value))
+        rows = np.asarray(origins, dtype=np.int64)[keep] if refused else np.asarray(origins)
+        journaled = self._journal(columns, rows)
+        if journaled is None:
             return len(batch)  # not acknowledged: the broker redelivers them
         self.link.ack(batch)  # one ack per message, once every sample of it is journaled
-        if samples:
-            self._tick(samples, origins, batch, frames)
+        if len(journaled[0]):
+            self._tick(*journaled, batch, frames)
         if self.learner is not None:
             self.learner.after_tick()
         return len(batch)
@@ -388,55 +395,51 @@ class Daemon:
         origins.extend([index] * len(parsed.samples))
         return parsed.frame
 
-    def _journal(self, samples: list[Sample], origins: list[int]) -> bool:
-        """Replace ``samples`` (in place) by the admitted ones with their seq, journaled durably."""
+    def _journal(self, columns: Batch, origins: np.ndarray) -> tuple[Batch, np.ndarray] | None:
+        """The rows the engine admits (seq filled in) and their messages, journaled durably;
+        None when the journal cannot take them (nothing is acknowledged then)."""
         if self.journal is None:
-            return True
+            return columns, origins
         assert self.engine is not None
-        admitted, rejected = self.engine.admit(samples)
-        for rejection in rejected:
-            self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
-        gone = {id(r.sample) for r in rejected}
-        kept = [o for s, o in zip(samples, origins, strict=True) if id(s) not in gone]
+        admission = self.engine.admit(columns)
+        self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
+        admitted = admission.batch
         try:
             position = self.journal.append(admitted)
         except Exception:
             log.exception("journal append failed; %d samples left with the broker", len(admitted))
-            for _ in admitted:
-                self.metrics.rejected.labels("internal_error").inc()
-            return False
-        samples[:] = admitted
-        origins[:] = kept
+            self.metrics.rejected.labels("internal_error").inc(len(admitted))
+            return None
         self._applied = position
         self.metrics.journal_pending.inc(len(admitted))
-        return True
+        return admitted, origins[admission.index]
 
     def _tick(
         self,
-        samples: list[Sample],
-        origins: list[int],
+        columns: Batch,
+        origins: np.ndarray,
         batch: list[RawMessage],
         frames: list[str | None],
     ) -> None:
+        """Tick ``columns`` (``origins``: each row's message in ``batch``) and publish."""
         assert self.engine is not None
         started = time.perf_counter()
         try:
-            result = self.engine.tick(samples)
+            result = self.engine.tick_batch(columns)
         except Exception:
-            log.exception("engine tick failed on %d samples", len(samples))
-            for _ in samples:
-                self.metrics.rejected.labels("internal_error").inc()
+            log.exception("engine tick failed on %d samples", len(columns))
+            self.metrics.rejected.labels("internal_error").inc(len(columns))
             return
         self.metrics.tick_duration.observe(time.perf_counter() - started)
-        self.metrics.tick_batch.observe(len(samples))
-        for rejection in result.rejected:
-            self._reject(rejection.reason, rejection.sample.stream, repr(rejection.sample.value))
-        accepted = [origins[i] for i in result.columns.index.tolist()]  # message of each forecast
+        self.metrics.tick_batch.observe(len(columns))
+        self._reject_rows(columns, result.rejected_index, result.rejected_reason)
+        forecasts = result.forecasts.to_list()
+        accepted = origins[result.forecasts.index].tolist()  # message of each forecast
         # A message's forecasts are consecutive (arrival order), so an output frame is a run of
         # them; publishing run by run keeps each output topic in arrival order.
         framed = self.config.mqtt.output_frames
         run: list[dict[str, object]] = []
-        for i, (forecast, origin) in enumerate(zip(result.forecasts, accepted, strict=True)):
+        for i, (forecast, origin) in enumerate(zip(forecasts, accepted, strict=True)):
             frame = frames[origin] if framed else None
             if frame is None:
                 topic = self.output.topic_for(forecast.stream)
@@ -447,7 +450,7 @@ class Daemon:
                 topic = self.output.topic_for(frame)
                 self._send(topic, orjson.dumps(run), batch[origin].received, len(run))
                 run = []
-        self.metrics.observe_forecasts(result.forecasts)
+        self.metrics.observe_forecasts(forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
             self._evictions_seen,
@@ -467,6 +470,10 @@ class Daemon:
             self.metrics.latency.observe(max(0.0, time.time() - arrived))
         else:
             self._unpublished.append((topic, payload, qos, forecasts))
+
+    def _reject_rows(self, columns: Batch, rows: np.ndarray, reasons: list[str]) -> None:
+        for i, reason in zip(rows.tolist(), reasons, strict=True):
+            self._reject(reason, columns.streams[i], repr(float(columns.values[i])))
 
     def _reject(self, reason: str, where: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()

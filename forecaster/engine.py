@@ -239,6 +239,16 @@ class BatchResult:
     rejected_reason: list[str]  # (K,) one of REJECT_REASONS
 
 
+@dataclass(slots=True)
+class Admission:
+    """What ``admit`` gives: the rows ``tick_batch`` will accept, with their sequence numbers."""
+
+    batch: Batch
+    index: np.ndarray  # (M,) int64: each admitted row's position in the input batch
+    rejected_index: np.ndarray  # (K,) int64, ascending
+    rejected_reason: list[str]  # (K,) one of REJECT_REASONS
+
+
 class TickResult:
     """What ``tick`` gives: ``forecasts`` (built on first use) and ``rejected``, in input order."""
 
@@ -304,36 +314,23 @@ class Engine:
                 tensor.copy_(weights[name])
         self.model_version = version
 
-    def reject_reason(self, sample: Sample) -> str | None:
-        """Why ``sample`` must not touch any state, whatever its stream has seen (sequence
-        numbers aside), or None when it may."""
-        reason = _object_reason(sample)
-        if reason is None and not _valid_stream(sample.stream):
-            reason = "bad_stream"
-        if reason is None:
-            code = int(self._value_reasons(np.array([float(sample.value)]))[0])
-            reason = REJECT_REASONS[code - 1] if code else None
-        return reason
+    def admit(self, batch: Batch) -> Admission:
+        """What ``tick_batch(batch)`` would accept, with each sequence number filled in.
 
-    def admit(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Rejection]]:
-        """What ``tick(samples)`` would accept, each with its sequence number filled in.
-
-        Touches no state. The daemon journals the admitted samples (with explicit ``seq``) before
-        acknowledging them, so a replay assigns the same numbers and a redelivery is a duplicate.
+        Touches no state. The daemon journals the admitted rows (with explicit ``seq``) before
+        acknowledging them and then ticks exactly those, so a replay assigns the same numbers and
+        a redelivery is a duplicate.
 
         >>> from forecaster.model import ModelConfig
         >>> engine = Engine(Forecaster(ModelConfig("rnn", 4, 1)))
-        >>> ok, bad = engine.admit([Sample("a", 1.0), Sample("a", 2.0, seq=7), Sample("a", 3.0, seq=7)])
-        >>> [s.seq for s in ok], [r.reason for r in bad]
+        >>> admission = engine.admit(Batch(["a"] * 3, np.ones(3), np.full(3, np.nan), np.array([-1, 7, 7])))
+        >>> admission.batch.seq.tolist(), admission.rejected_reason
         ([1, 7], ['duplicate'])
         """
-        keep = [i for i, sample in enumerate(samples) if _object_reason(sample) is None]
-        kept = [samples[i] for i in keep]
-        names = [s.stream for s in kept]
-        reason = self._value_reasons(np.array([float(s.value) for s in kept], dtype=np.float64))
-        given = np.array([NO_SEQ if s.seq is None else s.seq for s in kept], dtype=np.int64)
+        names = batch.streams
+        reason = self._value_reasons(np.asarray(batch.values, dtype=np.float64))
         table = self.streams
-        slots = np.array(list(map(table.slots.get, names, repeat(-1))), dtype=np.int64)
+        slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
         last = np.where(slots >= 0, table.seq[slots], 0)
         parked: dict[str, int] = {}  # streams not resident: their last seq, looked up once
         for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
@@ -346,22 +343,26 @@ class Engine:
             last[i] = parked[name]
         candidates = np.flatnonzero(reason == 0)
         ids: dict[str, int] = {}
-        keys = np.array([ids.setdefault(names[i], len(ids)) for i in candidates.tolist()])
+        keys = np.fromiter(
+            (ids.setdefault(names[i], len(ids)) for i in candidates.tolist()),
+            np.int64,
+            len(candidates),
+        )
         accepted, seq, _ = _number(
-            keys, last[candidates], given[candidates], distinct=len(ids) == len(candidates)
+            keys, last[candidates], batch.seq[candidates], distinct=len(ids) == len(candidates)
         )
         reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
-        admitted = [
-            Sample(kept[i].stream, kept[i].value, kept[i].ts, number)
-            for i, number in zip(candidates[accepted].tolist(), seq[accepted].tolist(), strict=True)
-        ]
-        why = {keep[i]: REJECT_REASONS[r - 1] for i, r in enumerate(reason.tolist()) if r}
-        rejected = [
-            Rejection(sample, why.get(i) or _object_reason(sample) or "")
-            for i, sample in enumerate(samples)
-            if i in why or _object_reason(sample) is not None
-        ]
-        return admitted, rejected
+        index = candidates[accepted]
+        admitted = Batch(
+            names if len(index) == len(names) else [names[i] for i in index.tolist()],
+            batch.values[index],
+            batch.ts[index],
+            seq[accepted],
+        )
+        bad = np.flatnonzero(reason)
+        return Admission(
+            admitted, index, bad, [REJECT_REASONS[r - 1] for r in reason[bad].tolist()]
+        )
 
     def last_seq(self, stream: str) -> int:
         """The stream's last applied sequence number, resident or parked (0: never seen)."""
@@ -380,28 +381,15 @@ class Engine:
         Anything that is not a number, a string id or an integer ``seq`` is refused here, before
         the samples become columns; the rest is checked by ``tick_batch``.
         """
-        keep = [i for i, sample in enumerate(samples) if _object_reason(sample) is None]
-        kept = [samples[i] for i in keep]
-        batch = Batch(
-            [s.stream for s in kept],
-            np.array([float(s.value) for s in kept], dtype=np.float64),
-            np.array([np.nan if s.ts is None else s.ts for s in kept], dtype=np.float64),
-            np.array([NO_SEQ if s.seq is None else s.seq for s in kept], dtype=np.int64),
-        )
+        batch, keep, refused = as_batch(samples)
         result = self.tick_batch(batch)
-        if len(kept) == len(samples):
-            refused = list(zip(result.rejected_index.tolist(), result.rejected_reason, strict=True))
-        else:
-            positions = np.asarray(keep, dtype=np.int64)
-            result.forecasts.index = positions[result.forecasts.index]
-            refused = [
-                (i, reason)
-                for i, sample in enumerate(samples)
-                if (reason := _object_reason(sample)) is not None
-            ]
-            rows = result.rejected_index.tolist()
-            refused += [(keep[i], r) for i, r in zip(rows, result.rejected_reason, strict=True)]
+        if refused:
+            result.forecasts.index = keep[result.forecasts.index]
+            rows = keep[result.rejected_index].tolist()
+            refused += zip(rows, result.rejected_reason, strict=True)
             refused.sort(key=lambda pair: pair[0])
+        else:
+            refused = list(zip(result.rejected_index.tolist(), result.rejected_reason, strict=True))
         return TickResult(result.forecasts, [Rejection(samples[i], r) for i, r in refused])
 
     def tick_batch(self, batch: Batch) -> BatchResult:
@@ -636,6 +624,27 @@ class Engine:
         scored = ~np.isnan(error) & (table.normalizer.count[slots] >= self.scoring_config.warmup)
         s = np.fmax(np.abs(error), 0.0) / table.normalizer.frame_scale(slots)  # NaN -> 0
         return table.scorer.observe(slots, s, covered, scored), covered
+
+
+def as_batch(samples: Sequence[Sample]) -> tuple[Batch, np.ndarray, list[tuple[int, str]]]:
+    """``Sample`` objects as columns: the batch of those that can be rows, their positions in
+    ``samples``, and (position, reason) for the others (a value that is not a number, ...)."""
+    keep: list[int] = []
+    refused: list[tuple[int, str]] = []
+    for i, sample in enumerate(samples):
+        reason = _object_reason(sample)
+        if reason is None:
+            keep.append(i)
+        else:
+            refused.append((i, reason))
+    kept = [samples[i] for i in keep] if refused else samples
+    batch = Batch(
+        [s.stream for s in kept],
+        np.fromiter((s.value for s in kept), np.float64, len(kept)),
+        np.fromiter((np.nan if s.ts is None else s.ts for s in kept), np.float64, len(kept)),
+        np.fromiter((NO_SEQ if s.seq is None else s.seq for s in kept), np.int64, len(kept)),
+    )
+    return batch, np.asarray(keep, dtype=np.int64), refused
 
 
 def _object_reason(sample: Sample) -> str | None:

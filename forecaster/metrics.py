@@ -114,9 +114,14 @@ class Metrics(LinkEvents):
         self._streams: dict[str, _StreamSeries] = {}
         self._labelled: set[str] = set()
         r = registry
+        self.messages_received = Counter(
+            "forecaster_messages_received_total",
+            "MQTT messages taken off the receive queue",
+            registry=r,
+        )
         self.samples_received = Counter(
             "forecaster_samples_received_total",
-            "MQTT messages taken off the receive queue",
+            "Samples read out of those messages (a frame carries several)",
             registry=r,
         )
         self.forecasts_published = Counter(

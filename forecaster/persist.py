@@ -19,7 +19,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from forecaster import __version__
-from forecaster.engine import Sample
+from forecaster.engine import Batch, Sample
 from forecaster.errors import CheckpointError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
@@ -220,11 +220,11 @@ class Journal:
 
     >>> import tempfile
     >>> j = Journal(Path(tempfile.mkdtemp()) / "journal.sqlite")
-    >>> j.append([Sample("a", 1.0, None, 1), Sample("b", 2.5, 9.0, 1)])
+    >>> j.append(Batch(["a", "b"], np.array([1.0, 2.5]), np.array([np.nan, 9.0]), np.array([1, 1])))
     2
     >>> [s for _, s in j.after(1)]
     [Sample(stream='b', value=2.5, ts=9.0, seq=1)]
-    >>> j.trim(2); j.append([Sample("a", 3.0, None, 2)]); j.close()
+    >>> j.trim(2); j.append(Batch(["a"], np.array([3.0]), np.array([np.nan]), np.array([2]))); j.close()
     3
     """
 
@@ -252,11 +252,13 @@ class Journal:
                 )
             self.position = position
 
-    def append(self, samples: Sequence[Sample]) -> int:
-        """One durable transaction for the whole batch; returns the position of its last row."""
-        if not samples:
+    def append(self, batch: Batch) -> int:
+        """One durable transaction for the whole batch (every ``seq`` given); returns the
+        position of its last row."""
+        if not len(batch):
             return self.position
-        rows = [(s.stream, float(s.value), s.ts, int(s.seq)) for s in samples]  # type: ignore[arg-type]
+        stamps = [None if ts != ts else ts for ts in batch.ts.tolist()]  # NaN: not given
+        rows = zip(batch.streams, batch.values.tolist(), stamps, batch.seq.tolist(), strict=True)
         self.db.execute("BEGIN")
         try:
             self.db.executemany(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine, Sample, TickResult, as_batch
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig, normalize_series
 
@@ -185,11 +185,14 @@ def test_admit_then_tick_equals_tick_alone(tiny_model: Forecaster) -> None:
     daemon_path, direct = Engine(tiny_model, NORM), Engine(tiny_model, NORM)
     for _ in range(3):
         samples = _mixed_tick()
-        admitted, rejected = daemon_path.admit(samples)
-        result = daemon_path.tick(admitted)
-        assert not result.rejected
+        batch, keep, refused = as_batch(samples)  # the daemon's path, as columns
+        admission = daemon_path.admit(batch)
+        result = daemon_path.tick_batch(admission.batch)
+        assert not result.rejected_reason
         expected = direct.tick(samples)
-        assert [(r.sample, r.reason) for r in rejected] == [
-            (r.sample, r.reason) for r in expected.rejected
+        rejected = refused + [
+            (int(keep[i]), reason)
+            for i, reason in zip(admission.rejected_index, admission.rejected_reason, strict=True)
         ]
-        assert result.forecasts == expected.forecasts
+        assert sorted(rejected) == [(samples.index(r.sample), r.reason) for r in expected.rejected]
+        assert TickResult(result.forecasts, []).forecasts == expected.forecasts

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Batch, Engine, Sample
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
 from forecaster.store import MemoryStore, SqliteStore
@@ -173,7 +173,7 @@ def test_a_parked_stream_is_admitted_with_its_next_sequence_number(tiny_model: F
         engine.tick([Sample("a", value)])
     engine.tick([Sample("b", 1.0), Sample("c", 1.0)])  # "a" is parked
     assert "a" not in engine.streams and engine.evictions >= 1
-    admitted, rejected = engine.admit([Sample("a", 4.0), Sample("a", 5.0)])
-    assert [s.seq for s in admitted] == [4, 5] and not rejected
-    result = engine.tick(admitted)
-    assert [f.seq for f in result.forecasts] == [4, 5] and not result.rejected
+    admission = engine.admit(Batch.of(["a", "a"], [4.0, 5.0]))
+    assert admission.batch.seq.tolist() == [4, 5] and not admission.rejected_reason
+    result = engine.tick_batch(admission.batch)
+    assert result.forecasts.seq.tolist() == [4, 5] and not result.rejected_reason

@@ -214,12 +214,12 @@ def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Clie
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         metrics = running.scrape()
-        if metric_value(metrics, "forecaster_samples_received_total") >= expected[0]:
+        if metric_value(metrics, "forecaster_messages_received_total") >= expected[0]:
             break
         time.sleep(0.2)
     time.sleep(0.5)
     metrics = running.scrape()
-    received = metric_value(metrics, "forecaster_samples_received_total")
+    received = metric_value(metrics, "forecaster_messages_received_total")
     assert received == expected[0] > 0
     with urllib.request.urlopen(f"{running.metrics_url}/healthz", timeout=5) as response:
         assert response.status == 200

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine, Sample, as_batch
 from forecaster.errors import CheckpointError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
@@ -115,7 +115,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tiny_model: Forecaster, tmp_pa
 def test_journal_survives_reopen_and_positions_only_grow(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite"
     journal = Journal(path)
-    assert journal.append([Sample("a", 1.0, None, 1), Sample("a", 2.0, 5.0, 2)]) == 2
+    assert journal.append(as_batch([Sample("a", 1.0, None, 1), Sample("a", 2.0, 5.0, 2)])[0]) == 2
     journal.close()  # no checkpoint, as after a SIGKILL: the rows are all there
     journal = Journal(path)
     assert [(p, s.seq) for p, s in journal.after(0)] == [(1, 1), (2, 2)]
@@ -123,13 +123,15 @@ def test_journal_survives_reopen_and_positions_only_grow(tmp_path: Path) -> None
     assert journal.pending(0) == 0
     journal.close()
     journal = Journal(path, sync="normal")
-    assert journal.append([Sample("b", 3.0, None, 1)]) == 3  # never reuses a trimmed position
+    assert (
+        journal.append(as_batch([Sample("b", 3.0, None, 1)])[0]) == 3
+    )  # never reuses a trimmed position
     journal.close()
 
 
 def test_journal_lost_file_never_reuses_a_checkpointed_position(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "fresh.sqlite")
     journal.start_at(1000)  # the checkpoint says 1000 rows are in it
-    assert journal.append([Sample("a", 1.0, None, 1)]) == 1001
+    assert journal.append(as_batch([Sample("a", 1.0, None, 1)])[0]) == 1001
     assert [p for p, _ in journal.after(1000)] == [1001]
     journal.close()

@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from forecaster.config import Config, load_config
 from forecaster.daemon import Daemon
-from forecaster.engine import STREAM_ID, Engine, Sample
+from forecaster.engine import STREAM_ID, Batch, Engine, Sample
 from forecaster.errors import CheckpointError, ConfigError, PayloadError
 from forecaster.parse import PayloadParser
 from forecaster.persist import load_checkpoint
@@ -281,12 +281,12 @@ def test_stream_ids_are_checked_by_one_rule_before_topics_and_labels(tiny_model)
     for stream in GOOD_IDS:
         assert STREAM_ID.fullmatch(stream)
         assert parser.parse(f"s/{stream}/v", b"1.0", 0.0).stream == stream
-        assert engine.reject_reason(Sample(stream, 1.0)) is None
+        assert not engine.admit(Batch.of([stream], [1.0])).rejected_reason
     for stream in BAD_IDS:
         with pytest.raises(PayloadError) as error:
             parser.parse(f"s/{stream}/v", b"1.0", 0.0)
         assert error.value.reason == "bad_stream"
-        assert engine.reject_reason(Sample(stream, 1.0)) == "bad_stream"
+        assert engine.admit(Batch.of([stream], [1.0])).rejected_reason == ["bad_stream"]
     result = engine.tick([Sample(s, 1.0) for s in BAD_IDS])
     assert not result.forecasts and {r.reason for r in result.rejected} == {"bad_stream"}
     assert len(engine.streams) == 0
