@@ -550,7 +550,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
     stages = {
         "Daemon.step (all)": ("daemon.py", "step"),
         "metrics.observe_forecasts": ("metrics.py", "observe_forecasts"),
-        "engine.tick": ("engine.py", "tick"),
+        "engine.tick_batch": ("engine.py", "tick_batch"),
         "orjson.dumps (forecasts)": ("~", "<orjson.dumps>"),
         "journal append (SQLite)": ("persist.py", "append"),
         "engine.admit (journal seq)": ("engine.py", "admit"),
