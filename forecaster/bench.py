@@ -9,7 +9,7 @@ import statistics
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -480,21 +480,35 @@ LOAD_IN, LOAD_OUT = "load/in/{stream}", "load/out/{stream}"
 def publish_load(port: int, streams: int, count: int, rate: float) -> None:
     """Publisher process: ``count`` JSON samples round-robin over ``streams`` streams, at ``rate``
     messages/s (0: as fast as paho takes them); each carries its send time in ``ts``."""
+
+    def body(i: int) -> str:
+        value = math.sin(0.157 * (i // streams))
+        return json.dumps({"value": round(value, 6), "ts": time.time()})
+
+    _publish_paced(port, "bench-load", [f"s{i}" for i in range(streams)], count, rate, body)
+
+
+def _publish_paced(
+    port: int, client_id: str, names: list[str], count: int, rate: float, body: Callable[[int], str]
+) -> None:
+    """Publish ``body(i)`` for i < ``count`` round-robin to ``names``' input topics, at ``rate``
+    messages/s (0: as fast as paho takes them)."""
     import paho.mqtt.client as paho
 
     from simulators.client import connected_client
 
-    client = connected_client("127.0.0.1", port, "bench-load")
-    topics = [LOAD_IN.format(stream=f"s{i}") for i in range(streams)]
+    client = connected_client("127.0.0.1", port, client_id)
+    topics = [LOAD_IN.format(stream=name) for name in names]
     started = time.monotonic()
     for i in range(count):
         if rate > 0:
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        value = math.sin(0.157 * (i // streams))
-        body = json.dumps({"value": round(value, 6), "ts": time.time()})
-        while client.publish(topics[i % streams], body, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE:
+        payload = body(i)
+        while (
+            client.publish(topics[i % len(topics)], payload, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE
+        ):
             time.sleep(0.001)
     client.disconnect()
     client.loop_stop()
@@ -568,24 +582,13 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
 
 def publish_frames(port: int, devices: int, count: int, rate: float, size: int = 100) -> None:
     """Publisher process: ``count`` device frames of ``size`` readings each (``{"r0": .., ...,
-    "ts": send time}``), round-robin over ``devices`` devices, as fast as paho takes them."""
-    import paho.mqtt.client as paho
+    "ts": send time}``), round-robin over ``devices`` devices, at ``rate`` frames/s (0: as fast
+    as paho takes them)."""
 
-    from simulators.client import connected_client
+    def body(i: int) -> str:
+        return device_frame(i // devices, size)
 
-    client = connected_client("127.0.0.1", port, "bench-frames")
-    topics = [LOAD_IN.format(stream=f"d{i}") for i in range(devices)]
-    started = time.monotonic()
-    for i in range(count):
-        if rate > 0:
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        body = device_frame(i // devices, size)
-        while client.publish(topics[i % devices], body, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE:
-            time.sleep(0.001)
-    client.disconnect()
-    client.loop_stop()
+    _publish_paced(port, "bench-frames", [f"d{i}" for i in range(devices)], count, rate, body)
 
 
 def run_relay(port: int) -> None:

@@ -355,72 +355,54 @@ class _StreamSeries:
     rolling: RollingError = field(default_factory=RollingError)
 
 
+def _rolling(attribute: str, transform: Callable[[float], float] = float) -> Callable:
+    """A rolling error statistic, exported from the label's first error on."""
+    return lambda _, s: transform(getattr(s.rolling, attribute)) if s.rolling.n else None
+
+
+def _interval(attribute: str) -> Callable:
+    """A rolling interval statistic, exported from the label's first scored interval on."""
+    return lambda _, s: getattr(s.interval, attribute) if s.interval.n else None
+
+
+def _last(attribute: str) -> Callable:
+    """A field of the label's last forecast; ``_other`` aggregates streams: it has no last."""
+    return lambda label, s: (
+        None if label == OTHER or s.last is None else _finite(getattr(s.last, attribute))
+    )
+
+
 # Per-stream gauges: name, help, and the value for one label (None: not exported for it yet).
 STREAM_GAUGES: tuple[tuple[str, str, Callable[[str, _StreamSeries], float | None]], ...] = (
-    ("mae", "Rolling (EWMA) MAE of the model", lambda _, s: s.rolling.abs if s.rolling.n else None),
-    (
-        "rmse",
-        "Rolling (EWMA) RMSE of the model",
-        lambda _, s: math.sqrt(s.rolling.sq) if s.rolling.n else None,
-    ),
-    (
-        "naive_mae",
-        "Rolling MAE of the last-value forecast",
-        lambda _, s: s.rolling.naive_abs if s.rolling.n else None,
-    ),
-    (
-        "naive_rmse",
-        "Rolling RMSE of the last-value forecast",
-        lambda _, s: math.sqrt(s.rolling.naive_sq) if s.rolling.n else None,
-    ),
-    (
-        "skill",
-        "1 - MSE/naive MSE (rolling); below 0 the model loses",
-        lambda _, s: s.rolling.skill if s.rolling.n else None,
-    ),
+    ("mae", "Rolling (EWMA) MAE of the model", _rolling("abs")),
+    ("rmse", "Rolling (EWMA) RMSE of the model", _rolling("sq", math.sqrt)),
+    ("naive_mae", "Rolling MAE of the last-value forecast", _rolling("naive_abs")),
+    ("naive_rmse", "Rolling RMSE of the last-value forecast", _rolling("naive_sq", math.sqrt)),
+    ("skill", "1 - MSE/naive MSE (rolling); below 0 the model loses", _rolling("skill")),
     (
         "interval_coverage",
         "Rolling (EWMA) share of values inside the interval published before them",
-        lambda _, s: s.interval.coverage if s.interval.n else None,
+        _interval("coverage"),
     ),
     (
         "interval_width",
         "Rolling (EWMA) mean width of the published interval (stream units)",
-        lambda _, s: s.interval.width if s.interval.n else None,
+        _interval("width"),
     ),
-    ("last_value", "Last value received", lambda label, s: _last(label, s, "value")),
-    (
-        "last_prediction",
-        "Last prediction made (for the next value)",
-        lambda label, s: _last(label, s, "prediction"),
-    ),
-    (
-        "last_lower",
-        "Lower bound of the calibrated interval for the next value",
-        lambda label, s: _last(label, s, "lower"),
-    ),
-    (
-        "last_upper",
-        "Upper bound of the calibrated interval for the next value",
-        lambda label, s: _last(label, s, "upper"),
-    ),
+    ("last_value", "Last value received", _last("value")),
+    ("last_prediction", "Last prediction made (for the next value)", _last("prediction")),
+    ("last_lower", "Lower bound of the calibrated interval for the next value", _last("lower")),
+    ("last_upper", "Upper bound of the calibrated interval for the next value", _last("upper")),
     (
         "anomaly_score",
         "Anomaly score of the last value, in [0, 1] (0.5 during warm-up)",
-        lambda label, s: _last(label, s, "anomaly"),
+        _last("anomaly"),
     ),
 )
 STREAM_COUNTERS: tuple[tuple[str, str, Callable[[_StreamSeries], int]], ...] = (
     ("samples", "Samples accepted per stream", lambda s: s.samples),
     ("anomalies", "Values whose anomaly score exceeded anomaly.threshold", lambda s: s.anomalies),
 )
-
-
-def _last(label: str, series: _StreamSeries, field_name: str) -> float | None:
-    """A field of the label's last forecast; ``_other`` aggregates streams: it has no last."""
-    if label == OTHER or series.last is None:
-        return None
-    return _finite(getattr(series.last, field_name))
 
 
 class _StreamCollector(Collector):
