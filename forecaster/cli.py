@@ -103,6 +103,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import gc
     import signal
 
     from forecaster.config import load_config
@@ -119,6 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     daemon.start()
+    # Everything built so far (torch, the model, the restored streams: ~180k objects) lives as
+    # long as the service. Frozen, a full garbage collection no longer walks it; one took 250 ms
+    # here, and one such pause sets the p99 latency of a whole run.
+    gc.freeze()
     daemon.run()
     return 0
 
