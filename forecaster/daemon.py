@@ -439,17 +439,25 @@ class Daemon:
         # them; publishing run by run keeps each output topic in arrival order.
         framed = self.config.mqtt.output_frames
         run: list[dict[str, object]] = []
+        sent: list[int] = []  # messages the link took now: their message in ``batch``
+        published = 0  # forecasts in them
         for i, (forecast, origin) in enumerate(zip(forecasts, accepted, strict=True)):
             frame = frames[origin] if framed else None
             if frame is None:
                 topic = self.output.topic_for(forecast.stream)
-                self._send(topic, forecast_payload(forecast), batch[origin].received, 1)
+                if self._send(topic, forecast_payload(forecast), 1):
+                    sent.append(origin)
+                    published += 1
                 continue
             run.append(forecast_body(forecast))
             if i + 1 == len(accepted) or accepted[i + 1] != origin:
-                topic = self.output.topic_for(frame)
-                self._send(topic, orjson.dumps(run), batch[origin].received, len(run))
+                if self._send(self.output.topic_for(frame), orjson.dumps(run), len(run)):
+                    sent.append(origin)
+                    published += len(run)
                 run = []
+        now = time.time()  # per-tick metrics: one call each, not one per forecast
+        self.metrics.latency.observe_many([max(0.0, now - batch[o].received) for o in sent])
+        self.metrics.forecasts_published.inc(published)
         self.metrics.observe_forecasts(forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
@@ -461,15 +469,15 @@ class Daemon:
         self.metrics.gap_resets.inc(self.engine.gap_resets - self._gap_resets_seen)
         self._gap_resets_seen = self.engine.gap_resets
 
-    def _send(self, topic: str, payload: bytes, arrived: float, forecasts: int) -> None:
-        """Publish one output message (one forecast, or a frame of ``forecasts``); one the link
-        refuses waits in order for the broker instead of being dropped."""
+    def _send(self, topic: str, payload: bytes, forecasts: int) -> bool:
+        """Publish one output message (one forecast, or a frame of ``forecasts``); True when the
+        link took it now. One it refuses waits in order for the broker instead of being
+        dropped."""
         qos = self.config.mqtt.qos_out
         if not self._unpublished and self.link.publish(topic, payload, qos):
-            self.metrics.forecasts_published.inc(forecasts)
-            self.metrics.latency.observe(max(0.0, time.time() - arrived))
-        else:
-            self._unpublished.append((topic, payload, qos, forecasts))
+            return True
+        self._unpublished.append((topic, payload, qos, forecasts))
+        return False
 
     def _reject_rows(self, columns: Batch, rows: np.ndarray, reasons: list[str]) -> None:
         for i, reason in zip(rows.tolist(), reasons, strict=True):

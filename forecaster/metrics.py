@@ -12,15 +12,22 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from copy import copy
 from dataclasses import dataclass, field, replace
 from wsgiref.simple_server import make_server
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from forecaster import __version__
 from forecaster.engine import Forecast
@@ -177,16 +184,16 @@ class Metrics(LinkEvents):
         self.reconnects = Counter(
             "forecaster_reconnects_total", "Successful reconnections after the first", registry=r
         )
-        self.abs_error = Histogram(
+        self.abs_error = TickHistogram(
             "forecaster_abs_error",
             "Absolute one-step prediction error over all streams (stream units)",
-            buckets=ERROR_BUCKETS,
+            ERROR_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = TickHistogram(
             "forecaster_latency_seconds",
-            "Receive to publish, per forecast",
-            buckets=LATENCY_BUCKETS,
+            "Receive to publish, per output message",
+            LATENCY_BUCKETS,
             registry=r,
         )
         self.tick_duration = Histogram(
@@ -340,8 +347,7 @@ class Metrics(LinkEvents):
                 error, naive = _finite(forecast.error, 1e150), _finite(forecast.naive_error, 1e150)
                 errors.append(abs(error))
                 series.rolling.update(error, naive, alpha)
-        for error in errors:
-            self.abs_error.observe(error)
+        self.abs_error.observe_many(errors)
 
 
 @dataclass(slots=True)
@@ -445,6 +451,46 @@ def _finite(x: float, bound: float = 1e300) -> float:
     if math.isnan(x):
         return 0.0
     return max(-bound, min(bound, x))
+
+
+class TickHistogram(Collector):
+    """A histogram fed a whole tick's values at once (one NumPy binning, one lock).
+
+    prometheus-client's ``Histogram.observe`` takes one value and a lock per call: with the
+    per-forecast error and latency histograms that was ~15 % of the engine thread's time on
+    ticks of 100 messages. Exported through the client's own ``HistogramMetricFamily``.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = np.array(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last one: above all (+Inf)
+        self.sum = 0.0
+        self.lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        """Count finite values (each in the first bucket whose bound it does not exceed)."""
+        if not len(values):
+            return
+        array = np.asarray(values, dtype=np.float64)
+        bins = np.bincount(np.searchsorted(self.bounds, array), minlength=len(self.counts))
+        with self.lock:
+            self.counts += bins
+            self.sum += float(array.sum())
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[Metric]:
+        with self.lock:
+            cumulative, total = np.cumsum(self.counts).tolist(), self.sum
+        bounds = [*(floatToGoString(b) for b in self.bounds.tolist()), "+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], list(zip(bounds, cumulative, strict=True)), total)
+        return [family]
 
 
 class HttpEndpoint:
