@@ -563,13 +563,13 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
     profile.runcall(drain)
     stages = {
         "Daemon.step (all)": ("daemon.py", "step"),
-        "metrics.observe_forecasts": ("metrics.py", "observe_forecasts"),
+        "metrics.observe_columns": ("metrics.py", "observe_columns"),
         "engine.tick_batch": ("engine.py", "tick_batch"),
         "orjson.dumps (forecasts)": ("~", "<orjson.dumps>"),
         "journal append (SQLite)": ("persist.py", "append"),
         "engine.admit (journal seq)": ("engine.py", "admit"),
         "parse_message": ("parse.py", "parse_message"),
-        "forecast_body": ("daemon.py", "forecast_body"),
+        "forecast_bodies": ("daemon.py", "forecast_bodies"),
     }
     cumulative = {
         (Path(file).name, name): ct

@@ -28,7 +28,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from forecaster.config import Config, scoring_config
-from forecaster.engine import Batch, Engine, Forecast, GapPolicy, Sample, as_batch
+from forecaster.engine import Batch, Engine, ForecastColumns, GapPolicy, Sample, as_batch
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
@@ -67,32 +67,52 @@ class RateLimitedLog:
         log.warning(message, *args)
 
 
-def forecast_body(forecast: Forecast) -> dict[str, object]:
-    """The documented forecast object (see README: "Forecast messages")."""
-    body: dict[str, object] = {
-        "stream": forecast.stream,
-        "seq": forecast.seq,
-        "ts": forecast.ts,
-        "value": forecast.value,
-        "prediction": forecast.prediction,
-        "error": forecast.error,
-        "lower": forecast.lower,
-        "upper": forecast.upper,
-        "anomaly": forecast.anomaly,
-        "model_version": forecast.model_version,
-        "warm": forecast.warm,
-    }
-    if forecast.path is not None:  # engine.horizon > 1
-        body["horizon"] = list(forecast.path)
-        body["horizon_lower"] = list(forecast.path_lower or ())
-        body["horizon_upper"] = list(forecast.path_upper or ())
-    return body
-
-
-def forecast_payload(forecast: Forecast) -> bytes:
-    """One forecast message (orjson: ~10x ``json.dumps``, and NaN becomes ``null``, not the
-    invalid ``NaN`` the standard encoder writes)."""
-    return orjson.dumps(forecast_body(forecast))
+def forecast_bodies(columns: ForecastColumns) -> list[dict[str, object]]:
+    """The documented forecast objects (see README: "Forecast messages"), one per row, built
+    from the columns (no ``Forecast`` objects: they cost more than the dicts)."""
+    version = columns.model_version
+    bodies: list[dict[str, object]] = [
+        {
+            "stream": stream,
+            "seq": seq,
+            "ts": None if ts != ts else ts,  # NaN: not given
+            "value": value,
+            "prediction": prediction,
+            "error": None if error != error else error,
+            "lower": lower,
+            "upper": upper,
+            "anomaly": anomaly,
+            "model_version": version,
+            "warm": warm,
+        }
+        for stream, seq, ts, value, prediction, error, lower, upper, anomaly, warm in zip(
+            columns.streams,
+            columns.seq.tolist(),
+            columns.ts.tolist(),
+            columns.value.tolist(),
+            columns.prediction.tolist(),
+            columns.error.tolist(),
+            columns.lower.tolist(),
+            columns.upper.tolist(),
+            columns.anomaly.tolist(),
+            columns.warm.tolist(),
+            strict=True,
+        )
+    ]
+    if (
+        columns.path is not None
+        and columns.path_lower is not None
+        and columns.path_upper is not None
+    ):
+        paths = zip(
+            columns.path.tolist(),
+            columns.path_lower.tolist(),
+            columns.path_upper.tolist(),
+            strict=True,
+        )
+        for body, (path, lower, upper) in zip(bodies, paths, strict=True):  # engine.horizon > 1
+            body.update(horizon=path, horizon_lower=lower, horizon_upper=upper)
+    return bodies
 
 
 def gap_policy(config: Config) -> GapPolicy | None:
@@ -237,9 +257,9 @@ class Daemon:
             for rejection in result.rejected:  # rows overlapping the checkpoint: never re-applied
                 self.metrics.rejected.labels(rejection.reason).inc()
             qos = self.config.mqtt.qos_out
-            for forecast in result.forecasts:
-                topic = self.output.topic_for(forecast.stream)
-                self._unpublished.append((topic, forecast_payload(forecast), qos, 1))
+            for body in forecast_bodies(result.columns):
+                topic = self.output.topic_for(body["stream"])  # type: ignore[arg-type]
+                self._unpublished.append((topic, orjson.dumps(body), qos, 1))
             self._applied = batch[-1][0]
             replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
@@ -433,23 +453,23 @@ class Daemon:
         self.metrics.tick_duration.observe(time.perf_counter() - started)
         self.metrics.tick_batch.observe(len(columns))
         self._reject_rows(columns, result.rejected_index, result.rejected_reason)
-        forecasts = result.forecasts.to_list()
-        accepted = origins[result.forecasts.index].tolist()  # message of each forecast
+        forecasts = result.forecasts
+        accepted = origins[forecasts.index].tolist()  # message of each forecast
         # A message's forecasts are consecutive (arrival order), so an output frame is a run of
         # them; publishing run by run keeps each output topic in arrival order.
         framed = self.config.mqtt.output_frames
         run: list[dict[str, object]] = []
         sent: list[int] = []  # messages the link took now: their message in ``batch``
         published = 0  # forecasts in them
-        for i, (forecast, origin) in enumerate(zip(forecasts, accepted, strict=True)):
+        for i, (body, origin) in enumerate(zip(forecast_bodies(forecasts), accepted, strict=True)):
             frame = frames[origin] if framed else None
             if frame is None:
-                topic = self.output.topic_for(forecast.stream)
-                if self._send(topic, forecast_payload(forecast), 1):
+                topic = self.output.topic_for(body["stream"])  # type: ignore[arg-type]
+                if self._send(topic, orjson.dumps(body), 1):
                     sent.append(origin)
                     published += 1
                 continue
-            run.append(forecast_body(forecast))
+            run.append(body)
             if i + 1 == len(accepted) or accepted[i + 1] != origin:
                 if self._send(self.output.topic_for(frame), orjson.dumps(run), len(run)):
                     sent.append(origin)
@@ -458,7 +478,7 @@ class Daemon:
         now = time.time()  # per-tick metrics: one call each, not one per forecast
         self.metrics.latency.observe_many([max(0.0, now - batch[o].received) for o in sent])
         self.metrics.forecasts_published.inc(published)
-        self.metrics.observe_forecasts(forecasts)
+        self.metrics.observe_columns(forecasts)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
             self._evictions_seen,

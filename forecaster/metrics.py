@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from forecaster import __version__
-from forecaster.engine import Forecast
+from forecaster.engine import Forecast, ForecastColumns
 from forecaster.mqtt import LinkEvents
 from forecaster.parse import REASONS
 
@@ -319,8 +319,45 @@ class Metrics(LinkEvents):
             return stream
         return OTHER
 
+    def observe_columns(self, forecasts: ForecastColumns) -> None:
+        """Error metrics for a tick's forecasts, as the engine gives them."""
+        scored = ~np.isnan(forecasts.error)  # covered means nothing where there was no forecast
+        self._observe(
+            zip(
+                forecasts.streams,
+                forecasts.value.tolist(),
+                forecasts.prediction.tolist(),
+                forecasts.error.tolist(),
+                forecasts.naive_error.tolist(),
+                forecasts.lower.tolist(),
+                forecasts.upper.tolist(),
+                forecasts.anomaly.tolist(),
+                np.where(scored, forecasts.covered, None).tolist(),
+                strict=True,
+            )
+        )
+
     def observe_forecasts(self, forecasts: Iterable[Forecast]) -> None:
-        """Error metrics for a tick's forecasts (errors are finite: the engine saw to that).
+        """``observe_columns`` for ``Forecast`` objects (None for "no error" and "no interval")."""
+        nan = math.nan
+        self._observe(
+            (
+                f.stream,
+                f.value,
+                f.prediction,
+                nan if f.error is None else f.error,
+                nan if f.naive_error is None else f.naive_error,
+                f.lower,
+                f.upper,
+                f.anomaly,
+                f.covered,
+            )
+            for f in forecasts
+        )
+
+    def _observe(self, rows: Iterable[tuple]) -> None:
+        """Fold (stream, value, prediction, error, naive error, lower, upper, anomaly, covered)
+        rows into each label's numbers (NaN error: none yet; covered None: no interval yet).
 
         Only plain numbers change here; ``_StreamCollector`` exports them at scrape time.
         """
@@ -328,23 +365,21 @@ class Metrics(LinkEvents):
         alpha, coverage_alpha = self.alpha, self.coverage_alpha
         errors: list[float] = []
         with self._lock:
-            for forecast in forecasts:
-                stream = forecast.stream
+            for stream, value, prediction, error, naive, lower, upper, anomaly, covered in rows:
                 label = stream if stream in labelled else self.label_for(stream)
                 series = streams.get(label)
                 if series is None:
                     series = streams[label] = _StreamSeries()
                 series.samples += 1
-                series.last = forecast
-                if forecast.anomaly > threshold:
+                series.last = (value, prediction, lower, upper, anomaly)
+                if anomaly > threshold:
                     series.anomalies += 1
-                if forecast.covered is not None:
-                    width = _finite(forecast.upper - forecast.lower, 1e150)
-                    series.interval.update(forecast.covered, width, coverage_alpha)
-                if forecast.error is None or forecast.naive_error is None:
+                if covered is not None:
+                    series.interval.update(covered, _finite(upper - lower, 1e150), coverage_alpha)
+                if error != error or naive != naive:  # NaN: no forecast to score yet
                     continue
                 # Clamped so that squares stay finite too.
-                error, naive = _finite(forecast.error, 1e150), _finite(forecast.naive_error, 1e150)
+                error, naive = _finite(error, 1e150), _finite(naive, 1e150)
                 errors.append(abs(error))
                 series.rolling.update(error, naive, alpha)
         self.abs_error.observe_many(errors)
@@ -356,7 +391,8 @@ class _StreamSeries:
 
     samples: int = 0
     anomalies: int = 0
-    last: Forecast | None = None  # the label's last forecast (not exported for _other)
+    # The label's last (value, prediction, lower, upper, anomaly); not exported for _other.
+    last: tuple[float, float, float, float, float] | None = None
     interval: RollingInterval = field(default_factory=RollingInterval)
     rolling: RollingError = field(default_factory=RollingError)
 
@@ -371,10 +407,10 @@ def _interval(attribute: str) -> Callable:
     return lambda _, s: getattr(s.interval, attribute) if s.interval.n else None
 
 
-def _last(attribute: str) -> Callable:
+def _last(field_index: int) -> Callable:
     """A field of the label's last forecast; ``_other`` aggregates streams: it has no last."""
     return lambda label, s: (
-        None if label == OTHER or s.last is None else _finite(getattr(s.last, attribute))
+        None if label == OTHER or s.last is None else _finite(s.last[field_index])
     )
 
 
@@ -395,14 +431,14 @@ STREAM_GAUGES: tuple[tuple[str, str, Callable[[str, _StreamSeries], float | None
         "Rolling (EWMA) mean width of the published interval (stream units)",
         _interval("width"),
     ),
-    ("last_value", "Last value received", _last("value")),
-    ("last_prediction", "Last prediction made (for the next value)", _last("prediction")),
-    ("last_lower", "Lower bound of the calibrated interval for the next value", _last("lower")),
-    ("last_upper", "Upper bound of the calibrated interval for the next value", _last("upper")),
+    ("last_value", "Last value received", _last(0)),
+    ("last_prediction", "Last prediction made (for the next value)", _last(1)),
+    ("last_lower", "Lower bound of the calibrated interval for the next value", _last(2)),
+    ("last_upper", "Upper bound of the calibrated interval for the next value", _last(3)),
     (
         "anomaly_score",
         "Anomaly score of the last value, in [0, 1] (0.5 during warm-up)",
-        _last("anomaly"),
+        _last(4),
     ),
 )
 STREAM_COUNTERS: tuple[tuple[str, str, Callable[[_StreamSeries], int]], ...] = (

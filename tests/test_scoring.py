@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from forecaster.bench import alarm_starts, bench_anomaly
-from forecaster.daemon import forecast_payload
+from forecaster.daemon import forecast_bodies
 from forecaster.engine import Engine, Forecast, Sample
 from forecaster.metrics import OTHER, Metrics
 from forecaster.persist import load_checkpoint, save_checkpoint
@@ -374,6 +375,7 @@ def test_horizon_runs_ahead_on_a_copy_of_the_state() -> None:
     naive = np.mean([abs(values[t] - values[t + 5]) for t in range(500, 1190)])
     step5 = np.mean([abs(got_five[t].path[4] - values[t + 5]) for t in range(500, 1190)])
     assert step5 < 0.1 * naive  # far better than holding the last value for 5 steps
-    assert forecast_payload(got_one[-1]).count(b"horizon") == 0
-    body = json.loads(forecast_payload(got_five[-1]))
-    assert body["horizon"] == list(got_five[-1].path) and len(body["horizon_upper"]) == 5
+    last_one, last_five = (engine.tick([Sample("x", 0.0)]) for engine in (one, five))
+    assert "horizon" not in forecast_bodies(last_one.columns)[0]
+    body = json.loads(orjson.dumps(forecast_bodies(last_five.columns)[0]))
+    assert body["horizon"] == list(last_five.forecasts[0].path) and len(body["horizon_upper"]) == 5
