@@ -322,67 +322,90 @@ class Metrics(LinkEvents):
     def observe_columns(self, forecasts: ForecastColumns) -> None:
         """Error metrics for a tick's forecasts, as the engine gives them."""
         scored = ~np.isnan(forecasts.error)  # covered means nothing where there was no forecast
+        covered = np.where(scored, forecasts.covered, None).tolist()
+        f = forecasts
         self._observe(
-            zip(
-                forecasts.streams,
-                forecasts.value.tolist(),
-                forecasts.prediction.tolist(),
-                forecasts.error.tolist(),
-                forecasts.naive_error.tolist(),
-                forecasts.lower.tolist(),
-                forecasts.upper.tolist(),
-                forecasts.anomaly.tolist(),
-                np.where(scored, forecasts.covered, None).tolist(),
-                strict=True,
-            )
+            f.streams,
+            f.value,
+            f.prediction,
+            f.error,
+            f.naive_error,
+            f.lower,
+            f.upper,
+            f.anomaly,
+            covered,
         )
 
     def observe_forecasts(self, forecasts: Iterable[Forecast]) -> None:
         """``observe_columns`` for ``Forecast`` objects (None for "no error" and "no interval")."""
-        nan = math.nan
+        rows = list(forecasts)
+
+        def column(read: Callable[[Forecast], float | None]) -> np.ndarray:
+            return np.array([read(f) for f in rows], dtype=np.float64)  # None -> NaN
+
         self._observe(
-            (
-                f.stream,
-                f.value,
-                f.prediction,
-                nan if f.error is None else f.error,
-                nan if f.naive_error is None else f.naive_error,
-                f.lower,
-                f.upper,
-                f.anomaly,
-                f.covered,
-            )
-            for f in forecasts
+            [f.stream for f in rows],
+            *(
+                column(lambda f, key=key: getattr(f, key))
+                for key in (
+                    "value",
+                    "prediction",
+                    "error",
+                    "naive_error",
+                    "lower",
+                    "upper",
+                    "anomaly",
+                )
+            ),
+            [f.covered for f in rows],
         )
 
-    def _observe(self, rows: Iterable[tuple]) -> None:
-        """Fold (stream, value, prediction, error, naive error, lower, upper, anomaly, covered)
-        rows into each label's numbers (NaN error: none yet; covered None: no interval yet).
-
-        Only plain numbers change here; ``_StreamCollector`` exports them at scrape time.
-        """
-        labelled, streams, threshold = self._labelled, self._streams, self.anomaly_threshold
+    def _observe(
+        self,
+        streams: list[str],
+        value: np.ndarray,
+        prediction: np.ndarray,
+        error: np.ndarray,
+        naive: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        anomaly: np.ndarray,
+        covered: list[bool | None],
+    ) -> None:
+        """Fold a tick's forecasts into each label's numbers (NaN error: none yet; covered None:
+        no interval yet). Only plain numbers change here; ``_StreamCollector`` exports them at
+        scrape time. Errors are clamped so that squares stay finite too."""
+        errors = np.clip(error, -1e150, 1e150)  # NaN stays NaN: skipped below
+        naives = np.clip(naive, -1e150, 1e150)
+        scored = ~(np.isnan(errors) | np.isnan(naives))
+        widths = np.nan_to_num(np.clip(upper - lower, -1e150, 1e150))
+        lasts = np.nan_to_num(np.column_stack([value, prediction, lower, upper, anomaly]))
+        labelled, streams_seen = self._labelled, self._streams
         alpha, coverage_alpha = self.alpha, self.coverage_alpha
-        errors: list[float] = []
         with self._lock:
-            for stream, value, prediction, error, naive, lower, upper, anomaly, covered in rows:
+            for stream, last, anomalous, hit, width, ok, err, nai in zip(
+                streams,
+                np.clip(lasts, -1e300, 1e300).tolist(),
+                (anomaly > self.anomaly_threshold).tolist(),
+                covered,
+                widths.tolist(),
+                scored.tolist(),
+                errors.tolist(),
+                naives.tolist(),
+                strict=True,
+            ):
                 label = stream if stream in labelled else self.label_for(stream)
-                series = streams.get(label)
+                series = streams_seen.get(label)
                 if series is None:
-                    series = streams[label] = _StreamSeries()
+                    series = streams_seen[label] = _StreamSeries()
                 series.samples += 1
-                series.last = (value, prediction, lower, upper, anomaly)
-                if anomaly > threshold:
-                    series.anomalies += 1
-                if covered is not None:
-                    series.interval.update(covered, _finite(upper - lower, 1e150), coverage_alpha)
-                if error != error or naive != naive:  # NaN: no forecast to score yet
-                    continue
-                # Clamped so that squares stay finite too.
-                error, naive = _finite(error, 1e150), _finite(naive, 1e150)
-                errors.append(abs(error))
-                series.rolling.update(error, naive, alpha)
-        self.abs_error.observe_many(errors)
+                series.last = last
+                series.anomalies += anomalous
+                if hit is not None:
+                    series.interval.update(hit, width, coverage_alpha)
+                if ok:
+                    series.rolling.update(err, nai, alpha)
+        self.abs_error.observe_many(np.abs(errors[scored]))
 
 
 @dataclass(slots=True)
@@ -391,8 +414,8 @@ class _StreamSeries:
 
     samples: int = 0
     anomalies: int = 0
-    # The label's last (value, prediction, lower, upper, anomaly); not exported for _other.
-    last: tuple[float, float, float, float, float] | None = None
+    # The label's last [value, prediction, lower, upper, anomaly], finite; not for _other.
+    last: list[float] | None = None
     interval: RollingInterval = field(default_factory=RollingInterval)
     rolling: RollingError = field(default_factory=RollingError)
 
@@ -409,9 +432,7 @@ def _interval(attribute: str) -> Callable:
 
 def _last(field_index: int) -> Callable:
     """A field of the label's last forecast; ``_other`` aggregates streams: it has no last."""
-    return lambda label, s: (
-        None if label == OTHER or s.last is None else _finite(s.last[field_index])
-    )
+    return lambda label, s: None if label == OTHER or s.last is None else s.last[field_index]
 
 
 # Per-stream gauges: name, help, and the value for one label (None: not exported for it yet).
@@ -480,13 +501,6 @@ class _StreamCollector(Collector):
                 counter.add_metric([label], count(series))
             families.append(counter)
         return families
-
-
-def _finite(x: float, bound: float = 1e300) -> float:
-    """Clamp into the finite range (a forecast far outside it must not poison a histogram)."""
-    if math.isnan(x):
-        return 0.0
-    return max(-bound, min(bound, x))
 
 
 class TickHistogram(Collector):
