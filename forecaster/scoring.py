@@ -50,8 +50,8 @@ class ScoringConfig:
     step: float = 0.05  # log-step of the quantile tracker
     warmup: int = 10  # normaliser samples before residuals are tracked (its scale is unsettled)
     anomaly_halflife: float = 10000.0  # samples; the "recent error distribution"
-    anomaly_smoothing: float = 0.3  # weight of the newest residual in the short average
-    level_smoothing: float = 0.1  # weight of the newest value in the short average of values
+    anomaly_smoothing: float = 0.35  # weight of the newest residual in the short average
+    level_smoothing: float = 0.2  # weight of the newest value in the short average of values
     anomaly_warmup: int = 100  # tracked residuals before the score leaves 0.5
 
     @property
@@ -109,7 +109,7 @@ class Scorer:
     >>> seen = np.array([True])
     >>> [round(float(scorer.observe(slot, np.array([s]), seen, seen, np.array([10.0]))[0]), 3)
     ...  for s in (1.0, 1.2, 0.8, 5.0)]
-    [0.5, 0.5, 0.119, 1.0]
+    [0.5, 0.5, 0.107, 1.0]
     >>> float(scorer.halfwidth(slot)[0]) > 0
     True
     """
