@@ -309,7 +309,7 @@ class AnomalyConfig(Section):
     value against its recent values (the larger of the two)."""
 
     halflife: PositiveFloat = 10000.0  # samples; the "recent error distribution"
-    smoothing: float = Field(0.35, gt=0, le=1)  # weight of the newest error in the short average
+    smoothing: float = Field(0.4, gt=0, le=1)  # weight of the newest error in the short average
     level_smoothing: float = Field(0.2, gt=0, le=1)  # weight of the newest value in its average
     warmup: int = Field(100, ge=0)  # tracked errors before the score leaves 0.5
     threshold: float = Field(0.9995, gt=0, lt=1)  # counted in forecaster_stream_anomalies_total

@@ -14,7 +14,9 @@ space the step is scale-free: the same ``step`` serves a clean sine and a noisy 
 **Anomaly score** (in the spirit of NAB's anomaly likelihood), the larger of two tail probabilities:
 
 - *error*: a short EWMA of ``s`` compared with the mean and spread of ``s`` over a long half-life,
-  ``Phi((short - mean) / std)``: the Gaussian probability that the recent error is *not* that large;
+  ``Phi((short - mean) / std)``: the Gaussian probability that the recent error is *not* that large.
+  Here ``s`` is measured in the larger of the frame's spread and the values' long-run spread: in a
+  quiet stretch the normaliser's spread shrinks and would make an ordinary blip look large;
 - *level*: a short EWMA of the value itself compared with the mean and spread of the values over the
   same half-life, two-sided, ``2 Phi(|short - mean| / std) - 1``. A one-step forecaster follows a
   level shift or an out-of-range stretch within a few samples, so its error says little after the
@@ -50,7 +52,7 @@ class ScoringConfig:
     step: float = 0.05  # log-step of the quantile tracker
     warmup: int = 10  # normaliser samples before residuals are tracked (its scale is unsettled)
     anomaly_halflife: float = 10000.0  # samples; the "recent error distribution"
-    anomaly_smoothing: float = 0.35  # weight of the newest residual in the short average
+    anomaly_smoothing: float = 0.4  # weight of the newest residual in the short average
     level_smoothing: float = 0.2  # weight of the newest value in the short average of values
     anomaly_warmup: int = 100  # tracked residuals before the score leaves 0.5
 
@@ -107,9 +109,10 @@ class Scorer:
     >>> scorer = Scorer(ScoringConfig(warmup=0, anomaly_warmup=2), capacity=1)
     >>> slot = np.array([0])
     >>> seen = np.array([True])
-    >>> [round(float(scorer.observe(slot, np.array([s]), seen, seen, np.array([10.0]))[0]), 3)
+    >>> one = np.array([1.0])
+    >>> [round(float(scorer.observe(slot, np.array([s]), seen, seen, one * 10, one)[0]), 3)
     ...  for s in (1.0, 1.2, 0.8, 5.0)]
-    [0.5, 0.5, 0.107, 1.0]
+    [0.5, 0.5, 0.093, 1.0]
     >>> float(scorer.halfwidth(slot)[0]) > 0
     True
     """
@@ -154,19 +157,21 @@ class Scorer:
         covered: np.ndarray,
         scored: np.ndarray,
         values: np.ndarray,
+        scale: np.ndarray,
     ) -> np.ndarray:
         """Fold residuals ``s`` and ``values`` (where ``scored``) into the statistics; return each
         anomaly score.
 
         ``covered`` says whether the value fell inside the interval published with the forecast;
-        the score compares ``s`` and the value with the statistics *before* they are folded in.
+        ``scale`` is the frame's spread that ``s`` was divided by. The score compares ``s`` and the
+        value with the statistics *before* they are folded in.
         """
         cfg = self.config
         score = np.full(len(slots), 0.5)
         if not scored.any():
             return score
         slots, s, covered = slots[scored], np.minimum(s[scored], S_CAP), covered[scored]
-        values = values[scored]
+        values, scale = values[scored], scale[scored]
         # Interval: the first residual seeds q; then the quantile tracker's log-step.
         first = self.tracked[slots] == 0
         log_q = np.where(first, np.log(np.maximum(s, 1e-12)), self.log_q[slots])
@@ -176,6 +181,9 @@ class Scorer:
         self.tracked[slots] += 1
         # Anomaly: short EWMA of s against the long mean and spread of s before this sample.
         seen = self.seen[slots]
+        level_mean, level_var = self.level_mean[slots], self.level_var[slots]
+        spread = np.sqrt(level_var) + 1e-9 * (1.0 + np.abs(level_mean))  # as the normaliser's
+        s = s * np.minimum(1.0, scale / spread)  # in the larger of the two spreads
         short = np.where(seen == 0, s, self.short[slots])
         short = short + cfg.anomaly_smoothing * (s - short)
         mean, var = self.mean[slots], self.var[slots]
@@ -183,8 +191,6 @@ class Scorer:
         # Level: the same comparison on the values, two-sided (a drop is as surprising as a rise).
         level = np.where(seen == 0, values, self.level[slots])
         level = level + cfg.level_smoothing * (values - level)
-        level_mean, level_var = self.level_mean[slots], self.level_var[slots]
-        spread = np.sqrt(level_var) + 1e-9 * (1.0 + np.abs(level_mean))  # as the normaliser's
         z_level = np.abs(level - level_mean) / spread
         tails = normal_cdf(np.concatenate([z, z_level]))  # one call: (2n,)
         error_score, level_score = tails[: len(z)], 2.0 * tails[len(z) :] - 1.0
