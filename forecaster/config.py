@@ -305,12 +305,14 @@ class IntervalsConfig(Section):
 
 
 class AnomalyConfig(Section):
-    """Per-sample anomaly score in [0, 1] from the error against the stream's recent errors."""
+    """Per-sample anomaly score in [0, 1]: the error against the stream's recent errors, and the
+    value against its recent values (the larger of the two)."""
 
     halflife: PositiveFloat = 10000.0  # samples; the "recent error distribution"
-    smoothing: float = Field(0.5, gt=0, le=1)  # weight of the newest error in the short average
+    smoothing: float = Field(0.4, gt=0, le=1)  # weight of the newest error in the short average
+    level_smoothing: float = Field(0.2, gt=0, le=1)  # weight of the newest value in its average
     warmup: int = Field(100, ge=0)  # tracked errors before the score leaves 0.5
-    threshold: float = Field(0.9999, gt=0, lt=1)  # counted in forecaster_stream_anomalies_total
+    threshold: float = Field(0.9995, gt=0, lt=1)  # counted in forecaster_stream_anomalies_total
 
 
 class StateConfig(Section):
@@ -355,6 +357,7 @@ def scoring_config(config: Config) -> ScoringConfig:
         warmup=i.warmup,
         anomaly_halflife=a.halflife,
         anomaly_smoothing=a.smoothing,
+        level_smoothing=a.level_smoothing,
         anomaly_warmup=a.warmup,
     )
 

@@ -622,8 +622,9 @@ class Engine:
         table = self.streams
         covered = (values >= table.last_lower[slots]) & (values <= table.last_upper[slots])
         scored = ~np.isnan(error) & (table.normalizer.count[slots] >= self.scoring_config.warmup)
-        s = np.fmax(np.abs(error), 0.0) / table.normalizer.frame_scale(slots)  # NaN -> 0
-        return table.scorer.observe(slots, s, covered, scored), covered
+        scale = table.normalizer.frame_scale(slots)
+        s = np.fmax(np.abs(error), 0.0) / scale  # NaN -> 0
+        return table.scorer.observe(slots, s, covered, scored, values, scale), covered
 
 
 def as_batch(samples: Sequence[Sample]) -> tuple[Batch, np.ndarray, list[tuple[int, str]]]:

@@ -11,10 +11,18 @@ is the tracked ``coverage`` quantile of ``s``. After each sample ``log q`` moves
 the miss rate converges to ``1 - coverage`` (the displacement of ``log q`` bounds the gap). In log
 space the step is scale-free: the same ``step`` serves a clean sine and a noisy sensor.
 
-**Anomaly score** (in the spirit of NAB's anomaly likelihood): a short EWMA of ``s`` compared with
-the mean and spread of ``s`` over a long half-life; the score is the Gaussian probability that the
-recent error is *not* that large, ``Phi((short - mean) / std)``, so 0.5 means typical and values
-near 1 mean the recent errors are far in the tail. It is 0.5 ("don't know") during warm-up.
+**Anomaly score** (in the spirit of NAB's anomaly likelihood), the larger of two tail probabilities:
+
+- *error*: a short EWMA of ``s`` compared with the mean and spread of ``s`` over a long half-life,
+  ``Phi((short - mean) / std)``: the Gaussian probability that the recent error is *not* that large.
+  Here ``s`` is measured in the larger of the frame's spread and the values' long-run spread: in a
+  quiet stretch the normaliser's spread shrinks and would make an ordinary blip look large;
+- *level*: a short EWMA of the value itself compared with the mean and spread of the values over the
+  same half-life, two-sided, ``2 Phi(|short - mean| / std) - 1``. A one-step forecaster follows a
+  level shift or an out-of-range stretch within a few samples, so its error says little after the
+  first one; the value stays far from its usual range for as long as the shift lasts.
+
+So 0.5 means typical and values near 1 mean far in a tail. It is 0.5 ("don't know") during warm-up.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 LOG_FLOOR = math.log(1e-3)
 S_CAP = 1e6  # residuals above this (normaliser warm-up) are capped before entering statistics
 
-COLUMNS = ("tracked", "log_q", "seen", "mean", "var", "short")
+COLUMNS = ("tracked", "log_q", "seen", "mean", "var", "short", "level_mean", "level_var", "level")
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ class ScoringConfig:
     step: float = 0.05  # log-step of the quantile tracker
     warmup: int = 10  # normaliser samples before residuals are tracked (its scale is unsettled)
     anomaly_halflife: float = 10000.0  # samples; the "recent error distribution"
-    anomaly_smoothing: float = 0.5  # weight of the newest residual in the short average
+    anomaly_smoothing: float = 0.4  # weight of the newest residual in the short average
+    level_smoothing: float = 0.2  # weight of the newest value in the short average of values
     anomaly_warmup: int = 100  # tracked residuals before the score leaves 0.5
 
     @property
@@ -105,9 +114,10 @@ class Scorer:
     >>> scorer = Scorer(ScoringConfig(warmup=0, anomaly_warmup=2), capacity=1)
     >>> slot = np.array([0])
     >>> seen = np.array([True])
-    >>> [round(float(scorer.observe(slot, np.array([s]), seen, seen)[0]), 3)
+    >>> one = np.array([1.0])
+    >>> [round(float(scorer.observe(slot, np.array([s]), seen, seen, one * 10, one)[0]), 3)
     ...  for s in (1.0, 1.2, 0.8, 5.0)]
-    [0.5, 0.5, 0.067, 1.0]
+    [0.5, 0.5, 0.093, 1.0]
     >>> float(scorer.halfwidth(slot)[0]) > 0
     True
     """
@@ -120,6 +130,9 @@ class Scorer:
         self.mean = np.zeros(capacity)
         self.var = np.zeros(capacity)
         self.short = np.zeros(capacity)
+        self.level_mean = np.zeros(capacity)  # the values' long mean and variance
+        self.level_var = np.zeros(capacity)
+        self.level = np.zeros(capacity)  # short EWMA of the values
 
     @property
     def capacity(self) -> int:
@@ -143,18 +156,27 @@ class Scorer:
         return np.exp(self.log_q[slots])
 
     def observe(
-        self, slots: np.ndarray, s: np.ndarray, covered: np.ndarray, scored: np.ndarray
+        self,
+        slots: np.ndarray,
+        s: np.ndarray,
+        covered: np.ndarray,
+        scored: np.ndarray,
+        values: np.ndarray,
+        scale: np.ndarray,
     ) -> np.ndarray:
-        """Fold residuals ``s`` (where ``scored``) into the statistics; return each anomaly score.
+        """Fold residuals ``s`` and ``values`` (where ``scored``) into the statistics; return each
+        anomaly score.
 
         ``covered`` says whether the value fell inside the interval published with the forecast;
-        the score compares ``s`` with the statistics *before* it is folded in.
+        ``scale`` is the frame's spread that ``s`` was divided by. The score compares ``s`` and the
+        value with the statistics *before* they are folded in.
         """
         cfg = self.config
         score = np.full(len(slots), 0.5)
         if not scored.any():
             return score
         slots, s, covered = slots[scored], np.minimum(s[scored], S_CAP), covered[scored]
+        values, scale = values[scored], scale[scored]
         # Interval: the first residual seeds q; then the quantile tracker's log-step.
         first = self.tracked[slots] == 0
         log_q = np.where(first, np.log(np.maximum(s, 1e-12)), self.log_q[slots])
@@ -164,17 +186,30 @@ class Scorer:
         self.tracked[slots] += 1
         # Anomaly: short EWMA of s against the long mean and spread of s before this sample.
         seen = self.seen[slots]
+        level_mean, level_var = self.level_mean[slots], self.level_var[slots]
+        spread = np.sqrt(level_var) + 1e-9 * (1.0 + np.abs(level_mean))  # as the normaliser's
+        s = s * np.minimum(1.0, scale / spread)  # in the larger of the two spreads
         short = np.where(seen == 0, s, self.short[slots])
         short = short + cfg.anomaly_smoothing * (s - short)
         mean, var = self.mean[slots], self.var[slots]
         z = (short - mean) / (np.sqrt(var) + 1e-12 * (1.0 + mean))
+        # Level: the same comparison on the values, two-sided (a drop is as surprising as a rise).
+        level = np.where(seen == 0, values, self.level[slots])
+        level = level + cfg.level_smoothing * (values - level)
+        z_level = np.abs(level - level_mean) / spread
+        tails = normal_cdf(np.concatenate([z, z_level]))  # one call: (2n,)
+        error_score, level_score = tails[: len(z)], 2.0 * tails[len(z) :] - 1.0
         ready = seen >= cfg.anomaly_warmup
-        score[scored] = np.where(ready, normal_cdf(z), 0.5)
+        score[scored] = np.where(ready, np.maximum(error_score, level_score), 0.5)
         weight = np.maximum(1.0 / (seen + 1), cfg.alpha)
         delta = s - mean
         self.mean[slots] = mean + weight * delta
         self.var[slots] = (1.0 - weight) * (var + weight * delta * delta)
         self.short[slots] = short
+        delta = values - level_mean
+        self.level_mean[slots] = level_mean + weight * delta
+        self.level_var[slots] = (1.0 - weight) * (level_var + weight * delta * delta)
+        self.level[slots] = level
         self.seen[slots] = seen + 1
         return score
 

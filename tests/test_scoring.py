@@ -136,6 +136,17 @@ def test_clean_sines_stay_below_09_for_99_percent_after_warmup() -> None:
     assert np.all(calm >= 0.99), calm
 
 
+def test_a_level_shift_keeps_scoring_after_the_forecaster_has_followed_it() -> None:
+    """The one-step error is back to normal a few samples after a shift; the level is not."""
+    series = np.stack([sine_wave(3000, noise=0.1, seed=s) for s in range(2)])
+    series[:, 2500:] += 5.0  # the level moves by 7 standard deviations of the stream and stays
+    out = replay(series)
+    after = slice(2550, 2600)  # 50 samples after the shift, for 50 samples
+    error = np.abs(series[:, after] - out["pred"][:, 2549:2599])
+    assert np.all(error.mean(axis=1) < 0.3)  # the forecaster follows the new level...
+    assert np.all(out["anomaly"][:, after] > 0.99)  # ...the score stays up (error part alone: ~0.4)
+
+
 def test_warmup_score_is_half_and_everything_stays_finite() -> None:
     config = ScoringConfig()
     checkpoint = load_checkpoint()
