@@ -293,6 +293,7 @@ class OnlineLearningConfig(Section):
     # Recompute each training window's start state with the weights being trained (learner.py);
     # off by default: see the README's *Online learning* for what it does to drift and accuracy.
     refresh_states: bool = False
+    refresh_windows: int = Field(4, ge=1)  # windows re-run before each chosen one (burn-in)
     seed: int = 0
 
 

@@ -79,10 +79,9 @@ class Batch:
     x: torch.Tensor  # (B, window, 1)
     y: torch.Tensor  # (B, window, 1)
     h0: torch.Tensor  # (num_layers, B, width): the states stored with the chosen windows
-    chain_x: (
-        torch.Tensor
-    )  # (S, L * window, 1): each picked stream's chain, zero-padded to L windows
-    chain_h0: torch.Tensor  # (num_layers, S, width): the stored state at each chain's start
+    burn_x: torch.Tensor  # (B, K * window, 1): the K windows before each chosen one (zeros: none)
+    burn_h0: torch.Tensor  # (num_layers, B, width): the stored state at the first of them
+    burn_mask: torch.Tensor  # (B, K): which of the K windows exist
     at: tuple[list[int], list[int]]  # (stream, window index) of each of the B chosen windows
 
 
@@ -201,46 +200,50 @@ class Learner:
     def make_batch(self, picks: list[Pick]) -> Batch:
         """Tensors for a minibatch; built on the trainer's thread, off the forecasting path."""
         windows = [p.chain[i] for p in picks for i in p.chosen]
-        x = torch.tensor([w.inputs for w in windows], dtype=torch.float32).unsqueeze(-1)
-        y = torch.tensor([w.targets for w in windows], dtype=torch.float32).unsqueeze(-1)
+        x = torch.from_numpy(np.array([w.inputs for w in windows], dtype=np.float32)).unsqueeze(-1)
+        y = torch.from_numpy(np.array([w.targets for w in windows], dtype=np.float32)).unsqueeze(-1)
         h0 = torch.stack([w.start_state for w in windows], dim=1)
-        if not self.config.refresh_states:  # the chains are not needed: skip their Python loops
-            picks = [Pick(p.chain[:1], [0]) for p in picks[:1]]
-        length = max(len(p.chain) for p in picks) * self.config.window
-        chain_x = torch.zeros(len(picks), length)
-        for s, p in enumerate(picks):
-            inputs = [v for w in p.chain for v in w.inputs]
-            chain_x[s, : len(inputs)] = torch.tensor(inputs)
-        chain_h0 = torch.stack([p.chain[0].start_state for p in picks], dim=1)
         at = (
             [s for s, p in enumerate(picks) for _ in p.chosen],
             [i for p in picks for i in p.chosen],
         )
+        # The K windows before each chosen one, from each stream's kept windows padded with K
+        # empty ones in front; built with numpy, a few calls per stream (this thread holds the
+        # GIL, which the forecasting thread needs, through every Python-level loop).
+        k = self.config.refresh_windows if self.config.refresh_states else 0
+        burn, firsts = [np.zeros((len(windows), 0), dtype=np.float32)], []
+        for p in picks if k else []:
+            chain = np.zeros((k + len(p.chain), self.config.window), dtype=np.float32)
+            chain[k:] = [w.inputs for w in p.chain]
+            chosen = np.asarray(p.chosen)
+            burn.append(chain[chosen[:, None] + np.arange(k)].reshape(len(chosen), -1))
+            firsts.extend(p.chain[max(0, i - k)].start_state for i in p.chosen)
+        burn_x = torch.from_numpy(np.concatenate(burn[1:] if k else burn))
+        burn_mask = torch.tensor(at[1]).unsqueeze(1) - k + torch.arange(k) >= 0
         device = self.engine.device
         return Batch(
             x.to(device),
             y.to(device),
             h0.to(device),
-            chain_x.unsqueeze(-1).to(device),
-            chain_h0.to(device),
+            burn_x.unsqueeze(-1).to(device),
+            torch.stack(firsts, dim=1).to(device) if k else h0.to(device),
+            burn_mask.to(device),
             at,
         )
 
     def start_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Each chosen window's start state under ``model``'s weights (see the module docstring):
-        the chains run window by window from their stored first state. With ``refresh_states``
-        off, the stored states."""
+        the ``refresh_windows`` windows before it run from the stored state at their start (a
+        burn-in, as in R2D2's recurrent replay). With ``refresh_states`` off, the stored states."""
         if not self.config.refresh_states:
             return batch.h0
         window = self.config.window
-        states = [batch.chain_h0]
+        state = batch.burn_h0
         with torch.no_grad():
-            for j in range(1, max(batch.at[1]) + 1):
-                _, state = model(batch.chain_x[:, (j - 1) * window : j * window], states[-1])
-                states.append(state)
-        stacked = torch.stack(states)  # (windows, num_layers, S, width)
-        stream, index = batch.at
-        return stacked[index, :, stream].transpose(0, 1).contiguous()  # (num_layers, B, width)
+            for j in range(batch.burn_mask.shape[1]):
+                _, moved = model(batch.burn_x[:, j * window : (j + 1) * window], state)
+                state = torch.where(batch.burn_mask[:, j].view(1, -1, 1), moved, state)
+        return state
 
     def _apply_handover(self) -> None:
         with self._handover_lock:
