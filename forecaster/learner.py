@@ -7,14 +7,13 @@ model on a minibatch of recent windows — on a background thread in the daemon,
 ``forecaster evaluate --learn`` — and hands the new weights over; the engine swaps them between
 ticks, so a forecast never waits for a backward pass.
 
-With ``refresh_states`` on (off by default), a stream's kept windows being contiguous, before
-each step the trainer recomputes every chosen
-window's start state with the weights it is about to train, running them (no gradient) from the
-oldest kept window's stored state through the windows before it. The stored states were made by
-older weights; training from them teaches the model to continue states it no longer produces, and
-after a drift, while the weights move fast, that mismatch had kept the rolling error above twice
-its earlier level for ~2,600-2,800 samples, against ~1,300-1,500 with ``update_every`` 4 (README,
-*Online learning*).
+With ``refresh_states`` on, before each step the trainer recomputes every chosen window's start
+state with the weights it is about to train: it runs the ``refresh_windows`` kept windows before
+it (no gradient) from the state stored with the first of them, a burn-in as in R2D2's recurrent
+replay (Kapturowski et al., 2019). The stored states were made by older weights; training from
+them teaches the model to continue states it no longer produces, and after a drift, while the
+weights move fast, that mismatch kept the rolling error above twice its earlier level for ~2,900
+samples, against ~1,700 with the states refreshed (README, *Online learning*).
 
 Guards: a step whose loss or gradient is not finite is skipped before the optimizer touches
 anything (weights stay byte-identical); an update after which the error grows beyond
@@ -31,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -44,6 +44,12 @@ from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, StepRecord
 
 log = logging.getLogger(__name__)
+
+# While the trainer thread runs, the GIL is handed over at most this long after another thread
+# asks for it (CPython's default: 5 ms). The trainer holds the GIL between its torch calls at the
+# lowest CPU priority; on a busy machine it can be taken off the CPU holding it, and the
+# forecasting thread then waited for the whole interval and more (README, *Online learning*).
+SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass
@@ -119,7 +125,10 @@ class Learner:
         self._thread: threading.Thread | None = None
         engine.observer = self.observe
         engine.slot_listener = self.slots_moved
+        self._switch_interval: float | None = None
         if background:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
             self._thread = threading.Thread(target=self._work, name="learner", daemon=True)
             self._thread.start()
 
@@ -377,6 +386,9 @@ class Learner:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(5)
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     # -- persistence ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
