@@ -7,14 +7,13 @@ model on a minibatch of recent windows — on a background thread in the daemon,
 ``forecaster evaluate --learn`` — and hands the new weights over; the engine swaps them between
 ticks, so a forecast never waits for a backward pass.
 
-With ``refresh_states`` on (off by default), a stream's kept windows being contiguous, before
-each step the trainer recomputes every chosen
-window's start state with the weights it is about to train, running them (no gradient) from the
-oldest kept window's stored state through the windows before it. The stored states were made by
-older weights; training from them teaches the model to continue states it no longer produces, and
-after a drift, while the weights move fast, that mismatch had kept the rolling error above twice
-its earlier level for ~2,600-2,800 samples, against ~1,300-1,500 with ``update_every`` 4 (README,
-*Online learning*).
+With ``refresh_states`` on, before each step the trainer recomputes every chosen window's start
+state with the weights it is about to train: it runs the ``refresh_windows`` kept windows before
+it (no gradient) from the state stored with the first of them, a burn-in as in R2D2's recurrent
+replay (Kapturowski et al., 2019). The stored states were made by older weights; training from
+them teaches the model to continue states it no longer produces, and after a drift, while the
+weights move fast, that mismatch kept the rolling error above twice its earlier level for ~2,900
+samples, against ~1,700 with the states refreshed (README, *Online learning*).
 
 Guards: a step whose loss or gradient is not finite is skipped before the optimizer touches
 anything (weights stay byte-identical); an update after which the error grows beyond
@@ -31,6 +30,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -44,6 +44,12 @@ from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, StepRecord
 
 log = logging.getLogger(__name__)
+
+# While the trainer thread runs, the GIL is handed over at most this long after another thread
+# asks for it (CPython's default: 5 ms). The trainer holds the GIL between its torch calls at the
+# lowest CPU priority; on a busy machine it can be taken off the CPU holding it, and the
+# forecasting thread then waited for the whole interval and more (README, *Online learning*).
+SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass
@@ -79,10 +85,9 @@ class Batch:
     x: torch.Tensor  # (B, window, 1)
     y: torch.Tensor  # (B, window, 1)
     h0: torch.Tensor  # (num_layers, B, width): the states stored with the chosen windows
-    chain_x: (
-        torch.Tensor
-    )  # (S, L * window, 1): each picked stream's chain, zero-padded to L windows
-    chain_h0: torch.Tensor  # (num_layers, S, width): the stored state at each chain's start
+    burn_x: torch.Tensor  # (B, K * window, 1): the K windows before each chosen one (zeros: none)
+    burn_h0: torch.Tensor  # (num_layers, B, width): the stored state at the first of them
+    burn_mask: torch.Tensor  # (B, K): which of the K windows exist
     at: tuple[list[int], list[int]]  # (stream, window index) of each of the B chosen windows
 
 
@@ -120,7 +125,10 @@ class Learner:
         self._thread: threading.Thread | None = None
         engine.observer = self.observe
         engine.slot_listener = self.slots_moved
+        self._switch_interval: float | None = None
         if background:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
             self._thread = threading.Thread(target=self._work, name="learner", daemon=True)
             self._thread.start()
 
@@ -201,46 +209,50 @@ class Learner:
     def make_batch(self, picks: list[Pick]) -> Batch:
         """Tensors for a minibatch; built on the trainer's thread, off the forecasting path."""
         windows = [p.chain[i] for p in picks for i in p.chosen]
-        x = torch.tensor([w.inputs for w in windows], dtype=torch.float32).unsqueeze(-1)
-        y = torch.tensor([w.targets for w in windows], dtype=torch.float32).unsqueeze(-1)
+        x = torch.from_numpy(np.array([w.inputs for w in windows], dtype=np.float32)).unsqueeze(-1)
+        y = torch.from_numpy(np.array([w.targets for w in windows], dtype=np.float32)).unsqueeze(-1)
         h0 = torch.stack([w.start_state for w in windows], dim=1)
-        if not self.config.refresh_states:  # the chains are not needed: skip their Python loops
-            picks = [Pick(p.chain[:1], [0]) for p in picks[:1]]
-        length = max(len(p.chain) for p in picks) * self.config.window
-        chain_x = torch.zeros(len(picks), length)
-        for s, p in enumerate(picks):
-            inputs = [v for w in p.chain for v in w.inputs]
-            chain_x[s, : len(inputs)] = torch.tensor(inputs)
-        chain_h0 = torch.stack([p.chain[0].start_state for p in picks], dim=1)
         at = (
             [s for s, p in enumerate(picks) for _ in p.chosen],
             [i for p in picks for i in p.chosen],
         )
+        # The K windows before each chosen one, from each stream's kept windows padded with K
+        # empty ones in front; built with numpy, a few calls per stream (this thread holds the
+        # GIL, which the forecasting thread needs, through every Python-level loop).
+        k = self.config.refresh_windows if self.config.refresh_states else 0
+        burn, firsts = [np.zeros((len(windows), 0), dtype=np.float32)], []
+        for p in picks if k else []:
+            chain = np.zeros((k + len(p.chain), self.config.window), dtype=np.float32)
+            chain[k:] = [w.inputs for w in p.chain]
+            chosen = np.asarray(p.chosen)
+            burn.append(chain[chosen[:, None] + np.arange(k)].reshape(len(chosen), -1))
+            firsts.extend(p.chain[max(0, i - k)].start_state for i in p.chosen)
+        burn_x = torch.from_numpy(np.concatenate(burn[1:] if k else burn))
+        burn_mask = torch.tensor(at[1]).unsqueeze(1) - k + torch.arange(k) >= 0
         device = self.engine.device
         return Batch(
             x.to(device),
             y.to(device),
             h0.to(device),
-            chain_x.unsqueeze(-1).to(device),
-            chain_h0.to(device),
+            burn_x.unsqueeze(-1).to(device),
+            torch.stack(firsts, dim=1).to(device) if k else h0.to(device),
+            burn_mask.to(device),
             at,
         )
 
     def start_states(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Each chosen window's start state under ``model``'s weights (see the module docstring):
-        the chains run window by window from their stored first state. With ``refresh_states``
-        off, the stored states."""
+        the ``refresh_windows`` windows before it run from the stored state at their start (a
+        burn-in, as in R2D2's recurrent replay). With ``refresh_states`` off, the stored states."""
         if not self.config.refresh_states:
             return batch.h0
         window = self.config.window
-        states = [batch.chain_h0]
+        state = batch.burn_h0
         with torch.no_grad():
-            for j in range(1, max(batch.at[1]) + 1):
-                _, state = model(batch.chain_x[:, (j - 1) * window : j * window], states[-1])
-                states.append(state)
-        stacked = torch.stack(states)  # (windows, num_layers, S, width)
-        stream, index = batch.at
-        return stacked[index, :, stream].transpose(0, 1).contiguous()  # (num_layers, B, width)
+            for j in range(batch.burn_mask.shape[1]):
+                _, moved = model(batch.burn_x[:, j * window : (j + 1) * window], state)
+                state = torch.where(batch.burn_mask[:, j].view(1, -1, 1), moved, state)
+        return state
 
     def _apply_handover(self) -> None:
         with self._handover_lock:
@@ -374,6 +386,9 @@ class Learner:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(5)
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     # -- persistence ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

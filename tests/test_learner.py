@@ -86,6 +86,15 @@ def test_windows_start_from_the_states_the_trained_weights_make(any_cell_model: 
     first = torch.tensor([i == 0 for i in batch.at[1]])
     assert torch.equal(moved[:, first], stored[:, first])  # a chain's start: the stored state
     assert not torch.allclose(moved[:, ~first], stored[:, ~first], atol=1e-3)  # then the new ones'
+    # A burn-in of one window: window i's state is window i-1 run from its own stored state.
+    learner.config = config.model_copy(update={"refresh_windows": 1})
+    one = learner.start_states(learner.model, learner.make_batch(picks))
+    chain = picks[0].chain
+    with torch.no_grad():
+        _, expected = learner.model(
+            torch.tensor(chain[4].inputs).view(1, -1, 1), chain[4].start_state.unsqueeze(1)
+        )
+    assert torch.allclose(one[:, 5], expected[:, 0], atol=1e-6)
     learner.config = config.model_copy(update={"refresh_states": False})
     assert torch.equal(learner.start_states(learner.model, batch), stored)  # off: the stored ones
 
