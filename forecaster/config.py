@@ -283,7 +283,7 @@ class OnlineLearningConfig(Section):
     optimizer: Literal["adam"] = "adam"
     lr: PositiveFloat = 0.005
     clip: PositiveFloat = 1.0  # gradient-norm clipping
-    max_updates_per_s: PositiveFloat = 10.0
+    max_updates_per_s: PositiveFloat = 5.0
     warmup: int = Field(
         20, ge=0
     )  # a stream's first samples are not learned from (normaliser settling)
