@@ -216,7 +216,11 @@ def overload_run(
         sent = 0
         while time.time() - began < seconds:
             stream = "load-a" if sent % 2 == 0 else "load-b"
-            payload = json.dumps({"value": float(np.sin(sent / 7)), "ts": time.time()})
+            # The sender's seq (rising per stream): should the daemon's link drop and the broker
+            # redeliver a message whose ack it lost, the copy is refused as a duplicate, so
+            # "none lost" can be checked exactly (without seq that case is at-least-once).
+            body = {"value": float(np.sin(sent / 7)), "ts": time.time(), "seq": sent // 2 + 1}
+            payload = json.dumps(body)
             infos.append(pub.publish(f"{prefix}/in/{stream}", payload, qos=1))
             sent += 1
             ahead = began + sent / rate - time.time()
