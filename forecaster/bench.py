@@ -435,6 +435,7 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
     # of a big bench process would report the parent's peak.
     code = (
         "import numpy as np, torch; torch.set_num_threads(1)\n"
+        "from forecaster.streams import return_freed_arrays; return_freed_arrays()  # as run does\n"
         "from forecaster.engine import Batch, Engine\n"
         "from forecaster.persist import load_checkpoint\n"
         "def hwm():\n"

@@ -108,9 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from forecaster.config import load_config
     from forecaster.daemon import Daemon
+    from forecaster.streams import return_freed_arrays
 
     config = load_config(args.config)
     logging.getLogger().setLevel(config.logging.level if not args.verbose else logging.DEBUG)
+    return_freed_arrays()
     daemon = Daemon(config)
 
     def on_signal(signum: int, frame: object) -> None:

@@ -28,7 +28,15 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from forecaster.config import Config, scoring_config
-from forecaster.engine import Batch, Engine, ForecastColumns, GapPolicy, Sample, as_batch
+from forecaster.engine import (
+    Admission,
+    Batch,
+    Engine,
+    ForecastColumns,
+    GapPolicy,
+    Sample,
+    as_batch,
+)
 from forecaster.errors import CheckpointError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
@@ -386,12 +394,14 @@ class Daemon:
         for i, reason in refused:  # the parser makes none of these; counted all the same
             self._reject(reason, str(samples[i].stream)[:200], repr(samples[i].value))
         rows = np.asarray(origins, dtype=np.int64)[keep] if refused else np.asarray(origins)
-        journaled = self._journal(columns, rows)
-        if journaled is None:
+        assert self.engine is not None
+        admission = self.engine.admit(columns)
+        self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
+        if not self._journal(admission.batch):
             return len(batch)  # not acknowledged: the broker redelivers them
         self.link.ack(batch)  # one ack per message, once every sample of it is journaled
-        if len(journaled[0]):
-            self._tick(*journaled, batch, frames)
+        if len(admission.batch):
+            self._tick(admission, rows, batch, frames)
         if self.learner is not None:
             self.learner.after_tick()
         return len(batch)
@@ -415,44 +425,40 @@ class Daemon:
         origins.extend([index] * len(parsed.samples))
         return parsed.frame
 
-    def _journal(self, columns: Batch, origins: np.ndarray) -> tuple[Batch, np.ndarray] | None:
-        """The rows the engine admits (seq filled in) and their messages, journaled durably;
-        None when the journal cannot take them (nothing is acknowledged then)."""
+    def _journal(self, admitted: Batch) -> bool:
+        """Journal the admitted rows (seq filled in) durably before they are acknowledged;
+        False when the journal cannot take them (nothing is acknowledged then)."""
         if self.journal is None:
-            return columns, origins
-        assert self.engine is not None
-        admission = self.engine.admit(columns)
-        self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
-        admitted = admission.batch
+            return True
         try:
             position = self.journal.append(admitted)
         except Exception:
             log.exception("journal append failed; %d samples left with the broker", len(admitted))
             self.metrics.rejected.labels("internal_error").inc(len(admitted))
-            return None
+            return False
         self._applied = position
         self.metrics.journal_pending.inc(len(admitted))
-        return admitted, origins[admission.index]
+        return True
 
     def _tick(
         self,
-        columns: Batch,
+        admission: Admission,
         origins: np.ndarray,
         batch: list[RawMessage],
         frames: list[str | None],
     ) -> None:
-        """Tick ``columns`` (``origins``: each row's message in ``batch``) and publish."""
+        """Tick the admitted rows (``origins``: each input row's message in ``batch``); publish."""
         assert self.engine is not None
+        size = len(admission.batch)
         started = time.perf_counter()
         try:
-            result = self.engine.tick_batch(columns)
+            result = self.engine.tick_batch(admission)
         except Exception:
-            log.exception("engine tick failed on %d samples", len(columns))
-            self.metrics.rejected.labels("internal_error").inc(len(columns))
+            log.exception("engine tick failed on %d samples", size)
+            self.metrics.rejected.labels("internal_error").inc(size)
             return
         self.metrics.tick_duration.observe(time.perf_counter() - started)
-        self.metrics.tick_batch.observe(len(columns))
-        self._reject_rows(columns, result.rejected_index, result.rejected_reason)
+        self.metrics.tick_batch.observe(size)
         forecasts = result.forecasts
         accepted = origins[forecasts.index].tolist()  # message of each forecast
         # A message's forecasts are consecutive (arrival order), so an output frame is a run of
@@ -461,11 +467,11 @@ class Daemon:
         run: list[dict[str, object]] = []
         sent: list[int] = []  # messages the link took now: their message in ``batch``
         published = 0  # forecasts in them
-        for i, (body, origin) in enumerate(zip(forecast_bodies(forecasts), accepted, strict=True)):
+        bodies = zip(forecast_bodies(forecasts), forecasts.streams, accepted, strict=True)
+        for i, (body, stream, origin) in enumerate(bodies):
             frame = frames[origin] if framed else None
             if frame is None:
-                topic = self.output.topic_for(body["stream"])  # type: ignore[arg-type]
-                if self._send(topic, orjson.dumps(body), 1):
+                if self._send(self.output.topic_for(stream), orjson.dumps(body), 1):
                     sent.append(origin)
                     published += 1
                 continue

@@ -241,12 +241,19 @@ class BatchResult:
 
 @dataclass(slots=True)
 class Admission:
-    """What ``admit`` gives: the rows ``tick_batch`` will accept, with their sequence numbers."""
+    """What ``admit`` gives: the rows ``tick_batch`` will accept, with their sequence numbers.
+
+    It also carries what ``tick_batch`` would otherwise work out again (each row's slot and
+    round), so it is valid for the engine's next tick only.
+    """
 
     batch: Batch
     index: np.ndarray  # (M,) int64: each admitted row's position in the input batch
     rejected_index: np.ndarray  # (K,) int64, ascending
     rejected_reason: list[str]  # (K,) one of REJECT_REASONS
+    slots: np.ndarray  # (M,) int64: each admitted row's slot when admitted; -1: not resident
+    level: np.ndarray | None  # (M,) each row's round in the tick; None: every stream once
+    tick: int  # ``Engine.ticks`` when admitted
 
 
 class TickResult:
@@ -318,8 +325,8 @@ class Engine:
         """What ``tick_batch(batch)`` would accept, with each sequence number filled in.
 
         Touches no state. The daemon journals the admitted rows (with explicit ``seq``) before
-        acknowledging them and then ticks exactly those, so a replay assigns the same numbers and
-        a redelivery is a duplicate.
+        acknowledging them and then ticks this admission, so a replay assigns the same numbers
+        and a redelivery is a duplicate.
 
         >>> from forecaster.model import ModelConfig
         >>> engine = Engine(Forecaster(ModelConfig("rnn", 4, 1)))
@@ -328,40 +335,50 @@ class Engine:
         ([1, 7], ['duplicate'])
         """
         names = batch.streams
-        reason = self._value_reasons(np.asarray(batch.values, dtype=np.float64))
+        values = np.asarray(batch.values, dtype=np.float64)
+        reason = self._value_reasons(values)
         table = self.streams
         slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
         last = np.where(slots >= 0, table.seq[slots], 0)
-        parked: dict[str, int] = {}  # streams not resident: their last seq, looked up once
+        # Streams not resident (new, or parked by eviction): checked, their last seq looked up
+        # once, and numbered by a key of their own below every slot (-2, -3, ...).
+        keys = slots.copy()
+        outside: dict[str, tuple[int, int]] = {}  # stream -> (key, last seq)
         for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
             name = names[i]
-            if not _valid_stream(name):
-                reason[i] = 1 + REJECT_REASONS.index("bad_stream")
-                continue
-            if name not in parked:
-                parked[name] = self.last_seq(name)
-            last[i] = parked[name]
+            known = outside.get(name)
+            if known is None:
+                if not _valid_stream(name):
+                    reason[i] = 1 + REJECT_REASONS.index("bad_stream")
+                    continue
+                known = outside[name] = (-2 - len(outside), self.last_seq(name))
+            keys[i], last[i] = known
         candidates = np.flatnonzero(reason == 0)
-        ids: dict[str, int] = {}
-        keys = np.fromiter(
-            (ids.setdefault(names[i], len(ids)) for i in candidates.tolist()),
-            np.int64,
-            len(candidates),
+        keys = keys[candidates]
+        resident = keys[keys >= 0]
+        rank = np.arange(len(resident))
+        table.scratch[resident] = rank  # where a slot comes twice, the later position wins
+        distinct = len(keys) - len(resident) == len(outside) and bool(
+            (table.scratch[resident] == rank).all()
         )
-        accepted, seq, _ = _number(
-            keys, last[candidates], batch.seq[candidates], distinct=len(ids) == len(candidates)
-        )
+        accepted, seq, level = _number(keys, last[candidates], batch.seq[candidates], distinct)
         reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
         index = candidates[accepted]
         admitted = Batch(
             names if len(index) == len(names) else [names[i] for i in index.tolist()],
-            batch.values[index],
+            values[index],
             batch.ts[index],
             seq[accepted],
         )
         bad = np.flatnonzero(reason)
         return Admission(
-            admitted, index, bad, [REJECT_REASONS[r - 1] for r in reason[bad].tolist()]
+            admitted,
+            index,
+            bad,
+            [REJECT_REASONS[r - 1] for r in reason[bad].tolist()],
+            slots[index],
+            None if level is None else level[accepted],
+            self.ticks,
         )
 
     def last_seq(self, stream: str) -> int:
@@ -392,60 +409,52 @@ class Engine:
             refused = list(zip(result.rejected_index.tolist(), result.rejected_reason, strict=True))
         return TickResult(result.forecasts, [Rejection(samples[i], r) for i, r in refused])
 
-    def tick_batch(self, batch: Batch) -> BatchResult:
+    def tick_batch(self, batch: Batch | Admission) -> BatchResult:
         """Apply a tick's samples in arrival order; one batched model step per round.
 
-        A round holds at most one sample per stream: several samples of one stream in a tick go
-        into consecutive rounds, so each stream sees its values in order, and a stream's forecast
-        never depends on which others share the tick. Refused samples touch no state.
+        ``batch`` is the tick's samples, or ``admit``'s answer for them (what the daemon has,
+        having journaled it); the engine admits a plain ``Batch`` itself. A round holds at most
+        one sample per stream: several samples of one stream in a tick go into consecutive
+        rounds, so each stream sees its values in order, and a stream's forecast never depends
+        on which others share the tick. Refused samples touch no state.
         """
+        admission = batch if isinstance(batch, Admission) else self.admit(batch)
+        if admission.tick != self.ticks:
+            raise ValueError("an admission is valid for the engine's next tick only")
         self.ticks += 1
         table = self.streams
-        names = batch.streams
-        values = np.asarray(batch.values, dtype=np.float64)
-        reason = self._value_reasons(values)
+        rows = admission.batch
+        names = rows.streams
+        if self.max_streams:  # parked streams come back, others may move: slots looked up again
+            self._make_room(set(names))
+            slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
+        else:
+            slots = admission.slots.copy()
+        for i in np.flatnonzero(slots < 0).tolist():
+            slots[i] = table.slot(names[i])  # a new stream: fresh state
         if self.max_streams:
-            ok_names = {names[i] for i in np.flatnonzero(reason == 0).tolist()}
-            self._make_room({s for s in ok_names if s in table or _valid_stream(s)})
-        slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
-        for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
-            if _valid_stream(names[i]):
-                slots[i] = table.slot(names[i])  # a new stream: fresh state
-            else:
-                reason[i] = 1 + REJECT_REASONS.index("bad_stream")
-        candidates = np.flatnonzero(reason == 0)
-        slots_in = slots[candidates]
-        rank = np.arange(len(slots_in))
-        table.scratch[slots_in] = rank  # where a slot comes twice, the later position wins
-        accepted, seq, level = _number(
-            slots_in,
-            table.seq[slots_in],
-            batch.seq[candidates],
-            distinct=bool((table.scratch[slots_in] == rank).all()),
-        )
-        reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
-        index = candidates[accepted]  # (M,) positions of the samples applied, in arrival order
-        slots, seq = slots[index], seq[accepted]
-        if self.max_streams and len(index):
             table.last_used[slots] = self.ticks
-        out = self._empty_columns(index, names)
-        out.seq = seq
+        out = self._empty_columns(admission.index, names)
+        out.seq = rows.seq
+        values, ts, seq, level = rows.values, rows.ts, rows.seq, admission.level
         with torch.no_grad():
             if level is None:  # one round: every stream once
-                self._step_round(out, slice(None), slots, values[index], batch.ts[index], seq)
+                self._step_round(out, slice(None), slots, values, ts, seq)
             else:
-                level = level[accepted]
                 order = np.argsort(level, kind="stable")
                 bounds = np.flatnonzero(np.diff(level[order])) + 1
-                for rows in np.split(order, bounds):
-                    r_slots = slots[rows]
+                for round_rows in np.split(order, bounds):
                     self._step_round(
-                        out, rows, r_slots, values[index[rows]], batch.ts[index[rows]], seq[rows]
+                        out,
+                        round_rows,
+                        slots[round_rows],
+                        values[round_rows],
+                        ts[round_rows],
+                        seq[round_rows],
                     )
         if self.max_streams:  # a tick wider than the bound: back under it before the next one
             self._evict(len(table) - self.max_streams, set())
-        bad = np.flatnonzero(reason)
-        return BatchResult(out, bad, [REJECT_REASONS[r - 1] for r in reason[bad].tolist()])
+        return BatchResult(out, admission.rejected_index, admission.rejected_reason)
 
     def _value_reasons(self, values: np.ndarray) -> np.ndarray:
         """Per value: 0 when fine, else 1 + its index in ``REJECT_REASONS``."""
@@ -455,17 +464,15 @@ class Engine:
             reason[~np.isfinite(values)] = 1 + REJECT_REASONS.index("non_finite")
         return reason
 
-    def _empty_columns(self, index: np.ndarray, names: list[str]) -> ForecastColumns:
+    def _empty_columns(self, index: np.ndarray, streams: list[str]) -> ForecastColumns:
         m = len(index)
         horizon = self.horizon if self.horizon > 1 else 0
 
         def floats() -> np.ndarray:
             return np.empty(m, dtype=np.float64)
 
-        # Every sample applied (the usual tick): the batch's own list, not a copy of it.
-        everyone = m == len(names)
         return ForecastColumns(
-            streams=names if everyone else [names[i] for i in index.tolist()],
+            streams=streams,
             index=index,
             seq=np.empty(m, dtype=np.int64),
             ts=floats(),

@@ -375,17 +375,20 @@ class Metrics(LinkEvents):
         """Fold a tick's forecasts into each label's numbers (NaN error: none yet; covered None:
         no interval yet). Only plain numbers change here; ``_StreamCollector`` exports them at
         scrape time. Errors are clamped so that squares stay finite too."""
-        errors = np.clip(error, -1e150, 1e150)  # NaN stays NaN: skipped below
-        naives = np.clip(naive, -1e150, 1e150)
+        errors = _bounded(error, 1e150)  # NaN stays NaN: skipped below
+        naives = _bounded(naive, 1e150)
         scored = ~(np.isnan(errors) | np.isnan(naives))
-        widths = np.nan_to_num(np.clip(upper - lower, -1e150, 1e150))
-        lasts = np.nan_to_num(np.column_stack([value, prediction, lower, upper, anomaly]))
+        widths = _finite(upper - lower, 1e150)
+        lasts = zip(
+            *(_finite(x, 1e300).tolist() for x in (value, prediction, lower, upper, anomaly)),
+            strict=True,
+        )
         labelled, streams_seen = self._labelled, self._streams
         alpha, coverage_alpha = self.alpha, self.coverage_alpha
         with self._lock:
             for stream, last, anomalous, hit, width, ok, err, nai in zip(
                 streams,
-                np.clip(lasts, -1e300, 1e300).tolist(),
+                lasts,
                 (anomaly > self.anomaly_threshold).tolist(),
                 covered,
                 widths.tolist(),
@@ -414,10 +417,23 @@ class _StreamSeries:
 
     samples: int = 0
     anomalies: int = 0
-    # The label's last [value, prediction, lower, upper, anomaly], finite; not for _other.
-    last: list[float] | None = None
+    # The label's last (value, prediction, lower, upper, anomaly), finite; not for _other.
+    last: tuple[float, ...] | None = None
     interval: RollingInterval = field(default_factory=RollingInterval)
     rolling: RollingError = field(default_factory=RollingError)
+
+
+def _bounded(x: np.ndarray, limit: float) -> np.ndarray:
+    """``x`` within +-``limit``, NaN kept (``np.clip``'s own overhead is most of a small tick's
+    metrics)."""
+    return np.minimum(np.maximum(x, -limit), limit)
+
+
+def _finite(x: np.ndarray, limit: float) -> np.ndarray:
+    """``x`` within +-``limit``, NaN as 0 (for gauges and widths that must be finite)."""
+    out = _bounded(x, limit)
+    out[np.isnan(out)] = 0.0
+    return out
 
 
 def _rolling(attribute: str, transform: Callable[[float], float] = float) -> Callable:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from forecaster.engine import Engine, Sample, TickResult, as_batch
+from forecaster.engine import Batch, Engine, Sample, TickResult, as_batch
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig, normalize_series
 
@@ -187,8 +187,9 @@ def test_admit_then_tick_equals_tick_alone(tiny_model: Forecaster) -> None:
         samples = _mixed_tick()
         batch, keep, refused = as_batch(samples)  # the daemon's path, as columns
         admission = daemon_path.admit(batch)
-        result = daemon_path.tick_batch(admission.batch)
-        assert not result.rejected_reason
+        result = daemon_path.tick_batch(admission)
+        assert result.rejected_reason == admission.rejected_reason
+        assert result.forecasts.index.tolist() == admission.index.tolist()
         expected = direct.tick(samples)
         rejected = refused + [
             (int(keep[i]), reason)
@@ -196,3 +197,14 @@ def test_admit_then_tick_equals_tick_alone(tiny_model: Forecaster) -> None:
         ]
         assert sorted(rejected) == [(samples.index(r.sample), r.reason) for r in expected.rejected]
         assert TickResult(result.forecasts, []).forecasts == expected.forecasts
+
+
+def test_an_admission_is_good_for_the_next_tick_only(tiny_model: Forecaster) -> None:
+    """An admission carries slots and sequence numbers worked out against the engine's state
+    when it was made; after another tick they may be wrong, so it is refused, not applied."""
+    engine = Engine(tiny_model, NORM)
+    stale = engine.admit(Batch.of(["a"], [1.0]))
+    engine.tick_batch(Batch.of(["a"], [2.0]))
+    with pytest.raises(ValueError, match="next tick only"):
+        engine.tick_batch(stale)
+    assert engine.last_seq("a") == 1

@@ -175,5 +175,5 @@ def test_a_parked_stream_is_admitted_with_its_next_sequence_number(tiny_model: F
     assert "a" not in engine.streams and engine.evictions >= 1
     admission = engine.admit(Batch.of(["a", "a"], [4.0, 5.0]))
     assert admission.batch.seq.tolist() == [4, 5] and not admission.rejected_reason
-    result = engine.tick_batch(admission.batch)
+    result = engine.tick_batch(admission)
     assert result.forecasts.seq.tolist() == [4, 5] and not result.rejected_reason
