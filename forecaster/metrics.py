@@ -13,8 +13,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from copy import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from itertools import repeat
 from wsgiref.simple_server import make_server
 
 import numpy as np
@@ -63,44 +63,6 @@ ERROR_BUCKETS = (
 )
 
 
-class RollingError:
-    """EWMA of absolute and squared error, for the model and the naive last-value forecast."""
-
-    __slots__ = ("abs", "n", "naive_abs", "naive_sq", "sq")
-
-    def __init__(self) -> None:
-        self.abs = self.sq = self.naive_abs = self.naive_sq = 0.0
-        self.n = 0
-
-    def update(self, error: float, naive: float, alpha: float) -> None:
-        self.n += 1
-        weight = max(alpha, 1.0 / self.n)  # plain average until the half-life takes over
-        self.abs += weight * (abs(error) - self.abs)
-        self.sq += weight * (error * error - self.sq)
-        self.naive_abs += weight * (abs(naive) - self.naive_abs)
-        self.naive_sq += weight * (naive * naive - self.naive_sq)
-
-    @property
-    def skill(self) -> float:
-        return 1.0 - self.sq / self.naive_sq if self.naive_sq > 0 else 0.0
-
-
-class RollingInterval:
-    """EWMA of interval coverage (1 inside, 0 outside) and width, plain average at first."""
-
-    __slots__ = ("coverage", "n", "width")
-
-    def __init__(self) -> None:
-        self.coverage = self.width = 0.0
-        self.n = 0
-
-    def update(self, covered: bool, width: float, alpha: float) -> None:
-        self.n += 1
-        weight = max(alpha, 1.0 / self.n)
-        self.coverage += weight * (float(covered) - self.coverage)
-        self.width += weight * (width - self.width)
-
-
 class Metrics(LinkEvents):
     """The daemon's metrics; the MQTT link reports through the ``LinkEvents`` hooks."""
 
@@ -118,10 +80,9 @@ class Metrics(LinkEvents):
         self.alpha = 1.0 - 0.5 ** (1.0 / error_halflife)
         self.coverage_alpha = 1.0 - 0.5 ** (1.0 / coverage_halflife)
         self.anomaly_threshold = anomaly_threshold
-        # Per label (bounded by the cap): the numbers behind its per-stream series.
-        self._streams: dict[str, _StreamSeries] = {}
-        self._lock = threading.Lock()  # the engine thread writes _streams, scrapes read it
-        self._labelled: set[str] = set()
+        # Per label (at most the cap, plus _other): the numbers behind its per-stream series.
+        self._labels = _LabelTable(stream_label_cap + 1)
+        self._lock = threading.Lock()  # the engine thread writes _labels, scrapes read it
         r = registry
         self.messages_received = Counter(
             "forecaster_messages_received_total",
@@ -260,7 +221,7 @@ class Metrics(LinkEvents):
         self._learn_seen = (0, 0, 0, 0, 0)
         self.info = Info("forecaster_build", "Build information", registry=r)
         self.info.info({"version": __version__})
-        # Per-stream series are read from ``_streams`` when Prometheus scrapes (a custom
+        # Per-stream series are read from ``_labels`` when Prometheus scrapes (a custom
         # collector): a tick of frames from a thousand streams would otherwise make 13,000
         # ``Gauge.set`` calls, each taking a lock, ~80 us per forecast measured.
         r.register(_StreamCollector(self))
@@ -311,18 +272,10 @@ class Metrics(LinkEvents):
         if ok:
             self._checkpoint_at = time.monotonic()
 
-    def label_for(self, stream: str) -> str:
-        if stream in self._labelled:
-            return stream
-        if len(self._labelled) < self.stream_label_cap:
-            self._labelled.add(stream)
-            return stream
-        return OTHER
-
     def observe_columns(self, forecasts: ForecastColumns) -> None:
         """Error metrics for a tick's forecasts, as the engine gives them."""
-        scored = ~np.isnan(forecasts.error)  # covered means nothing where there was no forecast
-        covered = np.where(scored, forecasts.covered, None).tolist()
+        # covered means nothing where there was no forecast: NaN there
+        covered = np.where(np.isnan(forecasts.error), np.nan, forecasts.covered)
         f = forecasts
         self._observe(
             f.streams,
@@ -355,9 +308,9 @@ class Metrics(LinkEvents):
                     "lower",
                     "upper",
                     "anomaly",
+                    "covered",
                 )
             ),
-            [f.covered for f in rows],
         )
 
     def _observe(
@@ -370,57 +323,167 @@ class Metrics(LinkEvents):
         lower: np.ndarray,
         upper: np.ndarray,
         anomaly: np.ndarray,
-        covered: list[bool | None],
+        covered: np.ndarray,
     ) -> None:
-        """Fold a tick's forecasts into each label's numbers (NaN error: none yet; covered None:
-        no interval yet). Only plain numbers change here; ``_StreamCollector`` exports them at
+        """Fold a tick's forecasts into each label's numbers (NaN error: none yet; NaN covered:
+        no interval yet), in arrival order, as columns. ``_StreamCollector`` exports them at
         scrape time. Errors are clamped so that squares stay finite too."""
         errors = _bounded(error, 1e150)  # NaN stays NaN: skipped below
         naives = _bounded(naive, 1e150)
         scored = ~(np.isnan(errors) | np.isnan(naives))
-        widths = _finite(upper - lower, 1e150)
-        lasts = zip(
-            *(_finite(x, 1e300).tolist() for x in (value, prediction, lower, upper, anomaly)),
-            strict=True,
-        )
-        labelled, streams_seen = self._labelled, self._streams
-        alpha, coverage_alpha = self.alpha, self.coverage_alpha
+        has_interval = ~np.isnan(covered)
         with self._lock:
-            for stream, last, anomalous, hit, width, ok, err, nai in zip(
-                streams,
-                lasts,
-                (anomaly > self.anomaly_threshold).tolist(),
-                covered,
-                widths.tolist(),
-                scored.tolist(),
-                errors.tolist(),
-                naives.tolist(),
-                strict=True,
-            ):
-                label = stream if stream in labelled else self.label_for(stream)
-                series = streams_seen.get(label)
-                if series is None:
-                    series = streams_seen[label] = _StreamSeries()
-                series.samples += 1
-                series.last = last
-                series.anomalies += anomalous
-                if hit is not None:
-                    series.interval.update(hit, width, coverage_alpha)
-                if ok:
-                    series.rolling.update(err, nai, alpha)
+            rows = self._labels.rows(streams, self.stream_label_cap)
+            table = self._labels
+            table.samples += np.bincount(rows, minlength=table.capacity)
+            table.anomalies += np.bincount(
+                rows, anomaly > self.anomaly_threshold, minlength=table.capacity
+            ).astype(np.int64)
+            latest = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]  # per label
+            table.last[rows[latest]] = np.column_stack(
+                [_finite(x[latest], 1e300) for x in (value, prediction, lower, upper, anomaly)]
+            )
+            e, n = errors[scored], naives[scored]
+            _fold(
+                table.rolling,
+                table.rolling_n,
+                rows[scored],
+                np.column_stack([np.abs(e), e * e, np.abs(n), n * n]),
+                self.alpha,
+            )
+            _fold(
+                table.interval,
+                table.interval_n,
+                rows[has_interval],
+                np.column_stack(
+                    [covered[has_interval], _finite((upper - lower)[has_interval], 1e150)]
+                ),
+                self.coverage_alpha,
+            )
         self.abs_error.observe_many(np.abs(errors[scored]))
 
 
-@dataclass(slots=True)
-class _StreamSeries:
-    """One label's numbers behind the per-stream metrics."""
+class _LabelTable:
+    """Each label's numbers as rows of arrays (the cap bounds them), so a tick folds in its
+    forecasts with a few NumPy calls instead of a Python loop per forecast."""
 
-    samples: int = 0
-    anomalies: int = 0
-    # The label's last (value, prediction, lower, upper, anomaly), finite; not for _other.
-    last: tuple[float, ...] | None = None
-    interval: RollingInterval = field(default_factory=RollingInterval)
-    rolling: RollingError = field(default_factory=RollingError)
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}  # label -> row
+        self.samples = np.zeros(capacity, dtype=np.int64)
+        self.anomalies = np.zeros(capacity, dtype=np.int64)
+        self.last = np.full((capacity, 5), np.nan)  # value, prediction, lower, upper, anomaly
+        self.rolling = np.zeros((capacity, 4))  # EWMA of |e|, e^2, |naive|, naive^2
+        self.rolling_n = np.zeros(capacity, dtype=np.int64)
+        self.interval = np.zeros((capacity, 2))  # EWMA of covered (0/1) and width
+        self.interval_n = np.zeros(capacity, dtype=np.int64)
+
+    def rows(self, streams: list[str], cap: int) -> np.ndarray:
+        """Each stream's row: its own label while fewer than ``cap`` streams have one, else
+        ``_other``'s."""
+        index = self.index
+        rows = np.fromiter(map(index.get, streams, repeat(-1)), np.int64, len(streams))
+        missing = np.flatnonzero(rows < 0)
+        for i in missing.tolist():
+            if len(self.names) - (OTHER in index) >= cap:
+                break
+            rows[i] = self._row(streams[i])
+        missing = missing[rows[missing] < 0]
+        if len(missing):  # beyond the cap, or a stream labelled just now and seen again
+            found = map(index.get, [streams[i] for i in missing.tolist()], repeat(-1))
+            again = np.fromiter(found, np.int64, len(missing))
+            if (again < 0).any():
+                again[again < 0] = self._row(OTHER)
+            rows[missing] = again
+        return rows
+
+    def _row(self, label: str) -> int:
+        row = self.index.get(label)
+        if row is None:
+            row = self.index[label] = len(self.names)
+            self.names.append(label)
+        return row
+
+    def snapshot(self) -> list[tuple[str, _Numbers]]:
+        """Every label's numbers now (copies: the engine thread goes on writing)."""
+        return [
+            (
+                label,
+                _Numbers(
+                    int(self.samples[row]),
+                    int(self.anomalies[row]),
+                    None
+                    if label == OTHER or math.isnan(self.last[row, 0])
+                    else self.last[row].tolist(),
+                    int(self.rolling_n[row]),
+                    *self.rolling[row].tolist(),
+                    int(self.interval_n[row]),
+                    *self.interval[row].tolist(),
+                ),
+            )
+            for row, label in enumerate(self.names)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Numbers:
+    """One label's numbers behind its per-stream series, as one scrape sees them."""
+
+    samples: int
+    anomalies: int
+    last: list[float] | None  # value, prediction, lower, upper, anomaly; None for _other
+    rolling_n: int
+    abs: float
+    sq: float
+    naive_abs: float
+    naive_sq: float
+    interval_n: int
+    coverage: float
+    width: float
+
+    @property
+    def skill(self) -> float:
+        return 1.0 - self.sq / self.naive_sq if self.naive_sq > 0 else 0.0
+
+
+def _fold(
+    means: np.ndarray, counts: np.ndarray, rows: np.ndarray, x: np.ndarray, alpha: float
+) -> None:
+    """Fold ``x`` (m, c) into the running means of ``rows`` (m,), in order, exactly as the
+    one-at-a-time update ``n += 1; mean += max(alpha, 1/n) * (x - mean)`` would (up to rounding):
+    a plain average until the half-life takes over, then an EWMA.
+
+    Per row the update is ``mean = (1 - w) mean + w x``, so after a label's k rows of a tick
+    ``mean = prod(1 - w) mean_0 + sum_j w_j x_j prod_{i>j} (1 - w_i)``; the products are
+    exponentials of sums of ``log(1 - w)`` within each label.
+
+    >>> means, counts = np.zeros((2, 1)), np.zeros(2, dtype=np.int64)
+    >>> _fold(means, counts, np.array([0, 1, 0, 0]), np.array([[1.0], [5.0], [2.0], [6.0]]), 0.1)
+    >>> means.ravel().round(12).tolist(), counts.tolist()  # label 0: (1 + 2 + 6) / 3
+    ([3.0, 5.0], [3, 1])
+    """
+    if not len(rows):
+        return
+    order = np.argsort(rows, kind="stable")
+    rows, x = rows[order], x[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    sizes = np.diff(np.r_[starts, len(rows)])
+    labels = rows[starts]
+    rank = np.arange(len(rows)) - np.repeat(starts, sizes)
+    weight = np.maximum(alpha, 1.0 / (counts[rows] + rank + 1))
+    # A label's very first value sets its mean outright (weight 1, the only weight that makes
+    # 1 - w zero): start the recurrence from it instead.
+    fresh = weight == 1.0
+    means[rows[fresh]] = x[fresh]
+    weight[fresh] = 0.0
+    log_keep = np.cumsum(np.log1p(-weight))  # (m,) running sum of log(1 - w)
+    ends = starts + sizes - 1
+    after = log_keep[np.repeat(ends, sizes)] - log_keep  # sum over the label's later rows
+    whole = log_keep[ends] - log_keep[starts] + np.log1p(-weight[starts])
+    added = np.add.reduceat((weight * np.exp(after))[:, None] * x, starts, axis=0)
+    means[labels] = np.exp(whole)[:, None] * means[labels] + added
+    counts[labels] += sizes
 
 
 def _bounded(x: np.ndarray, limit: float) -> np.ndarray:
@@ -438,21 +501,21 @@ def _finite(x: np.ndarray, limit: float) -> np.ndarray:
 
 def _rolling(attribute: str, transform: Callable[[float], float] = float) -> Callable:
     """A rolling error statistic, exported from the label's first error on."""
-    return lambda _, s: transform(getattr(s.rolling, attribute)) if s.rolling.n else None
+    return lambda n: transform(getattr(n, attribute)) if n.rolling_n else None
 
 
 def _interval(attribute: str) -> Callable:
     """A rolling interval statistic, exported from the label's first scored interval on."""
-    return lambda _, s: getattr(s.interval, attribute) if s.interval.n else None
+    return lambda n: getattr(n, attribute) if n.interval_n else None
 
 
 def _last(field_index: int) -> Callable:
     """A field of the label's last forecast; ``_other`` aggregates streams: it has no last."""
-    return lambda label, s: None if label == OTHER or s.last is None else s.last[field_index]
+    return lambda n: None if n.last is None else n.last[field_index]
 
 
 # Per-stream gauges: name, help, and the value for one label (None: not exported for it yet).
-STREAM_GAUGES: tuple[tuple[str, str, Callable[[str, _StreamSeries], float | None]], ...] = (
+STREAM_GAUGES: tuple[tuple[str, str, Callable[[_Numbers], float | None]], ...] = (
     ("mae", "Rolling (EWMA) MAE of the model", _rolling("abs")),
     ("rmse", "Rolling (EWMA) RMSE of the model", _rolling("sq", math.sqrt)),
     ("naive_mae", "Rolling MAE of the last-value forecast", _rolling("naive_abs")),
@@ -478,14 +541,14 @@ STREAM_GAUGES: tuple[tuple[str, str, Callable[[str, _StreamSeries], float | None
         _last(4),
     ),
 )
-STREAM_COUNTERS: tuple[tuple[str, str, Callable[[_StreamSeries], int]], ...] = (
-    ("samples", "Samples accepted per stream", lambda s: s.samples),
-    ("anomalies", "Values whose anomaly score exceeded anomaly.threshold", lambda s: s.anomalies),
+STREAM_COUNTERS: tuple[tuple[str, str, Callable[[_Numbers], int]], ...] = (
+    ("samples", "Samples accepted per stream", lambda n: n.samples),
+    ("anomalies", "Values whose anomaly score exceeded anomaly.threshold", lambda n: n.anomalies),
 )
 
 
 class _StreamCollector(Collector):
-    """``forecaster_stream_*{stream}``, built from ``Metrics._streams`` at scrape time."""
+    """``forecaster_stream_*{stream}``, built from ``Metrics._labels`` at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -495,26 +558,23 @@ class _StreamCollector(Collector):
 
     def collect(self) -> list[Metric]:
         with self.metrics._lock:  # a consistent view: no tick half-way through
-            snapshot = [
-                (label, replace(s, interval=copy(s.interval), rolling=copy(s.rolling)))
-                for label, s in self.metrics._streams.items()
-            ]
+            snapshot = self.metrics._labels.snapshot()
         return self._families(snapshot)
 
     @staticmethod
-    def _families(snapshot: list[tuple[str, _StreamSeries]] | None = None) -> list[Metric]:
+    def _families(snapshot: list[tuple[str, _Numbers]] | None = None) -> list[Metric]:
         families: list[Metric] = []
         for name, doc, read in STREAM_GAUGES:
             gauge = GaugeMetricFamily(f"forecaster_stream_{name}", doc, labels=["stream"])
-            for label, series in snapshot or ():
-                value = read(label, series)
+            for label, numbers in snapshot or ():
+                value = read(numbers)
                 if value is not None:
                     gauge.add_metric([label], value)
             families.append(gauge)
         for name, doc, count in STREAM_COUNTERS:
             counter = CounterMetricFamily(f"forecaster_stream_{name}", doc, labels=["stream"])
-            for label, series in snapshot or ():
-                counter.add_metric([label], count(series))
+            for label, numbers in snapshot or ():
+                counter.add_metric([label], count(numbers))
             families.append(counter)
         return families
 
