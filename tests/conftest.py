@@ -160,6 +160,12 @@ class Collector:
         self.client.loop_stop()
         self.client.disconnect()
 
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def publisher(broker: Broker) -> Iterator[paho.Client]:

@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from forecaster.config import Config
@@ -35,7 +36,10 @@ def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -
 
 
 class RunningDaemon:
-    """``Daemon`` on a thread, as ``forecaster run`` drives it on its main thread."""
+    """``Daemon`` on a thread, as ``forecaster run`` drives it on its main thread.
+
+    Use it as ``with RunningDaemon(config) as running:`` so that a failing test still stops it.
+    """
 
     def __init__(self, config: Config, wait_ready: bool = True) -> None:
         self.daemon = Daemon(config)
@@ -43,7 +47,23 @@ class RunningDaemon:
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop(check=False)  # no ``with`` block owns it yet: stop it here
+                raise
+
+    def __enter__(self) -> RunningDaemon:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A failing test's own error is the one to see: check the thread ended only when it passed.
+        self.stop(check=exc is None)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -60,10 +80,12 @@ class RunningDaemon:
         with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as response:
             return response.read().decode()
 
-    def stop(self) -> None:
+    def stop(self, check: bool = True) -> None:
+        """Stop and join; safe to call again, so tests that restart a daemon can stop it early."""
         self.daemon.request_stop()
         self.thread.join(15)
-        assert not self.thread.is_alive()
+        if check:
+            assert not self.thread.is_alive(), "daemon thread still running 15 s after stop"
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
