@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from forecaster.config import Config
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from forecaster.config import Config, MqttConfig
 from forecaster.daemon import Daemon
 from forecaster.engine import Engine, Sample
 from forecaster.persist import load_checkpoint
@@ -33,6 +39,34 @@ def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return Config.model_validate(data)
+
+
+def link_config(target: Any, prefix: str, **overrides: Any) -> MqttConfig:
+    """An ``MqttLink``'s config on the test's own topics; ``target``: a Broker or a Relay."""
+    return MqttConfig(
+        host=target.host,
+        port=target.port,
+        client_id=f"{prefix}-link",
+        input_topics=[f"{prefix}/in/{{stream}}"],
+        output_topic=f"{prefix}/out/{{stream}}",
+        status_topic=f"{prefix}/status",
+        **overrides,
+    )
+
+
+@contextlib.contextmanager
+def mqtt_client(broker: Any, client_id: str | None = None) -> Iterator[paho.Client]:
+    """A connected paho client with its network loop running, disconnected however the test ends."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id or f"pub-{uuid.uuid4().hex[:8]}"
+    )
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 class RunningDaemon:

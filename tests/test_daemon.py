@@ -6,13 +6,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.sine import SineSpec, SineStreams, publish_sine
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value, offline_predictions
+from tests.helpers import (
+    RunningDaemon,
+    daemon_config,
+    metric_value,
+    mqtt_client,
+    offline_predictions,
+)
 
 
 def by_stream(forecasts: list[dict]) -> dict[str, list[dict]]:
@@ -156,15 +160,14 @@ def test_reconnects_and_resubscribes_after_broker_restart(
     with RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")) as running:
         broker.restart(down_for=1.0)
         running.wait_ready(timeout=20)
-        with Collector(broker, f"{prefix}/forecasts/+") as collector:
-            pub = paho.Client(CallbackAPIVersion.VERSION2)
-            pub.connect(broker.host, broker.port)
-            pub.loop_start()
+        with (
+            Collector(broker, f"{prefix}/forecasts/+") as collector,
+            mqtt_client(broker) as pub,
+        ):
             for v in (1.0, 2.0, 3.0):
                 pub.publish(f"{prefix}/sensors/x/value", str(v), qos=1)
             assert len(collector.wait_for(3)) == 3
             assert metric_value(running.scrape(), "forecaster_reconnects_total") >= 1
-            pub.loop_stop()
 
 
 def test_starts_while_broker_is_down(tmp_path: Path, prefix: str) -> None:
