@@ -220,14 +220,20 @@ class Learner:
         # empty ones in front; built with numpy, a few calls per stream (this thread holds the
         # GIL, which the forecasting thread needs, through every Python-level loop).
         k = self.config.refresh_windows if self.config.refresh_states else 0
-        burn, firsts = [np.zeros((len(windows), 0), dtype=np.float32)], []
-        for p in picks if k else []:
-            chain = np.zeros((k + len(p.chain), self.config.window), dtype=np.float32)
-            chain[k:] = [w.inputs for w in p.chain]
-            chosen = np.asarray(p.chosen)
-            burn.append(chain[chosen[:, None] + np.arange(k)].reshape(len(chosen), -1))
-            firsts.extend(p.chain[max(0, i - k)].start_state for i in p.chosen)
-        burn_x = torch.from_numpy(np.concatenate(burn[1:] if k else burn))
+        if k:
+            burn: list[np.ndarray] = []
+            firsts: list[torch.Tensor] = []
+            for p in picks:
+                chain = np.zeros((k + len(p.chain), self.config.window), dtype=np.float32)
+                chain[k:] = [w.inputs for w in p.chain]
+                chosen = np.asarray(p.chosen)
+                burn.append(chain[chosen[:, None] + np.arange(k)].reshape(len(chosen), -1))
+                firsts.extend(p.chain[max(0, i - k)].start_state for i in p.chosen)
+            burn_x = torch.from_numpy(np.concatenate(burn))  # (B, K * window)
+            burn_h0 = torch.stack(firsts, dim=1)  # (num_layers, B, width)
+        else:  # no burn-in: nothing to run, the stored states stand
+            burn_x = torch.zeros((len(windows), 0), dtype=torch.float32)  # (B, 0)
+            burn_h0 = h0
         burn_mask = torch.tensor(at[1]).unsqueeze(1) - k + torch.arange(k) >= 0
         device = self.engine.device
         return Batch(
@@ -235,7 +241,7 @@ class Learner:
             y.to(device),
             h0.to(device),
             burn_x.unsqueeze(-1).to(device),
-            torch.stack(firsts, dim=1).to(device) if k else h0.to(device),
+            burn_h0.to(device),
             burn_mask.to(device),
             at,
         )

@@ -36,6 +36,8 @@ from pathlib import Path  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from tests.helpers import mqtt_client  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -160,15 +162,17 @@ class Collector:
         self.client.loop_stop()
         self.client.disconnect()
 
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def publisher(broker: Broker) -> Iterator[paho.Client]:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    yield client
-    client.loop_stop()
-    client.disconnect()
+    with mqtt_client(broker) as client:
+        yield client
 
 
 # -- a link fault between a client and the broker ----------------------------------------------

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from forecaster.config import Config
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from forecaster.config import Config, MqttConfig
 from forecaster.daemon import Daemon
 from forecaster.engine import Engine, Sample
 from forecaster.persist import load_checkpoint
@@ -34,8 +41,39 @@ def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -
     return Config.model_validate(data)
 
 
+def link_config(target: Any, prefix: str, **overrides: Any) -> MqttConfig:
+    """An ``MqttLink``'s config on the test's own topics; ``target``: a Broker or a Relay."""
+    return MqttConfig(
+        host=target.host,
+        port=target.port,
+        client_id=f"{prefix}-link",
+        input_topics=[f"{prefix}/in/{{stream}}"],
+        output_topic=f"{prefix}/out/{{stream}}",
+        status_topic=f"{prefix}/status",
+        **overrides,
+    )
+
+
+@contextlib.contextmanager
+def mqtt_client(broker: Any, client_id: str | None = None) -> Iterator[paho.Client]:
+    """A connected paho client with its network loop running, disconnected however the test ends."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id or f"pub-{uuid.uuid4().hex[:8]}"
+    )
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
 class RunningDaemon:
-    """``Daemon`` on a thread, as ``forecaster run`` drives it on its main thread."""
+    """``Daemon`` on a thread, as ``forecaster run`` drives it on its main thread.
+
+    Use it as ``with RunningDaemon(config) as running:`` so that a failing test still stops it.
+    """
 
     def __init__(self, config: Config, wait_ready: bool = True) -> None:
         self.daemon = Daemon(config)
@@ -43,7 +81,23 @@ class RunningDaemon:
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop(check=False)  # no ``with`` block owns it yet: stop it here
+                raise
+
+    def __enter__(self) -> RunningDaemon:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A failing test's own error is the one to see: check the thread ended only when it passed.
+        self.stop(check=exc is None)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -60,10 +114,12 @@ class RunningDaemon:
         with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as response:
             return response.read().decode()
 
-    def stop(self) -> None:
+    def stop(self, check: bool = True) -> None:
+        """Stop and join; safe to call again, so tests that restart a daemon can stop it early."""
         self.daemon.request_stop()
         self.thread.join(15)
-        assert not self.thread.is_alive()
+        if check:
+            assert not self.thread.is_alive(), "daemon thread still running 15 s after stop"
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -10,7 +10,13 @@ import pytest
 
 from simulators.sine import SineSpec, SineStreams, publish_sine
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value, offline_predictions
+from tests.helpers import (
+    RunningDaemon,
+    daemon_config,
+    metric_value,
+    mqtt_client,
+    offline_predictions,
+)
 
 
 def by_stream(forecasts: list[dict]) -> dict[str, list[dict]]:
@@ -23,72 +29,79 @@ def by_stream(forecasts: list[dict]) -> dict[str, list[dict]]:
 def test_simulator_to_daemon_to_subscriber(
     broker: Broker, prefix: str, tmp_path: Path, publisher
 ) -> None:
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    streams = SineStreams(SineSpec(streams=3, seed=4, noise=0.05))
-    count = 60
-    sent = publish_sine(
-        publisher, streams, rate=0, count=count, topic=f"{prefix}/sensors/{{stream}}/value", qos=1
-    )
-    assert sent == 3 * count
-    forecasts = collector.wait_for(sent)
-    time.sleep(0.3)  # nothing more may arrive
-    assert len(collector.json()) == sent
-    rounds = [
-        values
-        for _, values, _ in SineStreams(SineSpec(streams=3, seed=4, noise=0.05)).rounds(count)
-    ]
-    for i, (_stream, got) in enumerate(sorted(by_stream(forecasts).items())):
-        assert [f["seq"] for f in got] == list(range(1, count + 1))
-        values = [float(r[i]) for r in rounds]
-        assert [f["value"] for f in got] == values
-        np.testing.assert_allclose(
-            [f["prediction"] for f in got], offline_predictions(values), atol=1e-5
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")) as running,
+    ):
+        streams = SineStreams(SineSpec(streams=3, seed=4, noise=0.05))
+        count = 60
+        sent = publish_sine(
+            publisher,
+            streams,
+            rate=0,
+            count=count,
+            topic=f"{prefix}/sensors/{{stream}}/value",
+            qos=1,
         )
-        assert got[0]["error"] is None and got[1]["error"] == pytest.approx(
-            values[1] - got[0]["prediction"]
-        )
-        assert set(got[0]) == {
-            "stream",
-            "seq",
-            "ts",
-            "value",
-            "prediction",
-            "error",
-            "lower",
-            "upper",
-            "anomaly",
-            "model_version",
-            "warm",
-        }
-    metrics = running.scrape()
-    assert metric_value(metrics, "forecaster_forecasts_published_total") == sent
-    running.stop()
-    collector.close()
+        assert sent == 3 * count
+        forecasts = collector.wait_for(sent)
+        time.sleep(0.3)  # nothing more may arrive
+        assert len(collector.json()) == sent
+        rounds = [
+            values
+            for _, values, _ in SineStreams(SineSpec(streams=3, seed=4, noise=0.05)).rounds(count)
+        ]
+        for i, (_stream, got) in enumerate(sorted(by_stream(forecasts).items())):
+            assert [f["seq"] for f in got] == list(range(1, count + 1))
+            values = [float(r[i]) for r in rounds]
+            assert [f["value"] for f in got] == values
+            np.testing.assert_allclose(
+                [f["prediction"] for f in got], offline_predictions(values), atol=1e-5
+            )
+            assert got[0]["error"] is None and got[1]["error"] == pytest.approx(
+                values[1] - got[0]["prediction"]
+            )
+            assert set(got[0]) == {
+                "stream",
+                "seq",
+                "ts",
+                "value",
+                "prediction",
+                "error",
+                "lower",
+                "upper",
+                "anomaly",
+                "model_version",
+                "warm",
+            }
+        metrics = running.scrape()
+        assert metric_value(metrics, "forecaster_forecasts_published_total") == sent
 
 
 def test_hundred_interleaved_streams_are_independent(
     broker: Broker, prefix: str, tmp_path: Path, publisher
 ) -> None:
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    rng = np.random.default_rng(3)
-    series = {f"s{i}": [float(v) for v in rng.normal(i, 1 + i % 5, 8)] for i in range(100)}
-    order = [s for s in series for _ in range(8)]
-    rng.shuffle(order)
-    cursor = dict.fromkeys(series, 0)
-    for stream in order:
-        value = series[stream][cursor[stream]]
-        cursor[stream] += 1
-        publisher.publish(f"{prefix}/sensors/{stream}/value", repr(value), qos=1)
-    got = by_stream(collector.wait_for(800))
-    assert sum(len(v) for v in got.values()) == 800
-    for stream in list(series)[::10]:
-        np.testing.assert_allclose(
-            [f["prediction"] for f in got[stream]], offline_predictions(series[stream]), atol=1e-5
-        )
-    running.stop()
-    collector.close()
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")),
+    ):
+        rng = np.random.default_rng(3)
+        series = {f"s{i}": [float(v) for v in rng.normal(i, 1 + i % 5, 8)] for i in range(100)}
+        order = [s for s in series for _ in range(8)]
+        rng.shuffle(order)
+        cursor = dict.fromkeys(series, 0)
+        for stream in order:
+            value = series[stream][cursor[stream]]
+            cursor[stream] += 1
+            publisher.publish(f"{prefix}/sensors/{stream}/value", repr(value), qos=1)
+        got = by_stream(collector.wait_for(800))
+        assert sum(len(v) for v in got.values()) == 800
+        for stream in list(series)[::10]:
+            np.testing.assert_allclose(
+                [f["prediction"] for f in got[stream]],
+                offline_predictions(series[stream]),
+                atol=1e-5,
+            )
 
 
 MALFORMED = [
@@ -109,132 +122,123 @@ MALFORMED = [
 def test_malformed_payloads_are_counted_and_touch_nothing(
     broker: Broker, prefix: str, tmp_path: Path, publisher, caplog: pytest.LogCaptureFixture
 ) -> None:
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    topic = f"{prefix}/sensors/victim/value"
-    good = [1.0, 2.0, 4.0, 3.0]
-    publisher.publish(topic, b"1.0", qos=1)
-    publisher.publish(topic, b"2.0", qos=1)
-    for payload, _ in MALFORMED:
-        publisher.publish(topic, payload, qos=1)
-    publisher.publish(f"{prefix}/sensors/a/b/value", b"1.0", qos=1)  # no template matches
-    publisher.publish(topic, b'{"value": 4.0}', qos=1)
-    publisher.publish(topic, b"3.0", qos=1)
-    forecasts = collector.wait_for(4)
-    time.sleep(0.3)
-    assert [f["value"] for f in collector.json()] == good
-    np.testing.assert_allclose(
-        [f["prediction"] for f in forecasts], offline_predictions(good), atol=1e-5
-    )
-    metrics = running.scrape()
-    expected: dict[str, int] = {}
-    for _, reason in MALFORMED:
-        expected[reason] = expected.get(reason, 0) + 1
-    for reason, count in expected.items():
-        assert metric_value(metrics, "forecaster_samples_rejected_total", reason=reason) == count, (
-            reason
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")) as running,
+    ):
+        topic = f"{prefix}/sensors/victim/value"
+        good = [1.0, 2.0, 4.0, 3.0]
+        publisher.publish(topic, b"1.0", qos=1)
+        publisher.publish(topic, b"2.0", qos=1)
+        for payload, _ in MALFORMED:
+            publisher.publish(topic, payload, qos=1)
+        publisher.publish(f"{prefix}/sensors/a/b/value", b"1.0", qos=1)  # no template matches
+        publisher.publish(topic, b'{"value": 4.0}', qos=1)
+        publisher.publish(topic, b"3.0", qos=1)
+        forecasts = collector.wait_for(4)
+        time.sleep(0.3)
+        assert [f["value"] for f in collector.json()] == good
+        np.testing.assert_allclose(
+            [f["prediction"] for f in forecasts], offline_predictions(good), atol=1e-5
         )
-    # Unknown topics never reach us through the subscription; a stream id with wildcards can only
-    # arrive through a template, and parse refuses it (tests/test_parse.py).
-    assert "rejected sample (not_a_number)" in caplog.text
-    running.stop()
-    collector.close()
+        metrics = running.scrape()
+        expected: dict[str, int] = {}
+        for _, reason in MALFORMED:
+            expected[reason] = expected.get(reason, 0) + 1
+        for reason, count in expected.items():
+            assert (
+                metric_value(metrics, "forecaster_samples_rejected_total", reason=reason) == count
+            ), reason
+        # Unknown topics never reach us through the subscription; a stream id with wildcards can
+        # only arrive through a template, and parse refuses it (tests/test_parse.py).
+        assert "rejected sample (not_a_number)" in caplog.text
 
 
 def test_reconnects_and_resubscribes_after_broker_restart(
     broker: Broker, prefix: str, tmp_path: Path
 ) -> None:
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    broker.restart(down_for=1.0)
-    running.wait_ready(timeout=20)
-    from tests.conftest import Collector as C
-
-    collector = C(broker, f"{prefix}/forecasts/+")
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    pub = paho.Client(CallbackAPIVersion.VERSION2)
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
-    for v in (1.0, 2.0, 3.0):
-        pub.publish(f"{prefix}/sensors/x/value", str(v), qos=1)
-    assert len(collector.wait_for(3)) == 3
-    assert metric_value(running.scrape(), "forecaster_reconnects_total") >= 1
-    pub.loop_stop()
-    running.stop()
-    collector.close()
+    with RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")) as running:
+        broker.restart(down_for=1.0)
+        running.wait_ready(timeout=20)
+        with (
+            Collector(broker, f"{prefix}/forecasts/+") as collector,
+            mqtt_client(broker) as pub,
+        ):
+            for v in (1.0, 2.0, 3.0):
+                pub.publish(f"{prefix}/sensors/x/value", str(v), qos=1)
+            assert len(collector.wait_for(3)) == 3
+            assert metric_value(running.scrape(), "forecaster_reconnects_total") >= 1
 
 
 def test_starts_while_broker_is_down(tmp_path: Path, prefix: str) -> None:
     folder = tmp_path / "late"
     folder.mkdir()
     late = Broker(folder)
-    running = RunningDaemon(daemon_config(late, prefix, tmp_path / "state"), wait_ready=False)
-    time.sleep(1.5)
-    assert not running.daemon.ready()[0]
-    late.start()
     try:
-        running.wait_ready(timeout=20)
-        collector = Collector(late, f"{prefix}/status")
-        assert collector.wait_raw(1)[0][1] == b"online"
-        running.stop()
-        collector.close()
+        with RunningDaemon(
+            daemon_config(late, prefix, tmp_path / "state"), wait_ready=False
+        ) as running:
+            time.sleep(1.5)
+            assert not running.daemon.ready()[0]
+            late.start()
+            running.wait_ready(timeout=20)
+            with Collector(late, f"{prefix}/status") as collector:
+                assert collector.wait_raw(1)[0][1] == b"online"
     finally:
-        late.stop()
+        late.stop()  # after the daemon stopped, as before
 
 
 def test_exception_in_message_handling_keeps_serving(
     broker: Broker, prefix: str, tmp_path: Path, publisher
 ) -> None:
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")) as running,
+    ):
 
-    def explode(raw) -> None:
-        if raw.payload == b"99":
-            raise RuntimeError("injected")
+        def explode(raw) -> None:
+            if raw.payload == b"99":
+                raise RuntimeError("injected")
 
-    running.daemon.link.on_message_hook = explode
-    publisher.publish(f"{prefix}/sensors/x/value", b"99", qos=1)
-    publisher.publish(f"{prefix}/sensors/x/value", b"1.5", qos=1)
-    forecasts = collector.wait_for(1)
-    assert [f["value"] for f in forecasts] == [1.5]
-    assert (
-        metric_value(running.scrape(), "forecaster_callback_errors_total", callback="on_message")
-        == 1
-    )
-    running.stop()
-    collector.close()
+        running.daemon.link.on_message_hook = explode
+        publisher.publish(f"{prefix}/sensors/x/value", b"99", qos=1)
+        publisher.publish(f"{prefix}/sensors/x/value", b"1.5", qos=1)
+        forecasts = collector.wait_for(1)
+        assert [f["value"] for f in forecasts] == [1.5]
+        assert (
+            metric_value(
+                running.scrape(), "forecaster_callback_errors_total", callback="on_message"
+            )
+            == 1
+        )
 
 
 def test_status_topic_online_then_stopped(broker: Broker, prefix: str, tmp_path: Path) -> None:
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    running.stop()
-    collector = Collector(broker, f"{prefix}/status")
-    assert collector.wait_raw(1)[0][1:] == (b"stopped", True)
-    collector.close()
+    RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")).stop()
+    with Collector(broker, f"{prefix}/status") as collector:
+        assert collector.wait_raw(1)[0][1:] == (b"stopped", True)
 
 
 def test_metrics_and_health_endpoints(broker: Broker, prefix: str, tmp_path: Path) -> None:
     import urllib.request
 
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    with urllib.request.urlopen(f"{running.metrics_url}/healthz") as r:
-        assert r.status == 200
-    with urllib.request.urlopen(f"{running.metrics_url}/readyz") as r:
-        assert r.status == 200 and b"subscribed" in r.read()
-    assert metric_value(running.scrape(), "forecaster_broker_connected") == 1
-    broker.stop()
-    time.sleep(0.5)
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(f"{running.metrics_url}/readyz")
-    assert info.value.code == 503
-    with urllib.request.urlopen(f"{running.metrics_url}/healthz") as r:
-        assert r.status == 200  # alive, just not connected
-    broker.start()
-    running.wait_ready(timeout=20)
-    with urllib.request.urlopen(f"{running.metrics_url}/readyz") as r:
-        assert r.status == 200
-    running.stop()
+    with RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")) as running:
+        with urllib.request.urlopen(f"{running.metrics_url}/healthz") as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"{running.metrics_url}/readyz") as r:
+            assert r.status == 200 and b"subscribed" in r.read()
+        assert metric_value(running.scrape(), "forecaster_broker_connected") == 1
+        broker.stop()
+        time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{running.metrics_url}/readyz")
+        assert info.value.code == 503
+        with urllib.request.urlopen(f"{running.metrics_url}/healthz") as r:
+            assert r.status == 200  # alive, just not connected
+        broker.start()
+        running.wait_ready(timeout=20)
+        with urllib.request.urlopen(f"{running.metrics_url}/readyz") as r:
+            assert r.status == 200
 
 
 def test_plot_from_the_forecast_topic_and_from_a_recording(
@@ -244,47 +248,46 @@ def test_plot_from_the_forecast_topic_and_from_a_recording(
     import sys
     import threading
 
-    running = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state"))
-    stop = threading.Event()
-    sim = threading.Thread(
-        target=publish_sine,
-        args=(publisher, SineStreams(SineSpec(streams=2, seed=1))),
-        kwargs={
-            "rate": 40,
-            "count": None,
-            "topic": f"{prefix}/sensors/{{stream}}/value",
-            "stop": stop,
-        },
-    )
-    sim.start()
-    record, png = tmp_path / "rec.jsonl", tmp_path / "live.png"
-    cmd = [
-        sys.executable,
-        "-m",
-        "forecaster.cli",
-        "plot",
-        "--broker",
-        f"{broker.host}:{broker.port}",
-    ]
-    result = subprocess.run(
-        [
-            *cmd,
-            "--topic",
-            f"{prefix}/forecasts/+",
-            "--duration",
-            "3",
-            "--record",
-            str(record),
-            "--out",
-            str(png),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    stop.set()
-    sim.join(5)
-    running.stop()
+    with RunningDaemon(daemon_config(broker, prefix, tmp_path / "state")):
+        stop = threading.Event()
+        sim = threading.Thread(
+            target=publish_sine,
+            args=(publisher, SineStreams(SineSpec(streams=2, seed=1))),
+            kwargs={
+                "rate": 40,
+                "count": None,
+                "topic": f"{prefix}/sensors/{{stream}}/value",
+                "stop": stop,
+            },
+        )
+        sim.start()
+        record, png = tmp_path / "rec.jsonl", tmp_path / "live.png"
+        cmd = [
+            sys.executable,
+            "-m",
+            "forecaster.cli",
+            "plot",
+            "--broker",
+            f"{broker.host}:{broker.port}",
+        ]
+        result = subprocess.run(
+            [
+                *cmd,
+                "--topic",
+                f"{prefix}/forecasts/+",
+                "--duration",
+                "3",
+                "--record",
+                str(record),
+                "--out",
+                str(png),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        stop.set()
+        sim.join(5)
     assert result.returncode == 0, result.stderr
     assert png.read_bytes()[:4] == b"\x89PNG" and "sine-000, sine-001" in result.stdout
     assert len(record.read_text().splitlines()) > 50
@@ -330,32 +333,29 @@ def test_online_learning_in_the_daemon_persists_across_restart(
     from forecaster.persist import load_checkpoint
 
     learn = {"enabled": True, "update_every": 8, "window": 16, "warmup": 5}
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(
-        daemon_config(broker, prefix, tmp_path / "state", online_learning=learn)
-    )
-    streams = SineStreams(SineSpec(streams=2, seed=7, freq_scale=(2.5, 3.0)))
-    topic = f"{prefix}/sensors/{{stream}}/value"
-    publish_sine(publisher, streams, rate=200, count=300, topic=topic, qos=1)
-    forecasts = collector.wait_for(600)
-    versions = [f["model_version"] for f in forecasts]
-    assert versions == sorted(versions) and versions[-1] > 0  # weights were swapped in, in order
-    deadline = time.monotonic() + 5
-    while metric_value(running.scrape(), "forecaster_learning_updates_total") < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert metric_value(running.scrape(), "forecaster_model_version") > 0
-    running.stop()
-    saved = load_checkpoint(tmp_path / "state" / "checkpoint.safetensors")
-    assert saved.optimizer is not None and saved.optimizer["state"]
-    assert "learner.inputs" in saved.extra and saved.model_version == running.daemon.learner.version
+    config = daemon_config(broker, prefix, tmp_path / "state", online_learning=learn)
+    with Collector(broker, f"{prefix}/forecasts/+") as collector:
+        with RunningDaemon(config) as running:
+            streams = SineStreams(SineSpec(streams=2, seed=7, freq_scale=(2.5, 3.0)))
+            topic = f"{prefix}/sensors/{{stream}}/value"
+            publish_sine(publisher, streams, rate=200, count=300, topic=topic, qos=1)
+            forecasts = collector.wait_for(600)
+            versions = [f["model_version"] for f in forecasts]
+            assert versions == sorted(versions) and versions[-1] > 0  # swapped in, in order
+            deadline = time.monotonic() + 5
+            while metric_value(running.scrape(), "forecaster_learning_updates_total") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert metric_value(running.scrape(), "forecaster_model_version") > 0
+        saved = load_checkpoint(tmp_path / "state" / "checkpoint.safetensors")
+        assert saved.optimizer is not None and saved.optimizer["state"]
+        assert "learner.inputs" in saved.extra
+        assert saved.model_version == running.daemon.learner.version
 
-    again = RunningDaemon(daemon_config(broker, prefix, tmp_path / "state", online_learning=learn))
-    assert again.daemon.learner is not None
-    assert again.daemon.learner.version == saved.model_version  # resumes where it stopped
-    assert sum(len(w) for w in again.daemon.learner.ready.values()) > 0
-    publish_sine(publisher, streams, rate=200, count=50, topic=topic, qos=1)
-    more = collector.wait_for(700)
-    assert min(f["model_version"] for f in more[600:]) >= saved.model_version
-    again.stop()
-    collector.close()
+        with RunningDaemon(config) as again:
+            assert again.daemon.learner is not None
+            assert again.daemon.learner.version == saved.model_version  # resumes where it stopped
+            assert sum(len(w) for w in again.daemon.learner.ready.values()) > 0
+            publish_sine(publisher, streams, rate=200, count=50, topic=topic, qos=1)
+            more = collector.wait_for(700)
+            assert min(f["model_version"] for f in more[600:]) >= saved.model_version

@@ -106,31 +106,29 @@ def test_daemon_bounds_streams_and_restores_them_after_a_restart(
     config = daemon_config(broker, prefix, state, engine={"max_streams": 5})
     rng = np.random.default_rng(5)
     series = {f"s{i}": [float(v) for v in rng.normal(i, 1, 12)] for i in range(50)}
-    collector = Collector(broker, f"{prefix}/forecasts/+")
 
     def send(part: slice) -> None:
         for t in range(12)[part]:
             for stream, values in series.items():
                 publisher.publish(f"{prefix}/sensors/{stream}/value", repr(values[t]), qos=1)
 
-    running = RunningDaemon(config)
-    send(slice(0, 6))
-    collector.wait_for(300)
-    time.sleep(0.3)
-    metrics = running.scrape()
-    assert metric_value(metrics, "forecaster_streams_active") <= 5
-    assert metric_value(metrics, "forecaster_streams_evicted_total") >= 45
-    assert metric_value(metrics, "forecaster_streams_restored_total") >= 45
-    running.stop()  # checkpoint: 5 streams in memory, 45 in evicted.sqlite
-    assert (state / "evicted.sqlite").exists()
-    running = RunningDaemon(config)
-    send(slice(6, 12))
-    got = collector.wait_for(600)
-    assert len(got) == 600
-    metrics = running.scrape()
-    assert metric_value(metrics, "forecaster_streams_active") <= 5
-    running.stop()
-    collector.close()
+    with Collector(broker, f"{prefix}/forecasts/+") as collector:
+        with RunningDaemon(config) as running:
+            send(slice(0, 6))
+            collector.wait_for(300)
+            time.sleep(0.3)
+            metrics = running.scrape()
+            assert metric_value(metrics, "forecaster_streams_active") <= 5
+            assert metric_value(metrics, "forecaster_streams_evicted_total") >= 45
+            assert metric_value(metrics, "forecaster_streams_restored_total") >= 45
+        # stopped, so checkpointed: 5 streams in memory, 45 in evicted.sqlite
+        assert (state / "evicted.sqlite").exists()
+        with RunningDaemon(config) as running:
+            send(slice(6, 12))
+            got = collector.wait_for(600)
+            assert len(got) == 600
+            metrics = running.scrape()
+            assert metric_value(metrics, "forecaster_streams_active") <= 5
     for stream in list(series)[::7]:
         mine = [f for f in got if f["stream"] == stream]
         assert [f["seq"] for f in mine] == list(range(1, 13))

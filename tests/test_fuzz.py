@@ -181,70 +181,72 @@ def test_deeply_nested_json_is_a_counted_rejection() -> None:
 def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Client, n: int) -> None:
     gaps = {"enabled": True, "factor": 3, "min_intervals": 2, "rewarm_samples": 3}
     config = daemon_config(broker, prefix, state, engine={"max_streams": 8, "gaps": gaps})
-    collector = Collector(broker, f"{prefix}/forecasts/#")
-    running = RunningDaemon(config)
-    subscription = f"{prefix}/sensors/+/value"
-    expected, infos = [0, 0], []  # messages, and the samples or refusals they make
-    parser = running.daemon.parser  # pure: how many outcomes a message has (frames: several)
+    with (
+        Collector(broker, f"{prefix}/forecasts/#") as collector,
+        RunningDaemon(config) as running,
+    ):
+        subscription = f"{prefix}/sensors/+/value"
+        expected, infos = [0, 0], []  # messages, and the samples or refusals they make
+        parser = running.daemon.parser  # pure: how many outcomes a message has (frames: several)
 
-    def outcomes(topic: str, payload: bytes) -> int:
-        try:
-            parsed = parser.parse_message(topic, payload, 0.0)
-        except PayloadError:
-            return 1
-        return len(parsed.samples) + len(parsed.errors)
+        def outcomes(topic: str, payload: bytes) -> int:
+            try:
+                parsed = parser.parse_message(topic, payload, 0.0)
+            except PayloadError:
+                return 1
+            return len(parsed.samples) + len(parsed.errors)
 
-    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(part=stream_parts(safe=True), payload=PAYLOADS)
-    def prop(part: str, payload: bytes) -> None:
-        topic = f"{prefix}/sensors/{part}/value"
-        if not mqtt_safe(topic) or len(topic.encode()) > 65535:
-            return
-        try:
-            infos.append(publisher.publish(topic, payload, qos=1))
-        except ValueError:  # paho refuses wildcards in a topic name: never reaches the broker
-            return
-        if paho.topic_matches_sub(subscription, topic):
-            expected[0] += 1
-            expected[1] += outcomes(topic, payload)
+        @settings(
+            max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(part=stream_parts(safe=True), payload=PAYLOADS)
+        def prop(part: str, payload: bytes) -> None:
+            topic = f"{prefix}/sensors/{part}/value"
+            if not mqtt_safe(topic) or len(topic.encode()) > 65535:
+                return
+            try:
+                infos.append(publisher.publish(topic, payload, qos=1))
+            except ValueError:  # paho refuses wildcards in a topic name: never reaches the broker
+                return
+            if paho.topic_matches_sub(subscription, topic):
+                expected[0] += 1
+                expected[1] += outcomes(topic, payload)
 
-    prop()
-    for info in infos:
-        info.wait_for_publish(10)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+        prop()
+        for info in infos:
+            info.wait_for_publish(10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = running.scrape()
+            if metric_value(metrics, "forecaster_messages_received_total") >= expected[0]:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
         metrics = running.scrape()
-        if metric_value(metrics, "forecaster_messages_received_total") >= expected[0]:
-            break
-        time.sleep(0.2)
-    time.sleep(0.5)
-    metrics = running.scrape()
-    received = metric_value(metrics, "forecaster_messages_received_total")
-    assert received == expected[0] > 0
-    with urllib.request.urlopen(f"{running.metrics_url}/healthz", timeout=5) as response:
-        assert response.status == 200
-    assert running.thread.is_alive()
-    rejected = {}
-    for line in metrics.splitlines():
-        if line.startswith("forecaster_samples_rejected_total{"):
-            reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            rejected[reason] = float(line.rsplit(" ", 1)[1])
-    assert set(rejected) <= DOCUMENTED
-    assert rejected["internal_error"] == 0
-    assert "forecaster_callback_errors_total{" not in metrics
-    published = metric_value(metrics, "forecaster_forecasts_published_total")
-    # Every sample is forecast or refused, and a message that makes none is one refusal.
-    assert published + sum(rejected.values()) == expected[1]
-    forecasts = collector.wait_for(int(published), timeout=20)
-    assert len(forecasts) == published
-    for forecast in forecasts:
-        assert STREAM_ID.fullmatch(forecast["stream"])
-        assert math.isfinite(forecast["prediction"]) and math.isfinite(forecast["value"])
-    engine = running.daemon.engine
-    assert engine is not None
-    assert_state_finite(engine)
-    running.stop()
-    collector.close()
+        received = metric_value(metrics, "forecaster_messages_received_total")
+        assert received == expected[0] > 0
+        with urllib.request.urlopen(f"{running.metrics_url}/healthz", timeout=5) as response:
+            assert response.status == 200
+        assert running.thread.is_alive()
+        rejected = {}
+        for line in metrics.splitlines():
+            if line.startswith("forecaster_samples_rejected_total{"):
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                rejected[reason] = float(line.rsplit(" ", 1)[1])
+        assert set(rejected) <= DOCUMENTED
+        assert rejected["internal_error"] == 0
+        assert "forecaster_callback_errors_total{" not in metrics
+        published = metric_value(metrics, "forecaster_forecasts_published_total")
+        # Every sample is forecast or refused, and a message that makes none is one refusal.
+        assert published + sum(rejected.values()) == expected[1]
+        forecasts = collector.wait_for(int(published), timeout=20)
+        assert len(forecasts) == published
+        for forecast in forecasts:
+            assert STREAM_ID.fullmatch(forecast["stream"])
+            assert math.isfinite(forecast["prediction"]) and math.isfinite(forecast["value"])
+        engine = running.daemon.engine
+        assert engine is not None
+        assert_state_finite(engine)
 
 
 def test_live_daemon_fuzz_quick(broker: Broker, prefix: str, tmp_path: Path, publisher) -> None:

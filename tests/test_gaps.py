@@ -105,14 +105,14 @@ def test_daemon_publishes_warm_false_after_a_gap(
 ) -> None:
     gaps = {"enabled": True, "factor": 5, "min_intervals": 3, "rewarm_samples": 3}
     config = daemon_config(broker, prefix, tmp_path / "state", engine={"gaps": gaps})
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(config)
-    points = [*series(10), *series(6, start=500.0)]
-    for ts, value in points:
-        payload = json.dumps({"value": value, "ts": ts})
-        publisher.publish(f"{prefix}/sensors/g1/value", payload, qos=1)
-    got = collector.wait_for(len(points))
-    assert [f["warm"] for f in got] == [True] * 10 + [False] * 3 + [True] * 3
-    assert metric_value(running.scrape(), "forecaster_gap_resets_total") == 1
-    running.stop()
-    collector.close()
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(config) as running,
+    ):
+        points = [*series(10), *series(6, start=500.0)]
+        for ts, value in points:
+            payload = json.dumps({"value": value, "ts": ts})
+            publisher.publish(f"{prefix}/sensors/g1/value", payload, qos=1)
+        got = collector.wait_for(len(points))
+        assert [f["warm"] for f in got] == [True] * 10 + [False] * 3 + [True] * 3
+        assert metric_value(running.scrape(), "forecaster_gap_resets_total") == 1

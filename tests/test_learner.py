@@ -99,6 +99,24 @@ def test_windows_start_from_the_states_the_trained_weights_make(any_cell_model: 
     assert torch.equal(learner.start_states(learner.model, batch), stored)  # off: the stored ones
 
 
+def test_without_refreshed_states_a_batch_has_no_burn_in(tiny_model: Forecaster) -> None:
+    """``refresh_states`` off: no windows to re-run, so the burn-in tensors are empty."""
+    engine = Engine(tiny_model, NormalizerConfig())
+    config = OnlineLearningConfig(
+        enabled=True, window=8, update_every=10**9, warmup=2, refresh_states=False
+    )
+    learner = Learner(engine, config)
+    for v in sine_wave(200):
+        engine.tick([Sample("a", float(v))])
+    batch = learner.make_batch(learner.pick_windows())
+    n = batch.x.shape[0]
+    assert n > 0
+    assert batch.burn_x.shape == (n, 0, 1) and batch.burn_x.dtype == torch.float32
+    assert batch.burn_mask.shape == (n, 0)
+    assert torch.equal(batch.burn_h0, batch.h0)
+    assert torch.equal(learner.start_states(learner.model, batch), batch.h0)
+
+
 def test_nan_in_a_training_window_never_changes_the_weights(tiny_model: Forecaster) -> None:
     _engine, learner = _learner_with_windows(tiny_model)
     learner.ready[0][-1].inputs[3] = math.nan

@@ -192,69 +192,76 @@ def test_end_to_end_through_a_real_prometheus(
     from tests.conftest import Collector
     from tests.helpers import RunningDaemon, daemon_config
 
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(
-        daemon_config(broker, prefix, tmp_path / "state", metrics={"error_halflife": 20})
-    )
-    prom = Prometheus(tmp_path, f"127.0.0.1:{running.daemon.http.port}")
-    try:
-        deadline = time.monotonic() + 30
-        while prom.by_stream('up{job="forecaster"}').get("") != 1.0:
-            assert time.monotonic() < deadline, "Prometheus never scraped the daemon"
-            time.sleep(0.2)
-        rate = 20.0
-        stop = threading.Event()
-        sim = threading.Thread(
-            target=publish_sine,
-            args=(publisher, SineStreams(SineSpec(streams=3, seed=2))),
-            kwargs={
-                "rate": rate,
-                "count": None,
-                "topic": f"{prefix}/sensors/{{stream}}/value",
-                "qos": 1,
-                "stop": stop,
-            },
-        )
-        sim.start()
-        time.sleep(12)
-        mid_run = time.time() - 1.0
-        stop.set()
-        sim.join(5)
-        time.sleep(3)  # two more scrapes after the last sample
-        forecasts = collector.json()
-        streams = sorted({f["stream"] for f in forecasts})
-        assert len(streams) == 3
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(
+            daemon_config(broker, prefix, tmp_path / "state", metrics={"error_halflife": 20})
+        ) as running,
+    ):
+        prom = Prometheus(tmp_path, f"127.0.0.1:{running.daemon.http.port}")
+        try:
+            deadline = time.monotonic() + 30
+            while prom.by_stream('up{job="forecaster"}').get("") != 1.0:
+                assert time.monotonic() < deadline, "Prometheus never scraped the daemon"
+                time.sleep(0.2)
+            rate = 20.0
+            stop = threading.Event()
+            sim = threading.Thread(
+                target=publish_sine,
+                args=(publisher, SineStreams(SineSpec(streams=3, seed=2))),
+                kwargs={
+                    "rate": rate,
+                    "count": None,
+                    "topic": f"{prefix}/sensors/{{stream}}/value",
+                    "qos": 1,
+                    "stop": stop,
+                },
+            )
+            sim.start()
+            time.sleep(12)
+            mid_run = time.time() - 1.0
+            stop.set()
+            sim.join(5)
+            time.sleep(3)  # two more scrapes after the last sample
+            forecasts = collector.json()
+            streams = sorted({f["stream"] for f in forecasts})
+            assert len(streams) == 3
 
-        mae = prom.by_stream("forecaster_stream_mae")
-        window = 8.0
-        rates = prom.by_stream(f"rate(forecaster_stream_samples_total[{window:.0f}s])", at=mid_run)
-        counts = prom.by_stream("forecaster_stream_samples_total")
-        for stream in streams:
-            mine = [f for f in forecasts if f["stream"] == stream]
-            alpha = 1 - 0.5 ** (1 / 20)
-            errors = [abs(f["error"]) for f in mine[1:]]  # the first has no forecast before it
-            assert mae[stream] == pytest.approx(rolling_mean(errors, alpha), rel=0.10)
-            # The rate the engine saw: samples timestamped in the same window (a loaded machine
-            # may publish slower than the nominal rate, so compare with what really arrived).
-            seen = sum(1 for f in mine if mid_run - window < f["ts"] <= mid_run) / window
-            assert seen == pytest.approx(rate, rel=0.5)
-            assert rates[stream] == pytest.approx(seen, rel=0.10)
-            assert counts[stream] == len(mine)
+            mae = prom.by_stream("forecaster_stream_mae")
+            window = 8.0
+            rates = prom.by_stream(
+                f"rate(forecaster_stream_samples_total[{window:.0f}s])", at=mid_run
+            )
+            counts = prom.by_stream("forecaster_stream_samples_total")
+            for stream in streams:
+                mine = [f for f in forecasts if f["stream"] == stream]
+                alpha = 1 - 0.5 ** (1 / 20)
+                errors = [abs(f["error"]) for f in mine[1:]]  # the first had no forecast before
+                assert mae[stream] == pytest.approx(rolling_mean(errors, alpha), rel=0.10)
+                # The rate the engine saw: samples timestamped in the same window (a loaded machine
+                # may publish slower than the nominal rate, so compare with what really arrived).
+                seen = sum(1 for f in mine if mid_run - window < f["ts"] <= mid_run) / window
+                assert seen == pytest.approx(rate, rel=0.5)
+                assert rates[stream] == pytest.approx(seen, rel=0.10)
+                assert counts[stream] == len(mine)
 
-        # Every PromQL expression of the dashboard evaluates without error against this server.
-        dashboard = json.loads((ROOT / "configs" / "grafana" / "forecaster.json").read_text())
-        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-        assert len(exprs) >= 10
-        for expr in exprs:
-            concrete = expr.replace("$stream", ".*").replace("$__rate_interval", "1m")
-            result = prom.query(concrete)
-            assert result["status"] == "success", (expr, result)
-        # The alert rules load and evaluate (the rules API lists them as healthy).
-        with urllib.request.urlopen(f"http://127.0.0.1:{prom.port}/api/v1/rules", timeout=10) as r:
-            rules = json.loads(r.read())["data"]["groups"][0]["rules"]
-        assert {rule["name"] for rule in rules} >= {"ForecasterDown", "ForecasterSkillBelowZero"}
-        assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
-    finally:
-        prom.stop()
-        running.stop()
-        collector.close()
+            # Every PromQL expression of the dashboard evaluates without error against this server.
+            dashboard = json.loads((ROOT / "configs" / "grafana" / "forecaster.json").read_text())
+            exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+            assert len(exprs) >= 10
+            for expr in exprs:
+                concrete = expr.replace("$stream", ".*").replace("$__rate_interval", "1m")
+                result = prom.query(concrete)
+                assert result["status"] == "success", (expr, result)
+            # The alert rules load and evaluate (the rules API lists them as healthy).
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{prom.port}/api/v1/rules", timeout=10
+            ) as r:
+                rules = json.loads(r.read())["data"]["groups"][0]["rules"]
+            assert {rule["name"] for rule in rules} >= {
+                "ForecasterDown",
+                "ForecasterSkillBelowZero",
+            }
+            assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
+        finally:
+            prom.stop()

@@ -20,9 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from forecaster.config import MqttConfig
 from forecaster.mqtt import MqttLink
 from tests.conftest import Broker, Collector, Relay
+from tests.helpers import link_config, mqtt_client
 
 CONNACK = b"\x20\x02\x00\x00"  # MQTT 3.1.1, session not present, accepted
 TOPIC = b"busy/broker"
@@ -106,14 +106,10 @@ def unacked_received(broker: Broker, prefix: str, publish: int, ack_first: int) 
     client.connect(broker.host, broker.port, clean_start=False, properties=properties)
     client.loop_start()
     assert subscribed.wait(10)
-    sender = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{prefix}-pub")
-    sender.connect(broker.host, broker.port)
-    sender.loop_start()
-    for k in range(publish):
-        sender.publish(f"{prefix}/t", str(k), qos=1).wait_for_publish(5)
-    time.sleep(1.5)
-    sender.loop_stop()
-    sender.disconnect()
+    with mqtt_client(broker, f"{prefix}-pub") as sender:
+        for k in range(publish):
+            sender.publish(f"{prefix}/t", str(k), qos=1).wait_for_publish(5)
+        time.sleep(1.5)
     client.loop_stop()
     client.socket().close()  # the link breaks: the session stays with the broker
     return got
@@ -142,16 +138,7 @@ def test_qos0_forecasts_unwritten_when_the_link_breaks_are_handed_back(
     and the rest wait in paho's queue; then the link is cut and comes back.
     """
     relay = Relay(broker)
-    config = MqttConfig(
-        host=relay.host,
-        port=relay.port,
-        client_id=f"{prefix}-link",
-        input_topics=[f"{prefix}/in/{{stream}}"],
-        output_topic=f"{prefix}/out/{{stream}}",
-        status_topic=f"{prefix}/status",
-        reconnect_min_delay=0.5,
-        reconnect_max_delay=1,
-    )
+    config = link_config(relay, prefix, reconnect_min_delay=0.5, reconnect_max_delay=1)
     link = MqttLink(config, queue.Queue(maxsize=10))
     link.start()
     out = Collector(broker, f"{prefix}/out/+", qos=0)

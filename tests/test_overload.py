@@ -34,14 +34,13 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
-from forecaster.config import MqttConfig
 from forecaster.metrics import Metrics
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.normalize import NormalizerConfig
 from forecaster.persist import save_checkpoint
 from tests.conftest import Broker, free_port
-from tests.helpers import metric_value
+from tests.helpers import link_config, metric_value, mqtt_client
 
 CALIBRATION_BURST = 600
 MAX_OFFERED_RATE = 1500.0
@@ -341,23 +340,12 @@ def test_full_queue_policy(broker: Broker, prefix: str, policy: str, protocol: s
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     inbox: queue.Queue[RawMessage] = queue.Queue(maxsize=3)
-    config = MqttConfig(
-        host=broker.host,
-        port=broker.port,
-        client_id=f"{prefix}-link",
-        input_topics=[f"{prefix}/in/{{stream}}"],
-        output_topic=f"{prefix}/out/{{stream}}",
-        status_topic=f"{prefix}/status",
-        protocol=protocol,
-    )
-    link = MqttLink(config, inbox, metrics, overload=policy)
+    link = MqttLink(link_config(broker, prefix, protocol=protocol), inbox, metrics, overload=policy)
     link.start()
     assert link.is_subscribed.wait(10)
-    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"p-{uuid.uuid4().hex[:8]}")
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
-    for k in range(10):
-        pub.publish(f"{prefix}/in/s", str(k), qos=1).wait_for_publish(5)
+    with mqtt_client(broker) as pub:
+        for k in range(10):
+            pub.publish(f"{prefix}/in/s", str(k), qos=1).wait_for_publish(5)
     time.sleep(0.5)
 
     def dropped(reason: str) -> float:
@@ -390,6 +378,4 @@ def test_full_queue_policy(broker: Broker, prefix: str, policy: str, protocol: s
         assert dropped("queue_full") == dropped("queue_full_oldest") == 0
         waits = registry.get_sample_value("forecaster_backpressure_waits_total")
         assert (waits == 0) if protocol == "5" else (waits >= 1), waits
-    pub.loop_stop()
-    pub.disconnect()
     link.close()

@@ -457,39 +457,37 @@ def test_link_stalled_and_cut_no_forecast_lost_and_outgoing_bounded(
         },
         engine={"queue_size": 60, "max_batch": max_batch},  # Receive Maximum 30
     )
-    out = Collector(broker, f"{prefix}/out/+")
-    running = RunningDaemon(config)
-    daemon = running.daemon
-    peaks: dict[str, int] = {}
-    phase = ["before"]
-    watching = threading.Event()
+    with Collector(broker, f"{prefix}/out/+") as out, RunningDaemon(config) as running:
+        daemon = running.daemon
+        peaks: dict[str, int] = {}
+        phase = ["before"]
+        watching = threading.Event()
 
-    def watch() -> None:
-        while not watching.is_set():
-            peaks[phase[0]] = max(peaks.get(phase[0], 0), daemon.outgoing)
-            time.sleep(0.0005)
+        def watch() -> None:
+            while not watching.is_set():
+                peaks[phase[0]] = max(peaks.get(phase[0], 0), daemon.outgoing)
+                time.sleep(0.0005)
 
-    threading.Thread(target=watch, daemon=True).start()
-    publisher = Publisher(broker, prefix, values, rate=100).start()
-    try:
-        for cut in range(2):
-            time.sleep(1.0)
-            phase[0] = f"stall {cut}"
-            relay.stall()
-            time.sleep(1.5)  # the broker sends up to 30 unacknowledged samples meanwhile
-            phase[0] = f"cut {cut}"
-            relay.cut(down_for=1.0)
-        assert publisher.thread.is_alive(), "the faults must land while samples are arriving"
-        publisher.wait_accepted(timeout=60)
-        want = {(s, k) for s in values for k in range(1, rounds + 1)}
-        got = wait_forecasts(out, want, timeout=60)
-        metrics = running.scrape()
-    finally:
-        watching.set()
-        running.stop()
-        publisher.close()
-        out.close()
-        relay.close()
+        threading.Thread(target=watch, daemon=True).start()
+        publisher = Publisher(broker, prefix, values, rate=100).start()
+        try:
+            for cut in range(2):
+                time.sleep(1.0)
+                phase[0] = f"stall {cut}"
+                relay.stall()
+                time.sleep(1.5)  # the broker sends up to 30 unacknowledged samples meanwhile
+                phase[0] = f"cut {cut}"
+                relay.cut(down_for=1.0)
+            assert publisher.thread.is_alive(), "the faults must land while samples are arriving"
+            publisher.wait_accepted(timeout=60)
+            want = {(s, k) for s in values for k in range(1, rounds + 1)}
+            got = wait_forecasts(out, want, timeout=60)
+            metrics = running.scrape()
+        finally:
+            watching.set()
+            running.stop(check=False)  # before the publisher goes; the with-block checks it ended
+            publisher.close()
+            relay.close()
     print(peaks)  # forecasts on their way at most, per phase (pytest -s)
     assert daemon.link.connects >= 3, "the link was not cut twice"
     check_forecasts(got, values, ref)  # every sample forecast, each as an uninterrupted run

@@ -326,36 +326,38 @@ def test_alarm_starts_merge_flicker_and_skip_probation() -> None:
 def test_live_forecasts_carry_interval_and_anomaly_and_metrics_export_them(
     broker: Broker, prefix: str, tmp_path: Path, publisher
 ) -> None:
-    collector = Collector(broker, f"{prefix}/forecasts/+")
-    running = RunningDaemon(
-        daemon_config(broker, prefix, tmp_path / "state", anomaly={"warmup": 20})
-    )
-    values = sine_wave(120, amplitude=5, offset=20, noise=0.2, seed=3)
-    values[100] += 10.0  # a 50-sigma spike
-    for v in values:
-        publisher.publish(f"{prefix}/sensors/pump/value", json.dumps({"value": float(v)}), qos=1)
-    forecasts = sorted(collector.wait_for(len(values)), key=lambda f: f["seq"])
-    assert {"lower", "upper", "anomaly"} <= set(forecasts[0])
-    for f in forecasts:
-        assert f["lower"] <= f["prediction"] <= f["upper"]
-        assert 0.0 <= f["anomaly"] <= 1.0
-    assert forecasts[5]["anomaly"] == 0.5  # warm-up: don't know
-    assert forecasts[100]["anomaly"] > 0.99
-    time.sleep(0.3)
-    text = running.scrape()
-    coverage = metric_value(text, "forecaster_stream_interval_coverage", stream="pump")
-    assert 0.5 < coverage <= 1.0
-    assert metric_value(text, "forecaster_stream_interval_width", stream="pump") > 0
-    assert metric_value(text, "forecaster_stream_anomalies_total", stream="pump") >= 1
-    last = forecasts[-1]
-    assert metric_value(text, "forecaster_stream_last_upper", stream="pump") == pytest.approx(
-        last["upper"]
-    )
-    assert metric_value(text, "forecaster_stream_anomaly_score", stream="pump") == pytest.approx(
-        last["anomaly"]
-    )
-    running.stop()
-    collector.close()
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(
+            daemon_config(broker, prefix, tmp_path / "state", anomaly={"warmup": 20})
+        ) as running,
+    ):
+        values = sine_wave(120, amplitude=5, offset=20, noise=0.2, seed=3)
+        values[100] += 10.0  # a 50-sigma spike
+        for v in values:
+            publisher.publish(
+                f"{prefix}/sensors/pump/value", json.dumps({"value": float(v)}), qos=1
+            )
+        forecasts = sorted(collector.wait_for(len(values)), key=lambda f: f["seq"])
+        assert {"lower", "upper", "anomaly"} <= set(forecasts[0])
+        for f in forecasts:
+            assert f["lower"] <= f["prediction"] <= f["upper"]
+            assert 0.0 <= f["anomaly"] <= 1.0
+        assert forecasts[5]["anomaly"] == 0.5  # warm-up: don't know
+        assert forecasts[100]["anomaly"] > 0.99
+        time.sleep(0.3)
+        text = running.scrape()
+        coverage = metric_value(text, "forecaster_stream_interval_coverage", stream="pump")
+        assert 0.5 < coverage <= 1.0
+        assert metric_value(text, "forecaster_stream_interval_width", stream="pump") > 0
+        assert metric_value(text, "forecaster_stream_anomalies_total", stream="pump") >= 1
+        last = forecasts[-1]
+        assert metric_value(text, "forecaster_stream_last_upper", stream="pump") == pytest.approx(
+            last["upper"]
+        )
+        assert metric_value(
+            text, "forecaster_stream_anomaly_score", stream="pump"
+        ) == pytest.approx(last["anomaly"])
 
 
 def test_horizon_runs_ahead_on_a_copy_of_the_state() -> None:

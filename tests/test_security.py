@@ -146,17 +146,16 @@ def test_daemon_connects_over_tls_with_a_password_file(
     client.on_subscribe = lambda *a: subscribed.set()
     client.subscribe(f"{prefix}/forecasts/+", qos=1)
     assert subscribed.wait(10)
-    running = RunningDaemon(config)
-    for i in range(5):
-        client.publish(f"{prefix}/sensors/s1/value", str(float(i)), qos=1).wait_for_publish(5)
-    deadline = time.monotonic() + 10
-    while len(got) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [f["value"] for f in got] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    metrics = running.scrape()
-    assert running.daemon.http is not None  # metrics bound to localhost unless configured
-    assert running.daemon.http.server.server_address[0] == "127.0.0.1"
-    running.stop()
+    with RunningDaemon(config) as running:
+        for i in range(5):
+            client.publish(f"{prefix}/sensors/s1/value", str(float(i)), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while len(got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [f["value"] for f in got] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        metrics = running.scrape()
+        assert running.daemon.http is not None  # metrics bound to localhost unless configured
+        assert running.daemon.http.server.server_address[0] == "127.0.0.1"
     client.loop_stop()
     client.disconnect()
     assert "connected to" in caplog.text
@@ -175,22 +174,21 @@ def test_wrong_password_keeps_retrying_with_a_clear_log_line(
     config = secure_config(
         secure_broker, prefix, tmp_path / "state", password_env="TEST_MQTT_PASSWORD"
     )
-    running = RunningDaemon(config, wait_ready=False)
-    deadline = time.monotonic() + 15
-    refusals: list[str] = []
-    while len(refusals) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-        refusals = [
-            r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()
-        ]
-    assert len(refusals) >= 3, caplog.text  # it keeps trying
-    assert "as user 'forecaster': check mqtt.username and its password" in refusals[0]
-    ok, detail = running.daemon.ready()
-    assert not ok and detail == "broker not connected"
-    with urllib.request.urlopen(f"{running.metrics_url}/metrics", timeout=5) as response:
-        metrics = response.read().decode()
-    assert "forecaster_broker_connected 0.0" in metrics
-    running.stop()
+    with RunningDaemon(config, wait_ready=False) as running:
+        deadline = time.monotonic() + 15
+        refusals: list[str] = []
+        while len(refusals) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            refusals = [
+                r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()
+            ]
+        assert len(refusals) >= 3, caplog.text  # it keeps trying
+        assert "as user 'forecaster': check mqtt.username and its password" in refusals[0]
+        ok, detail = running.daemon.ready()
+        assert not ok and detail == "broker not connected"
+        with urllib.request.urlopen(f"{running.metrics_url}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert "forecaster_broker_connected 0.0" in metrics
     assert_secret_absent(WRONG, caplog.text, metrics, repr(config), config.model_dump_json())
 
 
@@ -203,14 +201,13 @@ def test_tls_with_an_unknown_ca_is_refused_and_retried(
     data["mqtt"]["password"] = PASSWORD
     data["mqtt"]["tls"]["ca_file"] = other["ca"]
     config = Config.model_validate(data)
-    running = RunningDaemon(config, wait_ready=False)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and caplog.text.count("cannot connect to") < 2:
-        time.sleep(0.2)
-    assert caplog.text.count("cannot connect to") >= 2, caplog.text
-    assert "certificate verify failed" in caplog.text
-    assert not running.daemon.ready()[0]
-    running.stop()
+    with RunningDaemon(config, wait_ready=False) as running:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and caplog.text.count("cannot connect to") < 2:
+            time.sleep(0.2)
+        assert caplog.text.count("cannot connect to") >= 2, caplog.text
+        assert "certificate verify failed" in caplog.text
+        assert not running.daemon.ready()[0]
     assert_secret_absent(PASSWORD, caplog.text, repr(config))
 
 
