@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -44,12 +43,6 @@ from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, StepRecord
 
 log = logging.getLogger(__name__)
-
-# While the trainer thread runs, the GIL is handed over at most this long after another thread
-# asks for it (CPython's default: 5 ms). The trainer holds the GIL between its torch calls at the
-# lowest CPU priority; on a busy machine it can be taken off the CPU holding it, and the
-# forecasting thread then waited for the whole interval and more (README, *Online learning*).
-SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass
@@ -125,10 +118,7 @@ class Learner:
         self._thread: threading.Thread | None = None
         engine.observer = self.observe
         engine.slot_listener = self.slots_moved
-        self._switch_interval: float | None = None
         if background:
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
             self._thread = threading.Thread(target=self._work, name="learner", daemon=True)
             self._thread.start()
 
@@ -392,9 +382,6 @@ class Learner:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(5)
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
 
     # -- persistence ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
