@@ -333,32 +333,39 @@ class Metrics(LinkEvents):
         scored = ~(np.isnan(errors) | np.isnan(naives))
         has_interval = ~np.isnan(covered)
         with self._lock:
-            rows = self._labels.rows(streams, self.stream_label_cap)
             table = self._labels
-            table.samples += np.bincount(rows, minlength=table.capacity)
+            rows = table.rows(streams, self.stream_label_cap)
+            per_label = np.bincount(rows, minlength=table.capacity)
+            table.samples += per_label
             table.anomalies += np.bincount(
                 rows, anomaly > self.anomaly_threshold, minlength=table.capacity
             ).astype(np.int64)
-            latest = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]  # per label
-            table.last[rows[latest]] = np.column_stack(
-                [_finite(x[latest], 1e300) for x in (value, prediction, lower, upper, anomaly)]
+            distinct = bool(per_label.max() <= 1)  # each label once: the usual small tick
+            # each label's last row
+            latest = (
+                slice(None)
+                if distinct
+                else len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
             )
+            lasts = np.stack([value, prediction, lower, upper, anomaly], axis=1)[latest]
+            table.last[rows[latest]] = _finite(lasts, 1e300)
             e, n = errors[scored], naives[scored]
             _fold(
                 table.rolling,
                 table.rolling_n,
                 rows[scored],
-                np.column_stack([np.abs(e), e * e, np.abs(n), n * n]),
+                np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1),
                 self.alpha,
+                distinct,
             )
+            widths = _finite(upper[has_interval] - lower[has_interval], 1e150)
             _fold(
                 table.interval,
                 table.interval_n,
                 rows[has_interval],
-                np.column_stack(
-                    [covered[has_interval], _finite((upper - lower)[has_interval], 1e150)]
-                ),
+                np.stack([covered[has_interval], widths], axis=1),
                 self.coverage_alpha,
+                distinct,
             )
         self.abs_error.observe_many(np.abs(errors[scored]))
 
@@ -448,11 +455,16 @@ class _Numbers:
 
 
 def _fold(
-    means: np.ndarray, counts: np.ndarray, rows: np.ndarray, x: np.ndarray, alpha: float
+    means: np.ndarray,
+    counts: np.ndarray,
+    rows: np.ndarray,
+    x: np.ndarray,
+    alpha: float,
+    distinct: bool = False,
 ) -> None:
     """Fold ``x`` (m, c) into the running means of ``rows`` (m,), in order, exactly as the
     one-at-a-time update ``n += 1; mean += max(alpha, 1/n) * (x - mean)`` would (up to rounding):
-    a plain average until the half-life takes over, then an EWMA.
+    a plain average until the half-life takes over, then an EWMA. ``distinct``: no row repeats.
 
     Per row the update is ``mean = (1 - w) mean + w x``, so after a label's k rows of a tick
     ``mean = prod(1 - w) mean_0 + sum_j w_j x_j prod_{i>j} (1 - w_i)``; the products are
@@ -465,10 +477,15 @@ def _fold(
     """
     if not len(rows):
         return
+    if distinct:  # one update per label: the definition itself
+        weight = np.maximum(alpha, 1.0 / (counts[rows] + 1))
+        means[rows] += weight[:, None] * (x - means[rows])
+        counts[rows] += 1
+        return
     order = np.argsort(rows, kind="stable")
     rows, x = rows[order], x[order]
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    sizes = np.diff(np.r_[starts, len(rows)])
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    sizes = np.diff(starts, append=len(rows))
     labels = rows[starts]
     rank = np.arange(len(rows)) - np.repeat(starts, sizes)
     weight = np.maximum(alpha, 1.0 / (counts[rows] + rank + 1))
