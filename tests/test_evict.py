@@ -107,15 +107,20 @@ def test_daemon_bounds_streams_and_restores_them_after_a_restart(
     rng = np.random.default_rng(5)
     series = {f"s{i}": [float(v) for v in rng.normal(i, 1, 12)] for i in range(50)}
 
-    def send(part: slice) -> None:
+    def send(collector: Collector, part: slice) -> list[dict]:
+        """One round of every stream at a time, each answered before the next is sent: a
+        tick never holds two rounds, so every round brings back the streams parked after the
+        one before (however the daemon's ticks fall on a loaded machine)."""
+        got = collector.json()
         for t in range(12)[part]:
             for stream, values in series.items():
                 publisher.publish(f"{prefix}/sensors/{stream}/value", repr(values[t]), qos=1)
+            got = collector.wait_for(len(got) + len(series))
+        return got
 
     with Collector(broker, f"{prefix}/forecasts/+") as collector:
         with RunningDaemon(config) as running:
-            send(slice(0, 6))
-            collector.wait_for(300)
+            send(collector, slice(0, 6))
             time.sleep(0.3)
             metrics = running.scrape()
             assert metric_value(metrics, "forecaster_streams_active") <= 5
@@ -124,8 +129,7 @@ def test_daemon_bounds_streams_and_restores_them_after_a_restart(
         # stopped, so checkpointed: 5 streams in memory, 45 in evicted.sqlite
         assert (state / "evicted.sqlite").exists()
         with RunningDaemon(config) as running:
-            send(slice(6, 12))
-            got = collector.wait_for(600)
+            got = send(collector, slice(6, 12))
             assert len(got) == 600
             metrics = running.scrape()
             assert metric_value(metrics, "forecaster_streams_active") <= 5
