@@ -364,22 +364,22 @@ class Engine:
         accepted, seq, level = _number(keys, last[candidates], batch.seq[candidates], distinct)
         reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
         index = candidates[accepted]
-        admitted = Batch(
-            names if len(index) == len(names) else [names[i] for i in index.tolist()],
-            values[index],
-            batch.ts[index],
-            seq[accepted],
-        )
+        if len(index) == len(names):  # the usual tick: every row, no copies
+            admitted, slots = Batch(names, values, batch.ts, seq), slots
+        else:
+            admitted, slots = (
+                Batch(
+                    [names[i] for i in index.tolist()],
+                    values[index],
+                    batch.ts[index],
+                    seq[accepted],
+                ),
+                slots[index],
+            )
+            level = None if level is None else level[accepted]
         bad = np.flatnonzero(reason)
-        return Admission(
-            admitted,
-            index,
-            bad,
-            [REJECT_REASONS[r - 1] for r in reason[bad].tolist()],
-            slots[index],
-            None if level is None else level[accepted],
-            self.ticks,
-        )
+        refused = [REJECT_REASONS[r - 1] for r in reason[bad].tolist()]
+        return Admission(admitted, index, bad, refused, slots, level, self.ticks)
 
     def last_seq(self, stream: str) -> int:
         """The stream's last applied sequence number, resident or parked (0: never seen)."""
