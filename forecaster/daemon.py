@@ -376,9 +376,10 @@ class Daemon:
                 first = len(samples)
                 frames.append(self._parse(raw, len(batch), samples, origins))
                 batch.append(raw)
-                for sample in samples[first:]:
-                    per_stream[sample.stream] += 1
-                    rounds = max(rounds, per_stream[sample.stream])
+                if len(samples) > first:  # Counter.update, map and max run in C
+                    streams = [sample.stream for sample in samples[first:]]
+                    per_stream.update(streams)
+                    rounds = max(rounds, max(map(per_stream.__getitem__, streams)))
             if len(samples) >= limit or rounds >= max_rounds:
                 break
             try:
