@@ -805,10 +805,15 @@ def bench_throughput(
     count: int = 20_000,
     seconds: float = 5.0,
     frame_size: int = 100,
+    repeats: int = 1,
 ) -> dict[str, object]:
     """For each stream count: the relay's and the daemon's sustained rate at saturation (and the
     p99 latency there), then p50/p99 latency at half the relay's peak rate, CPU per 1,000 samples
-    and peak RSS; the two run one after the other over the same Mosquitto broker."""
+    and peak RSS; the two run one after the other over the same Mosquitto broker.
+
+    With ``repeats`` > 1 the relay-then-daemon pair runs that many times per stream count and
+    each figure is the median over the pairs (the ratio: of each pair's own ratio, all listed in
+    ``ratios``): on a shared 2-core machine one pair's ratio moved between 0.69 and 1.09."""
     import shutil
     import signal
     import tempfile
@@ -821,66 +826,88 @@ def bench_throughput(
     runs = []
     try:
         for streams in tqdm(sizes, desc="stream counts", leave=False):
-            figures: dict[str, dict] = {}
-            for kind in ("relay", "forecaster"):
-                proc = _start_target(kind, port, folder, collector)
-                try:
-                    cpu0, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
-                    saturated = _offer(collector, port, streams, max(count, 2 * streams), 0)
-                    cpu1, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
-                    peak = (
-                        figures["relay"]["saturated"]["per_s"]
-                        if kind == "forecaster"
-                        else saturated["per_s"]
-                    )
-                    rate = peak / 2
-                    fixed = _offer(collector, port, streams, int(rate * seconds), rate)
-                    _, rss = _proc_figures(proc.pid)  # type: ignore[attr-defined]
-                finally:
-                    proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
-                    proc.wait(30)  # type: ignore[attr-defined]
-                    shutil.rmtree(folder / "state", ignore_errors=True)
-                figures[kind] = {
-                    "saturated": saturated,
-                    "half_peak": fixed,
-                    "cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(1, saturated["received"]),
-                    "rss_mb": rss,
-                }
-            relay, daemon = figures["relay"], figures["forecaster"]
-            runs.append(
-                {
-                    "streams": streams,
-                    "forecaster_per_s": daemon["saturated"]["per_s"],
-                    "relay_per_s": relay["saturated"]["per_s"],
-                    "ratio": daemon["saturated"]["per_s"] / relay["saturated"]["per_s"],
-                    "offered_per_s": relay["saturated"]["per_s"] / 2,
-                    "p50_ms": daemon["half_peak"]["p50_ms"],
-                    "p99_ms": daemon["half_peak"]["p99_ms"],
-                    "p99_ms_saturated": daemon["saturated"]["p99_ms"],
-                    "relay_p50_ms": relay["half_peak"]["p50_ms"],
-                    "relay_p99_ms": relay["half_peak"]["p99_ms"],
-                    "cpu_s_per_1000": daemon["cpu_s_per_1000"],
-                    "relay_cpu_s_per_1000": relay["cpu_s_per_1000"],
-                    "rss_mb": daemon["rss_mb"],
-                    "relay_rss_mb": relay["rss_mb"],
-                    "received": daemon["saturated"]["received"],
-                    "relay_received": relay["saturated"]["received"],
-                }
-            )
+            pairs = []
+            for _ in tqdm(
+                range(repeats), desc=f"{streams} streams", leave=False, disable=repeats < 2
+            ):
+                figures: dict[str, dict] = {}
+                for kind in ("relay", "forecaster"):
+                    proc = _start_target(kind, port, folder, collector)
+                    try:
+                        cpu0, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                        saturated = _offer(collector, port, streams, max(count, 2 * streams), 0)
+                        cpu1, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                        peak = (
+                            figures["relay"]["saturated"]["per_s"]
+                            if kind == "forecaster"
+                            else saturated["per_s"]
+                        )
+                        rate = peak / 2
+                        fixed = _offer(collector, port, streams, int(rate * seconds), rate)
+                        _, rss = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                    finally:
+                        proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+                        proc.wait(30)  # type: ignore[attr-defined]
+                        shutil.rmtree(folder / "state", ignore_errors=True)
+                    figures[kind] = {
+                        "saturated": saturated,
+                        "half_peak": fixed,
+                        "cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(1, saturated["received"]),
+                        "rss_mb": rss,
+                    }
+                pairs.append(_pair_figures(streams, figures["relay"], figures["forecaster"]))
+            run = {
+                key: float(np.median([p[key] for p in pairs]))
+                for key in pairs[0]
+                if key != "streams"
+            }
+            runs.append({"streams": streams, **run, "ratios": [p["ratio"] for p in pairs]})
         frames = bench_frames(port, folder, collector, frame_size) if frame_size else None
     finally:
         collector.close()
         broker.terminate()
         broker.wait(5)
         shutil.rmtree(folder, ignore_errors=True)
-    return {"broker": name, "messages_per_run": count, "runs": runs, "frames": frames}
+    return {
+        "broker": name,
+        "messages_per_run": count,
+        "repeats": repeats,
+        "runs": runs,
+        "frames": frames,
+    }
+
+
+def _pair_figures(streams: int, relay: dict, daemon: dict) -> dict[str, float]:
+    """One relay run and the daemon run after it, side by side."""
+    return {
+        "streams": streams,
+        "forecaster_per_s": daemon["saturated"]["per_s"],
+        "relay_per_s": relay["saturated"]["per_s"],
+        "ratio": daemon["saturated"]["per_s"] / relay["saturated"]["per_s"],
+        "offered_per_s": relay["saturated"]["per_s"] / 2,
+        "p50_ms": daemon["half_peak"]["p50_ms"],
+        "p99_ms": daemon["half_peak"]["p99_ms"],
+        "p99_ms_saturated": daemon["saturated"]["p99_ms"],
+        "relay_p50_ms": relay["half_peak"]["p50_ms"],
+        "relay_p99_ms": relay["half_peak"]["p99_ms"],
+        "cpu_s_per_1000": daemon["cpu_s_per_1000"],
+        "relay_cpu_s_per_1000": relay["cpu_s_per_1000"],
+        "rss_mb": daemon["rss_mb"],
+        "relay_rss_mb": relay["rss_mb"],
+        "received": daemon["saturated"]["received"],
+        "relay_received": relay["saturated"]["received"],
+    }
 
 
 def print_throughput(result: dict[str, object], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
         return
-    print(f"one sample per message over {result['broker']}; forecaster vs the no-model relay:")
+    repeats = result.get("repeats", 1)
+    medians = f", medians of {repeats} relay-then-daemon pairs" if repeats != 1 else ""
+    print(
+        f"one sample per message over {result['broker']}; forecaster vs the no-model relay{medians}:"
+    )
     print(
         f"  {'streams':>7} {'forecaster/s':>12} {'relay/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
         f" {'p99 sat':>8} {'cpu s/1k':>9} {'relay cpu':>9} {'RSS MB':>7}"
@@ -890,6 +917,7 @@ def print_throughput(result: dict[str, object], as_json: bool) -> None:
             f"  {r['streams']:>7} {r['forecaster_per_s']:>12.0f} {r['relay_per_s']:>8.0f} {r['ratio']:>6.2f}"
             f" {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['p99_ms_saturated']:>8.1f}"
             f" {r['cpu_s_per_1000']:>9.3f} {r['relay_cpu_s_per_1000']:>9.3f} {r['rss_mb']:>7.0f}"
+            + (f"  ratios {', '.join(f'{x:.2f}' for x in r['ratios'])}" if repeats != 1 else "")
         )
     print("  (p50/p99 at half the relay's peak rate; p99 sat at saturation)")
     frames = result.get("frames")

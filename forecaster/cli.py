@@ -174,7 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.print_engine(bench.bench_engine(), bench.bench_memory(), args.json)
     elif args.part == "throughput":
         sizes = tuple(int(n) for n in args.sizes.split(",") if n)  # "": the frames figure only
-        bench.print_throughput(bench.bench_throughput(sizes, args.count), args.json)
+        result = bench.bench_throughput(sizes, args.count, repeats=args.repeats)
+        bench.print_throughput(result, args.json)
     elif args.part == "accuracy":
         if args.data is None:
             raise ForecasterError(
@@ -299,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cap", type=int, default=100, help="metrics.stream_label_cap")
     bench.add_argument("--sizes", default="1,100,1000,10000", help="throughput: stream counts")
     bench.add_argument("--count", type=int, default=20_000, help="throughput: messages per run")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="throughput: relay-then-daemon pairs per stream count (medians reported)",
+    )
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
