@@ -1,7 +1,7 @@
 """Overload over a real Mosquitto broker: offered load well above what the daemon sustains.
 
 The daemon (``forecaster run`` in its own process, so its RSS can be read) serves a deliberately
-heavy model (LSTM 256x2) so that a Python publisher can outrun it. A probe stream at 10 samples/s
+heavy model (LSTM 384x2) so that a Python publisher can outrun it. A probe stream at 10 samples/s
 runs throughout and measures receive-to-forecast latency before, during and after the overload.
 What must hold: RSS stays under the stated bound, every message is either forecast or counted as a
 drop (``drop_oldest``), or none is lost (``backpressure``), and probe latency is back to normal
