@@ -153,9 +153,10 @@ def overload_run(
                 "model": {"checkpoint": str(model_path)},
                 "engine": {"queue_size": 200, "overload": policy},
                 # No periodic checkpoint in the run: this model's is 7 MB, written and fsynced on
-                # the engine thread, which stalls forecasts for 30-60 ms on this disk; every 5 s
-                # in the 12 s probe window after a 60 s overload, that read as "not recovered"
-                # (12.1 s in a fresh-clone CI run). Checkpoints under load: tests/test_recovery.py.
+                # the engine thread (25-37 ms for the write and fsync alone on this disk); every
+                # 5 s in the 12 s probe window after a 60 s overload, that most likely read as
+                # "not recovered" (12.1 s in a fresh-clone CI run). Checkpoints under load are
+                # tested in tests/test_recovery.py.
                 "state": {"dir": str(tmp_path / "state"), "checkpoint_interval": 3600},
                 "metrics": {"port": port},
                 "logging": {"level": "WARNING"},
