@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS);"
         " accuracy: one-step-ahead error against peers on every CSV under --data;"
         " anomaly: interval coverage and anomaly alarms on labelled NAB files;"
-        " journal: cost of journaling a tick beside the tick",
+        " journal: cost of journaling a tick beside the tick, and of a checkpoint",
     )
     bench.add_argument(
         "--out", type=Path, help="anomaly: write NAB-format results files under this folder"

@@ -7,7 +7,8 @@ stop intake, finish what is queued, checkpoint every stream, publish ``stopped``
 
 Crash-exact recovery: each tick's admitted samples are journaled (one SQLite transaction) before
 their messages are acknowledged, then applied. A checkpoint is written only once every forecast
-it includes has left for the broker, records the journal position, and trims the journal. On start
+it includes has left for the broker and records the journal position; the engine thread copies the
+state, a background thread writes it, and the journal is trimmed once the file is durable. On start
 the checkpoint is restored, the journal rows after its position are replayed through the engine
 (their forecasts published again, with the same ``seq``), and then the broker's queue is taken.
 """
@@ -17,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +41,7 @@ from forecaster.engine import (
     Sample,
     as_batch,
 )
-from forecaster.errors import CheckpointError, PayloadError
+from forecaster.errors import PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
@@ -47,7 +51,7 @@ from forecaster.persist import (
     Journal,
     journal_position,
     load_checkpoint,
-    save_checkpoint,
+    snapshot,
 )
 from forecaster.store import SqliteStore
 
@@ -130,6 +134,15 @@ def gap_policy(config: Config) -> GapPolicy | None:
     return GapPolicy(gaps.factor, gaps.halflife, gaps.min_intervals, gaps.rewarm_samples)
 
 
+@dataclass(slots=True)
+class PendingCheckpoint:
+    """A checkpoint being written in the background, and what to trim once it is durable."""
+
+    future: Future[None]
+    info: dict[str, int]  # its journal position and evicted generation, as in its manifest
+    names: list[str]  # the streams it holds in memory (their evicted rows can go)
+
+
 class Daemon:
     """The long-running service; ``run()`` blocks until ``request_stop()`` (SIGTERM/SIGINT)."""
 
@@ -176,6 +189,8 @@ class Daemon:
         self._shutdown_lock = threading.Lock()
         self._heartbeat = time.monotonic()
         self._last_checkpoint = time.monotonic()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._writing: PendingCheckpoint | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -338,7 +353,8 @@ class Daemon:
         deadline = time.monotonic() + drain_s
         while not self.inbox.empty() and time.monotonic() < deadline:
             self.step(timeout=0.05)  # the queue is not empty: no wait unless intake is held
-        self.checkpoint()
+        self.checkpoint(wait=True)
+        self._writer.shutdown()
         if self.learner is not None:
             self.learner.close()
         self.link.close()
@@ -523,13 +539,26 @@ class Daemon:
             self.learner.after_tick()
             self.metrics.observe_learner(self.learner.stats)
             self.metrics.model_version.set(self.learner.version)
+        self._finish_checkpoint()
         if time.monotonic() - self._last_checkpoint >= self.config.state.checkpoint_interval:
             self.checkpoint()
 
-    def checkpoint(self) -> None:
-        """Weights and every stream's state, written atomically."""
+    def checkpoint(self, wait: bool = False) -> None:
+        """Weights and every stream's state, written atomically.
+
+        The engine thread only copies the state (``snapshot``); a background thread serialises,
+        writes and fsyncs it (at 100,000 streams: ~50 ms copy here, ~150 ms write). The journal is
+        trimmed, and evicted rows compacted, once the file is durable (``_finish_checkpoint``):
+        a crash before then restarts from the previous checkpoint and the untrimmed journal.
+        One write at a time; ``wait`` (shutdown) waits for it.
+        """
         if self.engine is None:
             return
+        if self._writing is not None:
+            if not wait:
+                return
+            self._writing.future.exception()  # waits; a failure is counted just below
+            self._finish_checkpoint()
         self._last_checkpoint = time.monotonic()
         info: dict[str, int] = {}
         if self.store is not None:
@@ -545,33 +574,50 @@ class Daemon:
         learner = self.learner
         # With learning on, hold the trainer's lock for a consistent optimizer state (one step).
         guard = learner.train_lock if learner is not None else contextlib.nullcontext()
-        store = self.store
+        names = list(table.names)
         try:
-            if store is not None:
-                store.sync()  # rows the checkpoint refers to are durable before it is
+            if self.store is not None:
+                self.store.sync()  # rows the checkpoint refers to are durable before it is
             with guard:
-                save_checkpoint(
-                    self.state_path,
+                data = snapshot(
                     self.engine.model,
                     self.engine.normalizer_config,
                     model_version=self.engine.model_version,
-                    stream_names=list(table.names),
+                    stream_names=names,
                     stream_arrays=table.arrays(),
                     optimizer=learner.optimizer if learner is not None else None,
                     extra=learner.state_tensors() if learner is not None else None,
                     info=info,
                 )
-            if self.journal is not None:
-                self.journal.trim(self._applied)
-                self.metrics.journal_pending.set(0)
-        except (OSError, CheckpointError):
+        except (OSError, sqlite3.Error):
             log.exception("checkpoint to %s failed", self.state_path)
             self.metrics.checkpointed(False)
             return
+        future = self._writer.submit(data.write, self.state_path)
+        self._writing = PendingCheckpoint(future, info, names)
+        if wait:
+            future.exception()
+            self._finish_checkpoint()
+
+    def _finish_checkpoint(self) -> None:
+        """Once a background write has ended: count it; if it is durable, trim what it includes."""
+        pending = self._writing
+        if pending is None or not pending.future.done():
+            return
+        self._writing = None
+        error = pending.future.exception()
+        if error is not None:
+            log.error("checkpoint to %s failed: %s", self.state_path, error)
+            self.metrics.checkpointed(False)
+            return
+        if self.journal is not None:
+            position = pending.info["journal_position"]
+            self.journal.trim(position)
+            self.metrics.journal_pending.set(self._applied - position)
+        if self.store is not None:
+            self.store.compact(pending.info["evicted_generation"], pending.names)
         self.metrics.checkpointed(True)
-        if store is not None:
-            store.compact(store.generation, list(table.names))
-        log.debug("checkpoint: %d streams -> %s", len(table), self.state_path)
+        log.debug("checkpoint: %d streams -> %s", len(pending.names), self.state_path)
 
     # -- health -------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:

@@ -123,12 +123,16 @@ class StreamTable:
 
         ``state`` is ``(num_layers, n, width)``; every other array is ``(n,)``; all are copies.
         """
-        if slots is None:
-            slots = np.arange(len(self.names))
+        if slots is None:  # the used slots are 0..n-1: slices, copied once
+            n = len(self.names)
+            out = {"state": self.state[:, :n].detach().to("cpu", copy=True).numpy()}
+            out.update({key: column[:n].copy() for key, column in self.columns().items()})
+            return out
         index = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        # index_select and NumPy's fancy indexing both copy.
         out = {"state": self.state.index_select(1, index).detach().cpu().numpy()}
         out.update({key: column[slots] for key, column in self.columns().items()})
-        return {k: np.array(v, copy=True) for k, v in out.items()}
+        return out
 
     def load(self, names: list[str], arrays: dict[str, np.ndarray]) -> None:
         """Replace every stream with the ones in a checkpoint (inverse of ``arrays``)."""

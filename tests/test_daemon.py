@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from forecaster.persist import journal_position, load_checkpoint
 from simulators.sine import SineSpec, SineStreams, publish_sine
 from tests.conftest import Broker, Collector
 from tests.helpers import (
@@ -359,3 +364,73 @@ def test_online_learning_in_the_daemon_persists_across_restart(
             publish_sine(publisher, streams, rate=200, count=50, topic=topic, qos=1)
             more = collector.wait_for(700)
             assert min(f["model_version"] for f in more[600:]) >= saved.model_version
+
+
+def journal_rows(state_dir: Path) -> list[int]:
+    """Positions in the daemon's journal, read over a connection of the test's own."""
+    with contextlib.closing(sqlite3.connect(state_dir / "journal.sqlite")) as db:
+        return [pos for (pos,) in db.execute("SELECT pos FROM samples ORDER BY pos")]
+
+
+def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    state = tmp_path / "state"
+    config = daemon_config(broker, prefix, state, state={"checkpoint_interval": 0.2})
+    topic = f"{prefix}/sensors/a/value"
+
+    def send(first: int, count: int) -> None:
+        for seq in range(first, first + count):
+            publisher.publish(topic, json.dumps({"value": seq * 0.1, "seq": seq}), qos=1)
+
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as collector,
+        RunningDaemon(config) as running,
+    ):
+        daemon = running.daemon
+        send(1, 20)
+        assert len(collector.wait_for(20)) == 20
+        wait_until(lambda: checkpoint_position(state) == 20, "first checkpoint with 20 samples")
+        wait_until(lambda: journal_rows(state) == [], "journal trimmed after it")
+
+        # Hold the writer: the next checkpoint is copied, then waits for its turn to be written.
+        gate = threading.Event()
+        daemon._writer.submit(gate.wait)
+        try:
+            send(21, 20)
+            forecasts = collector.wait_for(40)
+            assert [f["seq"] for f in forecasts] == list(range(1, 41)), "engine stalled"
+            wait_until(lambda: daemon._writing is not None, "a checkpoint waiting to be written")
+            time.sleep(0.5)  # housekeeping ran many times: none may trim for an unwritten file
+            assert checkpoint_position(state) == 20
+            assert journal_rows(state) == list(range(21, 41))
+        finally:
+            gate.set()
+        wait_until(lambda: checkpoint_position(state) == 40, "the held checkpoint, written")
+        wait_until(lambda: journal_rows(state) == [], "journal trimmed once it was durable")
+
+        # A write that fails is counted and trims nothing.
+        (tmp_path / "not-a-folder").write_text("")
+        daemon.state_path = tmp_path / "not-a-folder" / "checkpoint.safetensors"
+        send(41, 5)
+        assert len(collector.wait_for(45)) == 45
+        wait_until(
+            lambda: (
+                metric_value(running.scrape(), "forecaster_checkpoints_total", result="error") >= 1
+            ),
+            "a failed checkpoint counted",
+        )
+        assert journal_rows(state) == list(range(41, 46))
+        assert checkpoint_position(state) == 40
+
+
+def checkpoint_position(state_dir: Path) -> int:
+    path = state_dir / "checkpoint.safetensors"
+    return journal_position(load_checkpoint(path)) if path.exists() else -1
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
