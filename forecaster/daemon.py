@@ -39,13 +39,12 @@ from forecaster.engine import (
     ForecastColumns,
     GapPolicy,
     Sample,
-    as_batch,
 )
 from forecaster.errors import PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
-from forecaster.parse import PayloadParser, TopicTemplate
+from forecaster.parse import Parsed, PayloadParser, TopicTemplate
 from forecaster.persist import (
     Checkpoint,
     Journal,
@@ -380,8 +379,8 @@ class Daemon:
             return 0
         batch: list[RawMessage] = []
         frames: list[str | None] = []  # per message: the frame's output name, None: one sample
-        samples: list[Sample] = []
-        origins: list[int] = []  # per sample: index in ``batch`` of the message it came in
+        tick = Parsed([], [], [], [])  # every reading of the tick, as columns
+        origins: list[int] = []  # per reading: index in ``batch`` of the message it came in
         limit, max_rounds = self.config.engine.max_batch, self.config.engine.max_rounds
         per_stream: Counter[str] = Counter()  # samples of each stream in this tick
         rounds = 0
@@ -389,14 +388,18 @@ class Daemon:
         while True:
             taken += 1
             if not self.link.redelivered(raw):  # else the resent copy counts
-                first = len(samples)
-                frames.append(self._parse(raw, len(batch), samples, origins))
+                parsed = self._parse(raw)
+                frames.append(parsed.frame if parsed is not None else None)
+                if parsed is not None and parsed.streams:
+                    tick.streams.extend(parsed.streams)
+                    tick.values.extend(parsed.values)
+                    tick.ts.extend(parsed.ts)
+                    tick.seq.extend(parsed.seq)
+                    origins.extend([len(batch)] * len(parsed.streams))
+                    per_stream.update(parsed.streams)  # Counter.update, map and max run in C
+                    rounds = max(rounds, max(map(per_stream.__getitem__, parsed.streams)))
                 batch.append(raw)
-                if len(samples) > first:  # Counter.update, map and max run in C
-                    streams = [sample.stream for sample in samples[first:]]
-                    per_stream.update(streams)
-                    rounds = max(rounds, max(map(per_stream.__getitem__, streams)))
-            if len(samples) >= limit or rounds >= max_rounds:
+            if len(tick.streams) >= limit or rounds >= max_rounds:
                 break
             try:
                 raw = self.inbox.get_nowait()
@@ -406,11 +409,15 @@ class Daemon:
             return taken
         self.metrics.queue_depth.set(self.inbox.qsize())
         self.metrics.messages_received.inc(len(batch))
-        self.metrics.samples_received.inc(len(samples))
-        columns, keep, refused = as_batch(samples)
-        for i, reason in refused:  # the parser makes none of these; counted all the same
-            self._reject(reason, str(samples[i].stream)[:200], repr(samples[i].value))
-        rows = np.asarray(origins, dtype=np.int64)[keep] if refused else np.asarray(origins)
+        self.metrics.samples_received.inc(len(tick.streams))
+        # The parser hands out finite floats, str ids and seq in [0, 2**63) or NO_SEQ: columns
+        # as they are (the engine's admit checks values and sequence numbers).
+        columns = Batch(
+            tick.streams,
+            np.array(tick.values, dtype=np.float64),
+            np.array(tick.ts, dtype=np.float64),
+            np.array(tick.seq, dtype=np.int64),
+        )
         assert self.engine is not None
         admission = self.engine.admit(columns)
         self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
@@ -418,15 +425,13 @@ class Daemon:
             return len(batch)  # not acknowledged: the broker redelivers them
         self.link.ack(batch)  # one ack per message, once every sample of it is journaled
         if len(admission.batch):
-            self._tick(admission, rows, batch, frames)
+            self._tick(admission, np.asarray(origins, dtype=np.int64), batch, frames)
         if self.learner is not None:
             self.learner.after_tick()
         return len(batch)
 
-    def _parse(
-        self, raw: RawMessage, index: int, samples: list[Sample], origins: list[int]
-    ) -> str | None:
-        """Append the message's samples; count every refusal (whole message or one element)."""
+    def _parse(self, raw: RawMessage) -> Parsed | None:
+        """The message's readings; every refusal counted (whole message or one element)."""
         try:
             parsed = self.parser.parse_message(raw.topic, raw.payload, raw.received)
         except PayloadError as exc:
@@ -438,9 +443,7 @@ class Daemon:
             return None
         for error in parsed.errors:
             self._reject(error.reason, raw.topic, error.detail)
-        samples.extend(parsed.samples)
-        origins.extend([index] * len(parsed.samples))
-        return parsed.frame
+        return parsed
 
     def _journal(self, admitted: Batch) -> bool:
         """Journal the admitted rows (seq filled in) durably before they are acknowledged;
