@@ -38,7 +38,6 @@ from forecaster.engine import (
     Engine,
     ForecastColumns,
     GapPolicy,
-    Sample,
 )
 from forecaster.errors import PayloadError
 from forecaster.learner import Learner
@@ -265,24 +264,17 @@ class Daemon:
         self.journal.start_at(position)
         self._applied = position
         replayed = 0
-        batch: list[tuple[int, Sample]] = []
-        rows = self.journal.after(position)
-        while True:
-            batch.clear()
-            for row in rows:
-                batch.append(row)
-                if len(batch) >= self.config.engine.max_batch:
-                    break
-            if not batch:
-                break
-            result = self.engine.tick([sample for _, sample in batch])
-            for rejection in result.rejected:  # rows overlapping the checkpoint: never re-applied
-                self.metrics.rejected.labels(rejection.reason).inc()
-            qos = self.config.mqtt.qos_out
-            for body in forecast_bodies(result.columns):
-                topic = self.output.topic_for(body["stream"])  # type: ignore[arg-type]
-                self._unpublished.append((topic, orjson.dumps(body), qos, 1))
-            self._applied = batch[-1][0]
+        qos = self.config.mqtt.qos_out
+        for last, batch in self.journal.ticks_after(position):  # each as it was ticked live
+            result = self.engine.tick_batch(batch)
+            for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
+                self.metrics.rejected.labels(reason).inc()
+            forecasts = result.forecasts
+            for body, stream in zip(forecast_bodies(forecasts), forecasts.streams, strict=True):
+                self._unpublished.append(
+                    (self.output.topic_for(stream), orjson.dumps(body), qos, 1)
+                )
+            self._applied = last
             replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
         self.metrics.journal_pending.set(replayed)

@@ -147,6 +147,24 @@ class Batch:
     def __len__(self) -> int:
         return len(self.streams)
 
+    def samples(self) -> list[Sample]:
+        """The rows as ``Sample`` objects.
+
+        >>> Batch.of(["a"], [1.5]).samples()
+        [Sample(stream='a', value=1.5, ts=None, seq=None)]
+        """
+        return samples_of(self.streams, self.values.tolist(), self.ts.tolist(), self.seq.tolist())
+
+
+def samples_of(
+    streams: list[str], values: list[float], ts: list[float], seq: list[int]
+) -> list[Sample]:
+    """Columns as ``Sample`` objects: ``ts`` NaN and ``seq`` NO_SEQ become None (not given)."""
+    return [
+        Sample(stream, value, None if stamp != stamp else stamp, None if n == NO_SEQ else n)
+        for stream, value, stamp, n in zip(streams, values, ts, seq, strict=True)
+    ]
+
 
 @dataclass(slots=True)
 class ForecastColumns:

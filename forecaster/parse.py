@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from forecaster.engine import NO_SEQ, STREAM_ID, Sample
+from forecaster.engine import NO_SEQ, STREAM_ID, Sample, samples_of
 from forecaster.errors import PayloadError
 
 REASONS = (
@@ -165,12 +165,7 @@ class Parsed:
     @property
     def samples(self) -> list[Sample]:
         """The readings as ``Sample`` objects (``ts``/``seq`` None where not given)."""
-        return [
-            Sample(stream, value, None if ts != ts else ts, None if seq == NO_SEQ else seq)
-            for stream, value, ts, seq in zip(
-                self.streams, self.values, self.ts, self.seq, strict=True
-            )
-        ]
+        return samples_of(self.streams, self.values, self.ts, self.seq)
 
 
 class PayloadParser:

@@ -367,9 +367,11 @@ def test_online_learning_in_the_daemon_persists_across_restart(
 
 
 def journal_rows(state_dir: Path) -> list[int]:
-    """Positions in the daemon's journal, read over a connection of the test's own."""
+    """Sample positions in the daemon's journal (one row per tick, keyed by its last sample's
+    position), read over a connection of the test's own."""
     with contextlib.closing(sqlite3.connect(state_dir / "journal.sqlite")) as db:
-        return [pos for (pos,) in db.execute("SELECT pos FROM samples ORDER BY pos")]
+        ticks = db.execute("SELECT pos, count FROM ticks ORDER BY pos").fetchall()
+    return [p for last, count in ticks for p in range(last - count + 1, last + 1)]
 
 
 def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -134,4 +135,57 @@ def test_journal_lost_file_never_reuses_a_checkpointed_position(tmp_path: Path) 
     journal.start_at(1000)  # the checkpoint says 1000 rows are in it
     assert journal.append(as_batch([Sample("a", 1.0, None, 1)])[0]) == 1001
     assert [p for p, _ in journal.after(1000)] == [1001]
+    journal.close()
+
+
+def test_journal_of_the_sample_row_format_is_converted_with_its_positions(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    db = sqlite3.connect(path)  # the format before tick rows: one row per sample, AUTOINCREMENT
+    db.execute(
+        "CREATE TABLE samples (pos INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " stream TEXT NOT NULL, value REAL NOT NULL, ts REAL, seq INTEGER NOT NULL)"
+    )
+    rows = [("a", 1.0, None, 1), ("b", 2.0, 7.0, 1), ("a", 3.0, None, 2), ("b", 4.0, 8.0, 2)]
+    db.executemany("INSERT INTO samples(stream, value, ts, seq) VALUES (?, ?, ?, ?)", rows)
+    db.execute("DELETE FROM samples WHERE pos <= 1")  # trimmed by a checkpoint at position 1
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert journal.position == 4
+    assert [(p, s) for p, s in journal.after(1)] == [
+        (2, Sample("b", 2.0, 7.0, 1)),
+        (3, Sample("a", 3.0, None, 2)),
+        (4, Sample("b", 4.0, 8.0, 2)),
+    ]
+    assert [p for p, _ in journal.after(3)] == [4]  # a position inside a converted run
+    assert journal.pending(2) == 2
+    journal.trim(4)  # every row: the position stays
+    journal.close()
+    journal = Journal(path)
+    assert journal.pending(0) == 0 and journal.position == 4
+    assert journal.append(as_batch([Sample("c", 5.0, None, 1)])[0]) == 5
+    journal.close()
+
+
+def test_journal_tick_rows_replay_from_a_position_inside_a_tick(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    samples = [Sample(f"s{i}", float(i), None if i % 2 else 1.5 * i, i + 1) for i in range(5)]
+    assert journal.append(as_batch(samples)[0]) == 5
+    assert journal.append(as_batch([Sample("s9", 9.0, None, 1)])[0]) == 6
+    assert [s for _, s in journal.after(0)] == [*samples, Sample("s9", 9.0, None, 1)]
+    ticks = list(journal.ticks_after(3))
+    assert [(last, batch.streams) for last, batch in ticks] == [(5, ["s3", "s4"]), (6, ["s9"])]
+    assert journal.pending(3) == 3
+    journal.trim(5)
+    assert [p for p, _ in journal.after(0)] == [6]
+    journal.close()
+
+
+def test_journal_corrupt_tick_row_is_refused_with_its_position(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    journal.append(as_batch([Sample("a", 1.0, None, 1), Sample("b", 2.0, None, 1)])[0])
+    journal.db.execute("UPDATE ticks SET columns = ? WHERE pos = 2", (b"\x00" * 40,))
+    with pytest.raises(CheckpointError, match="journal row 2"):
+        list(journal.after(0))
     journal.close()
