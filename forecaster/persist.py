@@ -7,9 +7,9 @@ Writes go to a temporary file in the same folder, are fsynced, then renamed over
 crash leaves either the old checkpoint or the new one, never half of one.
 
 The sample journal (``Journal``) is an SQLite database in WAL mode beside the checkpoint: every
-accepted sample is appended (one transaction per tick) before its MQTT message is acknowledged.
-A checkpoint records the journal position it includes; on start the rows after it are replayed
-through the engine, so a SIGKILL loses no sample and steps no state twice.
+accepted sample is appended (one row and one transaction per tick) before its MQTT message is
+acknowledged. A checkpoint records the journal position it includes; on start the samples after it
+are replayed through the engine, so a SIGKILL loses no sample and steps no state twice.
 """
 
 from __future__ import annotations
