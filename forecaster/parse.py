@@ -137,6 +137,12 @@ def _constant_as_text(name: str) -> str:
     return name
 
 
+def _row(sample: Sample) -> tuple[float, float, int]:
+    """A sample's (value, ts, seq) as column entries: NaN / ``NO_SEQ`` where not given."""
+    ts = math.nan if sample.ts is None else sample.ts
+    return sample.value, ts, NO_SEQ if sample.seq is None else sample.seq
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     """What one message gave: its readings in order, as columns, the elements refused, and
@@ -158,9 +164,8 @@ class Parsed:
 
     @classmethod
     def one(cls, sample: Sample) -> Parsed:
-        ts = math.nan if sample.ts is None else sample.ts
-        seq = NO_SEQ if sample.seq is None else sample.seq
-        return cls([sample.stream], [sample.value], [ts], [seq])
+        value, ts, seq = _row(sample)
+        return cls([sample.stream], [value], [ts], [seq])
 
     @property
     def samples(self) -> list[Sample]:
@@ -268,10 +273,7 @@ class PayloadParser:
                 if type(element) is float and math.isfinite(element):  # most readings: no calls
                     value, stamp, number = element, default_ts, default_seq
                 else:
-                    sample = self._element(stream, element, ts, seq)
-                    value = sample.value
-                    stamp = math.nan if sample.ts is None else sample.ts
-                    number = NO_SEQ if sample.seq is None else sample.seq
+                    value, stamp, number = _row(self._element(stream, element, ts, seq))
             except PayloadError as exc:
                 out.errors.append(exc)
                 continue
