@@ -7,7 +7,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -139,3 +139,11 @@ def offline_predictions(values: list[float], stream: str = "s") -> list[float]:
     checkpoint = load_checkpoint()
     engine = Engine(checkpoint.model, checkpoint.normalizer)
     return [engine.tick([Sample(stream, v)]).forecasts[0].prediction for v in values]
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -21,6 +21,7 @@ from tests.helpers import (
     metric_value,
     mqtt_client,
     offline_predictions,
+    wait_until,
 )
 
 
@@ -429,10 +430,3 @@ def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(
 def checkpoint_position(state_dir: Path) -> int:
     path = state_dir / "checkpoint.safetensors"
     return journal_position(load_checkpoint(path)) if path.exists() else -1
-
-
-def wait_until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)

@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from forecaster.engine import Engine, Sample
 from forecaster.persist import load_checkpoint
 from tests.conftest import Broker, Collector, Relay
-from tests.helpers import RunningDaemon, daemon_config, metric_value
+from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
 
 
 def series(streams: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
@@ -441,7 +441,7 @@ def test_link_stalled_and_cut_no_forecast_lost_and_outgoing_bounded(
     reconnect, the broker redelivers the unacknowledged samples (refused as duplicates), and
     every sample ends with forecasts equal to an uninterrupted run's, none dropped.
     """
-    rounds, max_batch, limit = 300, 4, 5  # 9 s of samples at 100/s
+    rounds, max_batch, limit = 500, 4, 5  # 15 s of samples at 100/s
     values = series(3, rounds, seed=3)
     ref = offline_reference(values)
     relay = Relay(broker)
@@ -478,6 +478,9 @@ def test_link_stalled_and_cut_no_forecast_lost_and_outgoing_bounded(
                 time.sleep(1.5)  # the broker sends up to 30 unacknowledged samples meanwhile
                 phase[0] = f"cut {cut}"
                 relay.cut(down_for=1.0)
+                # paho's backoff (1-2 s) may retry while the relay is still down: the next stall
+                # must find the daemon connected again, or it stalls nothing
+                wait_until(lambda n=cut + 2: daemon.link.connects == n, f"reconnect {cut}", 15)
             assert publisher.thread.is_alive(), "the faults must land while samples are arriving"
             publisher.wait_accepted(timeout=60)
             want = {(s, k) for s in values for k in range(1, rounds + 1)}
