@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,18 @@ def gap_policy(config: Config) -> GapPolicy | None:
     return GapPolicy(gaps.factor, gaps.halflife, gaps.min_intervals, gaps.rewarm_samples)
 
 
+def timed(call: Callable[..., object], *args: object) -> float:
+    """Seconds ``call(*args)`` took (a background job's duration, for its histogram)."""
+    started = time.monotonic()
+    call(*args)
+    return time.monotonic() - started
+
+
 @dataclass(slots=True)
 class PendingCheckpoint:
     """A checkpoint being written in the background, and what to trim once it is durable."""
 
-    future: Future[None]
+    future: Future[float]  # the write's duration in seconds
     info: dict[str, int]  # its journal position and evicted generation, as in its manifest
     names: list[str]  # the streams it holds in memory (their evicted rows can go)
 
@@ -542,7 +550,7 @@ class Daemon:
         """Weights and every stream's state, written atomically.
 
         The engine thread only copies the state (``snapshot``); a background thread serialises,
-        writes and fsyncs it (at 100,000 streams: ~50 ms copy here, ~150 ms write). The journal is
+        writes and fsyncs it (at 100,000 streams: 26 ms copy here, 88 ms write; bench journal). The journal is
         trimmed, and evicted rows compacted, once the file is durable (``_finish_checkpoint``):
         a crash before then restarts from the previous checkpoint and the untrimmed journal.
         One write at a time; ``wait`` (shutdown) waits for it.
@@ -554,7 +562,7 @@ class Daemon:
                 return
             self._writing.future.exception()  # waits; a failure is counted just below
             self._finish_checkpoint()
-        self._last_checkpoint = time.monotonic()
+        started = self._last_checkpoint = time.monotonic()
         info: dict[str, int] = {}
         if self.store is not None:
             info["evicted_generation"] = self.store.generation
@@ -563,6 +571,9 @@ class Daemon:
             self._publish_unpublished()
             if self._unpublished or not self.link.flush(timeout=2.0):
                 log.info("checkpoint deferred: forecasts still waiting for the broker")
+                self.metrics.checkpoint_duration.labels("engine_thread").observe(
+                    time.monotonic() - started
+                )  # the wait paused forecasting too
                 return
             info["journal_position"] = self._applied
         table = self.engine.streams
@@ -588,8 +599,9 @@ class Daemon:
             log.exception("checkpoint to %s failed", self.state_path)
             self.metrics.checkpointed(False)
             return
-        future = self._writer.submit(data.write, self.state_path)
+        future = self._writer.submit(timed, data.write, self.state_path)
         self._writing = PendingCheckpoint(future, info, names)
+        self.metrics.checkpoint_duration.labels("engine_thread").observe(time.monotonic() - started)
         if wait:
             future.exception()
             self._finish_checkpoint()
@@ -605,6 +617,7 @@ class Daemon:
             log.error("checkpoint to %s failed: %s", self.state_path, error)
             self.metrics.checkpointed(False)
             return
+        self.metrics.checkpoint_duration.labels("write").observe(pending.future.result())
         if self.journal is not None:
             position = pending.info["journal_position"]
             self.journal.trim(position)

@@ -39,6 +39,7 @@ OTHER = "_other"
 # ``queue_full_oldest``: the oldest queued), or the broker could not take a forecast.
 DROP_REASONS = ("queue_full", "queue_full_oldest")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 ERROR_BUCKETS = (
@@ -195,6 +196,14 @@ class Metrics(LinkEvents):
         )
         self.checkpoints = Counter(
             "forecaster_checkpoints_total", "Checkpoints written", ["result"], registry=r
+        )
+        self.checkpoint_duration = Histogram(
+            "forecaster_checkpoint_duration_seconds",
+            "Checkpoint time by stage: engine_thread (forecasting paused: waiting for forecasts"
+            " to leave, copying the state), write (serialise, write, fsync; in the background)",
+            ["stage"],
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
         )
         self.model_version = Gauge(
             "forecaster_model_version", "Version of the weights serving now", registry=r

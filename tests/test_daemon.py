@@ -412,6 +412,22 @@ def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(
         wait_until(lambda: checkpoint_position(state) == 40, "the held checkpoint, written")
         wait_until(lambda: journal_rows(state) == [], "journal trimmed once it was durable")
 
+        def timed(scraped: str, stage: str) -> float:
+            return metric_value(
+                scraped, "forecaster_checkpoint_duration_seconds_count", stage=stage
+            )
+
+        def written(scraped: str) -> float:
+            return metric_value(scraped, "forecaster_checkpoints_total", result="ok")
+
+        # Each write is timed once (read in one scrape, between two housekeeping passes).
+        wait_until(
+            lambda: written(scraped := running.scrape()) == timed(scraped, "write") >= 2,
+            "both writes timed",
+        )
+        scraped = running.scrape()
+        assert timed(scraped, "engine_thread") >= timed(scraped, "write")
+
         # A write that fails is counted and trims nothing.
         (tmp_path / "not-a-folder").write_text("")
         daemon.state_path = tmp_path / "not-a-folder" / "checkpoint.safetensors"
