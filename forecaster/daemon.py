@@ -48,6 +48,7 @@ from forecaster.parse import Parsed, PayloadParser, TopicTemplate
 from forecaster.persist import (
     Checkpoint,
     Journal,
+    Messages,
     journal_position,
     load_checkpoint,
     snapshot,
@@ -273,15 +274,23 @@ class Daemon:
         self._applied = position
         replayed = 0
         qos = self.config.mqtt.qos_out
-        for last, batch in self.journal.ticks_after(position):  # each as it was ticked live
+
+        def queue(topic: str, payload: bytes, forecasts: int) -> bool:
+            self._unpublished.append((topic, payload, qos, forecasts))
+            return False  # sent once the link is up
+
+        for last, batch, messages in self.journal.ticks_after(position):  # as ticked live
             result = self.engine.tick_batch(batch)
             for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
                 self.metrics.rejected.labels(reason).inc()
             forecasts = result.forecasts
-            for body, stream in zip(forecast_bodies(forecasts), forecasts.streams, strict=True):
-                self._unpublished.append(
-                    (self.output.topic_for(stream), orjson.dumps(body), qos, 1)
-                )
+            if messages is None:  # one message per forecast
+                origins, frames = [0] * len(forecasts), [None]
+            else:  # output frames, as the live run published them
+                rows = np.repeat(np.arange(len(messages)), [count for count, _ in messages])
+                origins = rows[forecasts.index].tolist()
+                frames = [frame for _, frame in messages]
+            self._publish_forecasts(forecasts, origins, frames, queue)
             self._applied = last
             replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
@@ -421,11 +430,12 @@ class Daemon:
         assert self.engine is not None
         admission = self.engine.admit(columns)
         self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
-        if not self._journal(admission.batch):
+        row_origins = np.asarray(origins, dtype=np.int64)
+        if not self._journal(admission.batch, self._messages(row_origins[admission.index], frames)):
             return len(batch)  # not acknowledged: the broker redelivers them
         self.link.ack(batch)  # one ack per message, once every sample of it is journaled
         if len(admission.batch):
-            self._tick(admission, np.asarray(origins, dtype=np.int64), batch, frames)
+            self._tick(admission, row_origins, batch, frames)
         if self.learner is not None:
             self.learner.after_tick()
         return len(batch)
@@ -445,13 +455,25 @@ class Daemon:
             self._reject(error.reason, raw.topic, error.detail)
         return parsed
 
-    def _journal(self, admitted: Batch) -> bool:
+    def _messages(self, origins: np.ndarray, frames: list[str | None]) -> Messages | None:
+        """The output messages of the admitted rows (``origins``: each one's message) as the
+        journal keeps them: runs of (rows, frame); None when each forecast is its own message."""
+        framed = self.config.mqtt.output_frames and any(frame is not None for frame in frames)
+        if not framed or not len(origins):
+            return None
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(origins)) + 1, [len(origins)]])
+        starts, ends = bounds[:-1].tolist(), bounds[1:].tolist()
+        return [
+            (end - start, frames[origins[start]]) for start, end in zip(starts, ends, strict=True)
+        ]
+
+    def _journal(self, admitted: Batch, messages: Messages | None) -> bool:
         """Journal the admitted rows (seq filled in) durably before they are acknowledged;
         False when the journal cannot take them (nothing is acknowledged then)."""
         if self.journal is None:
             return True
         try:
-            position = self.journal.append(admitted)
+            position = self.journal.append(admitted, messages)
         except Exception:
             log.exception("journal append failed; %d samples left with the broker", len(admitted))
             self.metrics.rejected.labels("internal_error").inc(len(admitted))
@@ -481,26 +503,7 @@ class Daemon:
         self.metrics.tick_batch.observe(size)
         forecasts = result.forecasts
         accepted = origins[forecasts.index].tolist()  # message of each forecast
-        # A message's forecasts are consecutive (arrival order), so an output frame is a run of
-        # them; publishing run by run keeps each output topic in arrival order.
-        framed = self.config.mqtt.output_frames
-        run: list[dict[str, object]] = []
-        sent: list[int] = []  # messages the link took now: their message in ``batch``
-        published = 0  # forecasts in them
-        bodies = zip(forecast_bodies(forecasts), forecasts.streams, accepted, strict=True)
-        for i, (body, stream, origin) in enumerate(bodies):
-            frame = frames[origin] if framed else None
-            if frame is None:
-                if self._send(self.output.topic_for(stream), orjson.dumps(body), 1):
-                    sent.append(origin)
-                    published += 1
-                continue
-            run.append(body)
-            if i + 1 == len(accepted) or accepted[i + 1] != origin:
-                if self._send(self.output.topic_for(frame), orjson.dumps(run), len(run)):
-                    sent.append(origin)
-                    published += len(run)
-                run = []
+        sent, published = self._publish_forecasts(forecasts, accepted, frames, self._send)
         now = time.time()  # per-tick metrics: one call each, not one per forecast
         self.metrics.latency.observe_many([max(0.0, now - batch[o].received) for o in sent])
         self.metrics.forecasts_published.inc(published)
@@ -514,6 +517,41 @@ class Daemon:
         self.metrics.streams_restored.inc(self._evictions_seen[1] - seen[1])
         self.metrics.gap_resets.inc(self.engine.gap_resets - self._gap_resets_seen)
         self._gap_resets_seen = self.engine.gap_resets
+
+    def _publish_forecasts(
+        self,
+        forecasts: ForecastColumns,
+        origins: list[int],
+        frames: list[str | None],
+        send: Callable[[str, bytes, int], bool],
+    ) -> tuple[list[int], int]:
+        """Hand each forecast to ``send``: one message each, or with ``mqtt.output_frames`` one
+        per input frame (``frames[origins[i]]``: the frame forecast ``i`` came in, None for a
+        one-sample message). Returns the messages ``send`` took now (their origin) and the
+        forecasts in them.
+
+        A message's forecasts are consecutive (arrival order), so an output frame is a run of
+        them; publishing run by run keeps each output topic in arrival order.
+        """
+        framed = self.config.mqtt.output_frames
+        run: list[dict[str, object]] = []
+        sent: list[int] = []
+        published = 0
+        bodies = zip(forecast_bodies(forecasts), forecasts.streams, origins, strict=True)
+        for i, (body, stream, origin) in enumerate(bodies):
+            frame = frames[origin] if framed else None
+            if frame is None:
+                if send(self.output.topic_for(stream), orjson.dumps(body), 1):
+                    sent.append(origin)
+                    published += 1
+                continue
+            run.append(body)
+            if i + 1 == len(origins) or origins[i + 1] != origin:
+                if send(self.output.topic_for(frame), orjson.dumps(run), len(run)):
+                    sent.append(origin)
+                    published += len(run)
+                run = []
+        return sent, published
 
     def _send(self, topic: str, payload: bytes, forecasts: int) -> bool:
         """Publish one output message (one forecast, or a frame of ``forecasts``); True when the

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -248,6 +248,26 @@ def journal_position(checkpoint: Checkpoint) -> int:
 
 
 EMPTY_BATCH = Batch([], np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+Messages = list[tuple[int, str | None]]  # output messages of a tick: runs of (rows, frame)
+
+
+class JournalTick(NamedTuple):
+    """One journaled tick: the position of its last sample, the samples, their messages."""
+
+    last: int
+    batch: Batch
+    messages: Messages | None  # None: one output message per forecast
+
+
+def _cut_runs(runs: list[list], skip: int) -> Messages:
+    """``runs`` without their first ``skip`` rows (those a checkpoint already includes)."""
+    out: Messages = []
+    for rows, frame in runs:
+        taken = min(skip, rows)
+        skip -= taken
+        if rows > taken:
+            out.append((rows - taken, frame))
+    return out
 
 
 class Journal:
@@ -279,8 +299,10 @@ class Journal:
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS ticks (pos INTEGER PRIMARY KEY, count INTEGER NOT NULL,"
-            " streams BLOB NOT NULL, columns BLOB NOT NULL)"
+            " streams BLOB NOT NULL, columns BLOB NOT NULL, messages BLOB)"
         )
+        if "messages" not in {row[1] for row in self.db.execute("PRAGMA table_info(ticks)")}:
+            self.db.execute("ALTER TABLE ticks ADD COLUMN messages BLOB")  # a journal before it
         self._convert_sample_rows()
         row = self.db.execute("SELECT MAX(pos) FROM ticks").fetchone()
         self.position = int(row[0] or 0)
@@ -321,28 +343,36 @@ class Journal:
             self.db.execute("ROLLBACK")
             raise
 
-    def _insert(self, position: int, batch: Batch) -> None:
+    def _insert(self, position: int, batch: Batch, messages: Messages | None = None) -> None:
         columns = b"".join(
             np.ascontiguousarray(column, dtype=dtype).tobytes()
             for column, dtype in ((batch.values, "<f8"), (batch.ts, "<f8"), (batch.seq, "<i8"))
         )
         self.db.execute(
-            "INSERT INTO ticks(pos, count, streams, columns) VALUES (?, ?, ?, ?)",
-            (position, len(batch), orjson.dumps(batch.streams), columns),
+            "INSERT INTO ticks(pos, count, streams, columns, messages) VALUES (?, ?, ?, ?, ?)",
+            (
+                position,
+                len(batch),
+                orjson.dumps(batch.streams),
+                columns,
+                None if messages is None else orjson.dumps(messages),
+            ),
         )
 
     def start_at(self, position: int) -> None:
         """Never hand out positions at or below ``position`` (a checkpoint's, if the file is new)."""
         self.position = max(self.position, position)
 
-    def append(self, batch: Batch) -> int:
+    def append(self, batch: Batch, messages: Messages | None = None) -> int:
         """One durable transaction for the whole batch (every ``seq`` given); returns the
-        position of its last row."""
+        position of its last row. ``messages``: the output messages the rows were published in,
+        as runs of ``[rows, frame]`` (frame None: one message per forecast), so that a replay
+        publishes them as the live run did; None: one message per forecast."""
         if not len(batch):
             return self.position
         self.db.execute("BEGIN")
         try:
-            self._insert(self.position + len(batch), batch)
+            self._insert(self.position + len(batch), batch, messages)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -350,27 +380,33 @@ class Journal:
         self.position += len(batch)
         return self.position
 
-    def ticks_after(self, position: int) -> Iterator[tuple[int, Batch]]:
-        """The journaled ticks with samples after ``position``, in order, as
-        ``(position of the last sample, Batch of the samples after position)``."""
+    def ticks_after(self, position: int) -> Iterator[JournalTick]:
+        """The journaled ticks with samples after ``position``, in order: the position of each
+        one's last sample, its samples after ``position``, and their output messages."""
         cursor = self.db.execute(
-            "SELECT pos, count, streams, columns FROM ticks WHERE pos > ? ORDER BY pos",
+            "SELECT pos, count, streams, columns, messages FROM ticks WHERE pos > ? ORDER BY pos",
             (position,),
         )
-        for pos, count, streams, columns in cursor:
-            names = orjson.loads(streams)
-            if len(names) != count or len(columns) != 24 * count:
+        for pos, count, streams, columns, messages in cursor:
+            try:
+                names = orjson.loads(streams)
+                runs = None if messages is None else orjson.loads(messages)
+                whole = runs is None or sum(rows for rows, _ in runs) == count
+            except (ValueError, TypeError):
+                whole = False
+            if not whole or len(names) != count or len(columns) != 24 * count:
                 raise CheckpointError(self.path, f"journal row {pos}", "corrupt tick row")
             values, ts, seq = (
                 np.frombuffer(columns, dtype, count, offset)
                 for dtype, offset in (("<f8", 0), ("<f8", 8 * count), ("<i8", 16 * count))
             )
             skip = max(0, position - (pos - count))  # samples at or before ``position``
-            yield pos, Batch(names[skip:], values[skip:], ts[skip:], seq[skip:])
+            batch = Batch(names[skip:], values[skip:], ts[skip:], seq[skip:])
+            yield JournalTick(pos, batch, None if runs is None else _cut_runs(runs, skip))
 
     def after(self, position: int) -> Iterator[tuple[int, Sample]]:
         """Samples after ``position`` in order, as ``(position, Sample)``."""
-        for last, batch in self.ticks_after(position):
+        for last, batch, _ in self.ticks_after(position):
             first = last - len(batch) + 1
             for i, sample in enumerate(batch.samples()):
                 yield first + i, sample

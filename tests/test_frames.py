@@ -162,11 +162,13 @@ def test_a_frame_is_journaled_whole_before_its_one_ack(
         daemon = running.daemon
         assert daemon.journal is not None
         events: list[tuple[str, int]] = []
+        journaled_messages: list[object] = []
         append, ack = daemon.journal.append, daemon.link.client.ack
 
-        def spy_append(samples: list) -> int:
+        def spy_append(samples: list, messages: object) -> int:
             events.append(("journaled", len(samples)))
-            return append(samples)
+            journaled_messages.append(messages)
+            return append(samples, messages)
 
         def spy_ack(mid: int, qos: int) -> None:
             events.append(("acked", qos))
@@ -181,3 +183,5 @@ def test_a_frame_is_journaled_whole_before_its_one_ack(
         time.sleep(0.3)
         # "x" is refused by the parser; each message: all its samples in one append, then one ack
         assert events == [event for n in (3, 2, 1) for event in (("journaled", n), ("acked", 1))]
+        # the output frames they were published in go with them, for a replay to publish alike
+        assert journaled_messages == [[(3, "a")], [(2, "a")], None]

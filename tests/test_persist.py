@@ -174,10 +174,36 @@ def test_journal_tick_rows_replay_from_a_position_inside_a_tick(tmp_path: Path) 
     assert journal.append(as_batch([Sample("s9", 9.0, None, 1)])[0]) == 6
     assert [s for _, s in journal.after(0)] == [*samples, Sample("s9", 9.0, None, 1)]
     ticks = list(journal.ticks_after(3))
-    assert [(last, batch.streams) for last, batch in ticks] == [(5, ["s3", "s4"]), (6, ["s9"])]
+    assert [(t.last, t.batch.streams) for t in ticks] == [(5, ["s3", "s4"]), (6, ["s9"])]
     assert journal.pending(3) == 3
     journal.trim(5)
     assert [p for p, _ in journal.after(0)] == [6]
+    journal.close()
+
+
+def test_journal_keeps_a_ticks_output_messages_and_cuts_them_with_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite"
+    db = sqlite3.connect(path)  # a journal from before output messages were kept
+    db.execute(
+        "CREATE TABLE ticks (pos INTEGER PRIMARY KEY, count INTEGER NOT NULL,"
+        " streams BLOB NOT NULL, columns BLOB NOT NULL)"
+    )
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    samples = [Sample(s, float(i), None, i + 1) for i, s in enumerate("abcde")]
+    journal.append(as_batch(samples[:2])[0])  # one message per forecast
+    runs = [(2, "dev"), (1, None), (2, "list")]
+    journal.append(as_batch(samples)[0], runs)
+    assert [t.messages for t in journal.ticks_after(0)] == [None, runs]
+    # a checkpoint inside the tick: the rows it includes leave their messages too
+    assert [t.messages for t in journal.ticks_after(3)] == [[(1, "dev"), (1, None), (2, "list")]]
+    assert [t.messages for t in journal.ticks_after(4)] == [[(1, None), (2, "list")]]
+    journal.db.execute("UPDATE ticks SET messages = ? WHERE pos = 7", (b'[[9, "dev"]]',))
+    with pytest.raises(CheckpointError, match="journal row 7"):  # not the tick's row count
+        list(journal.ticks_after(0))
     journal.close()
 
 

@@ -70,12 +70,15 @@ def offline_reference(values: dict[str, list[float]]) -> Reference:
     return ref
 
 
-def write_config(tmp_path: Path, broker: Broker, prefix: str, **state: object) -> Path:
+def write_config(
+    tmp_path: Path, broker: Broker, prefix: str, mqtt: dict | None = None, **state: object
+) -> Path:
     path = tmp_path / "forecaster.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "mqtt": {
+                    **(mqtt or {}),
                     "host": broker.host,
                     "port": broker.port,
                     "client_id": f"{prefix}-fc",
@@ -498,3 +501,40 @@ def test_link_stalled_and_cut_no_forecast_lost_and_outgoing_bounded(
     assert metric_value(metrics, "forecaster_samples_rejected_total", reason="duplicate") > 0
     for reason in ("queue_full", "queue_full_oldest"):
         assert metric_value(metrics, "forecaster_messages_dropped_total", reason=reason) == 0
+
+
+def test_replay_after_sigkill_publishes_output_frames_as_the_live_run_did(
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess], publisher
+) -> None:
+    """Frames journaled but never checkpointed come back after a SIGKILL as the same output
+    frames (a consumer of the frame topics would miss them as one message per forecast)."""
+    mqtt = {"frame_topics": [f"{prefix}/devices/{{device}}/state"], "output_frames": True}
+    config = write_config(tmp_path, broker, prefix, mqtt, checkpoint_interval=3600)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    with Collector(broker, f"{prefix}/status") as status:
+        daemon.start()
+        wait_online(status)
+    values = series(1, 22)["s00"]
+    with Collector(broker, f"{prefix}/out/+") as out:
+        for i in range(6):  # device frames of two readings, then list frames of four
+            frame = {"x": values[i], "y": 2 * values[i]}
+            publisher.publish(f"{prefix}/devices/dev/state", json.dumps(frame), qos=1)
+        for i in range(6, 22, 4):
+            publisher.publish(f"{prefix}/in/listed", json.dumps(values[i : i + 4]), qos=1)
+        live = out.wait_raw(6 + 4)
+        daemon.kill()  # nothing was checkpointed: a restart replays every journaled tick
+    with Collector(broker, f"{prefix}/out/+") as out:
+        daemon.start()
+        replayed = out.wait_raw(len(live))
+        time.sleep(0.3)  # nothing more may arrive
+        replayed = list(out.messages)
+    assert "replayed 28 journaled samples" in daemon.text()
+    assert daemon.stop() == 0
+
+    def messages(raw: list[tuple[str, bytes, bool]]) -> list[tuple[str, list]]:
+        return [(topic, json.loads(payload)) for topic, payload, _ in raw]
+
+    assert [topic.rsplit("/", 1)[1] for topic, _, _ in live] == ["dev"] * 6 + ["listed"] * 4
+    assert all(isinstance(body, list) for _, body in messages(live))
+    assert messages(replayed) == messages(live)
