@@ -838,8 +838,10 @@ def bench_throughput(
                     proc = _start_target(kind, port, folder, collector)
                     try:
                         cpu0, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                        broker0, _ = _proc_figures(broker.pid)
                         saturated = _offer(collector, port, streams, max(count, 2 * streams), 0)
                         cpu1, _ = _proc_figures(proc.pid)  # type: ignore[attr-defined]
+                        broker1, _ = _proc_figures(broker.pid)
                         peak = (
                             figures["relay"]["saturated"]["per_s"]
                             if kind == "forecaster"
@@ -856,6 +858,9 @@ def bench_throughput(
                         "saturated": saturated,
                         "half_peak": fixed,
                         "cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(1, saturated["received"]),
+                        "broker_cpu_s_per_1000": (
+                            1000 * (broker1 - broker0) / max(1, saturated["received"])
+                        ),
                         "rss_mb": rss,
                     }
                 pairs.append(_pair_figures(streams, figures["relay"], figures["forecaster"]))
@@ -895,6 +900,9 @@ def _pair_figures(streams: int, relay: dict, daemon: dict) -> dict[str, float]:
         "relay_p99_ms": relay["half_peak"]["p99_ms"],
         "cpu_s_per_1000": daemon["cpu_s_per_1000"],
         "relay_cpu_s_per_1000": relay["cpu_s_per_1000"],
+        # Mosquitto's CPU for the same messages: in with the load, out with the daemon's forecasts
+        "broker_cpu_s_per_1000": daemon["broker_cpu_s_per_1000"],
+        "relay_broker_cpu_s_per_1000": relay["broker_cpu_s_per_1000"],
         "rss_mb": daemon["rss_mb"],
         "relay_rss_mb": relay["rss_mb"],
         "received": daemon["saturated"]["received"],
@@ -913,16 +921,22 @@ def print_throughput(result: dict[str, object], as_json: bool) -> None:
     )
     print(
         f"  {'streams':>7} {'forecaster/s':>12} {'relay/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
-        f" {'p99 sat':>8} {'cpu s/1k':>9} {'relay cpu':>9} {'RSS MB':>7}"
+        f" {'p99 sat':>8} {'cpu s/1k':>9} {'relay cpu':>9} {'broker':>7} {'(relay)':>7}"
+        f" {'RSS MB':>7}"
     )
     for r in result["runs"]:  # type: ignore[attr-defined]
         print(
             f"  {r['streams']:>7} {r['forecaster_per_s']:>12.0f} {r['relay_per_s']:>8.0f} {r['ratio']:>6.2f}"
             f" {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['p99_ms_saturated']:>8.1f}"
-            f" {r['cpu_s_per_1000']:>9.3f} {r['relay_cpu_s_per_1000']:>9.3f} {r['rss_mb']:>7.0f}"
+            f" {r['cpu_s_per_1000']:>9.3f} {r['relay_cpu_s_per_1000']:>9.3f}"
+            f" {r['broker_cpu_s_per_1000']:>7.3f} {r['relay_broker_cpu_s_per_1000']:>7.3f}"
+            f" {r['rss_mb']:>7.0f}"
             + (f"  ratios {', '.join(f'{x:.2f}' for x in r['ratios'])}" if repeats != 1 else "")
         )
-    print("  (p50/p99 at half the relay's peak rate; p99 sat at saturation)")
+    print(
+        "  (p50/p99 at half the relay's peak rate; p99 sat at saturation; CPU s per 1,000 messages"
+        " at saturation: the daemon, the relay, Mosquitto beside each)"
+    )
     frames = result.get("frames")
     if frames:
         print(

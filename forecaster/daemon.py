@@ -503,7 +503,8 @@ class Daemon:
         self.metrics.tick_batch.observe(size)
         forecasts = result.forecasts
         accepted = origins[forecasts.index].tolist()  # message of each forecast
-        sent, published = self._publish_forecasts(forecasts, accepted, frames, self._send)
+        with self.link.corked():
+            sent, published = self._publish_forecasts(forecasts, accepted, frames, self._send)
         now = time.time()  # per-tick metrics: one call each, not one per forecast
         self.metrics.latency.observe_many([max(0.0, now - batch[o].received) for o in sent])
         self.metrics.forecasts_published.inc(published)

@@ -196,6 +196,7 @@ class Relay:
         self.flowing.set()
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
+        self.reads = 0  # recv() calls that got the client's bytes (how many chunks they came in)
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -215,13 +216,14 @@ class Relay:
             threading.Thread(target=self._pipe, args=(near, far, self.flowing), daemon=True).start()
             threading.Thread(target=self._pipe, args=(far, near, None), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket, gate: threading.Event | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, gate: threading.Event | None) -> None:
         with contextlib.suppress(OSError):
             while gate is None or gate.wait():
                 data = src.recv(65536)
                 if not data:
                     break
+                if gate is not None:
+                    self.reads += 1
                 dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):

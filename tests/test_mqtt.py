@@ -165,3 +165,33 @@ def test_qos0_forecasts_unwritten_when_the_link_breaks_are_handed_back(
         out.close()
         link.close()
         relay.close()
+
+
+def test_a_corked_burst_reaches_the_broker_whole_in_a_few_segments(
+    broker: Broker, prefix: str
+) -> None:
+    """A tick's forecasts published inside ``corked()`` arrive complete and in order, in a few
+    reads at the far end instead of about one per message; the socket is uncorked after."""
+    relay = Relay(broker)
+    link = MqttLink(link_config(relay, prefix), queue.Queue(maxsize=10))
+    link.start()
+    out = Collector(broker, f"{prefix}/out/+", qos=0)
+    try:
+        assert link.is_subscribed.wait(10)
+        time.sleep(0.2)  # the subscribe's bytes are counted before the burst
+        before = relay.reads
+        payloads = [f"forecast {k}".encode() for k in range(200)]
+        with link.corked():
+            for payload in payloads:
+                assert link.publish(f"{prefix}/out/s", payload, 0)
+            time.sleep(0.05)  # corked: nothing leaves yet
+            assert relay.reads == before
+        got = out.wait_raw(len(payloads), timeout=10)
+        assert [p for _, p, _ in got] == payloads
+        assert relay.reads - before <= 5, relay.reads - before  # 200 messages, ~3 KB
+        sock = link.client.socket()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+    finally:
+        out.close()
+        link.close()
+        relay.close()
