@@ -370,13 +370,9 @@ class Journal:
         publishes them as the live run did; None: one message per forecast."""
         if not len(batch):
             return self.position
-        self.db.execute("BEGIN")
-        try:
-            self._insert(self.position + len(batch), batch, messages)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        # One statement in autocommit mode is one transaction: no BEGIN and COMMIT around it
+        # (each SQLite call is a GIL handoff to the MQTT thread).
+        self._insert(self.position + len(batch), batch, messages)
         self.position += len(batch)
         return self.position
 
