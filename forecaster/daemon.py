@@ -301,12 +301,15 @@ class Daemon:
     def _publish_unpublished(self) -> None:
         lost = [(topic, payload, qos, 0) for topic, payload, qos in self.link.settle()]
         self._unpublished.extendleft(reversed(lost))  # lost unwritten: first again
-        while self._unpublished and self.link.is_connected.is_set():
-            topic, payload, qos, forecasts = self._unpublished[0]
-            if not self.link.publish(topic, payload, qos):
-                return
-            self._unpublished.popleft()
-            self.metrics.forecasts_published.inc(forecasts)
+        if not self._unpublished or not self.link.is_connected.is_set():
+            return
+        with self.link.corked():  # a backlog after an outage leaves as one burst
+            while self._unpublished and self.link.is_connected.is_set():
+                topic, payload, qos, forecasts = self._unpublished[0]
+                if not self.link.publish(topic, payload, qos):
+                    return
+                self._unpublished.popleft()
+                self.metrics.forecasts_published.inc(forecasts)
 
     @property
     def outgoing(self) -> int:
