@@ -284,13 +284,10 @@ class Daemon:
             for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
                 self.metrics.rejected.labels(reason).inc()
             forecasts = result.forecasts
-            if messages is None:  # one message per forecast
-                origins, frames = [0] * len(forecasts), [None]
-            else:  # output frames, as the live run published them
-                rows = np.repeat(np.arange(len(messages)), [count for count, _ in messages])
-                origins = rows[forecasts.index].tolist()
-                frames = [frame for _, frame in messages]
-            self._publish_forecasts(forecasts, origins, frames, queue)
+            runs = messages or [(len(batch), None)]  # None: one message per forecast
+            rows = np.repeat(np.arange(len(runs)), [count for count, _ in runs])  # row -> message
+            frames = [frame for _, frame in runs]
+            self._publish_forecasts(forecasts, rows[forecasts.index].tolist(), frames, queue)
             self._applied = last
             replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
@@ -434,7 +431,8 @@ class Daemon:
         admission = self.engine.admit(columns)
         self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
         row_origins = np.asarray(origins, dtype=np.int64)
-        if not self._journal(admission.batch, self._messages(row_origins[admission.index], frames)):
+        messages = self._messages(row_origins, admission.index, frames)
+        if not self._journal(admission.batch, messages):
             return len(batch)  # not acknowledged: the broker redelivers them
         self.link.ack(batch)  # one ack per message, once every sample of it is journaled
         if len(admission.batch):
@@ -458,12 +456,16 @@ class Daemon:
             self._reject(error.reason, raw.topic, error.detail)
         return parsed
 
-    def _messages(self, origins: np.ndarray, frames: list[str | None]) -> Messages | None:
-        """The output messages of the admitted rows (``origins``: each one's message) as the
-        journal keeps them: runs of (rows, frame); None when each forecast is its own message."""
+    def _messages(
+        self, row_origins: np.ndarray, admitted: np.ndarray, frames: list[str | None]
+    ) -> Messages | None:
+        """The output messages of the ``admitted`` rows (``row_origins``: each row's message)
+        as the journal keeps them: runs of (rows, frame); None when each forecast is its own
+        message (then nothing is computed per tick)."""
         framed = self.config.mqtt.output_frames and any(frame is not None for frame in frames)
-        if not framed or not len(origins):
+        if not framed or not len(admitted):
             return None
+        origins = row_origins[admitted]
         bounds = np.concatenate([[0], np.flatnonzero(np.diff(origins)) + 1, [len(origins)]])
         starts, ends = bounds[:-1].tolist(), bounds[1:].tolist()
         return [

@@ -303,19 +303,17 @@ class MqttLink:
         """
         sock = self.client.socket()
         cork = getattr(socket, "TCP_CORK", None)
-        if cork is None or not isinstance(sock, socket.socket):
-            yield
-            return
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
-        except OSError:  # closed by a reconnect meanwhile
-            yield
-            return
+        corked = False
+        if cork is not None and isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):  # closed by a reconnect meanwhile
+                sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+                corked = True
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+            if corked:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
     def publish(self, topic: str, payload: str | bytes, qos: int) -> bool:
         """Hand a forecast to paho; False: it could not take it, the caller keeps it to retry.

@@ -365,9 +365,9 @@ class Journal:
 
     def append(self, batch: Batch, messages: Messages | None = None) -> int:
         """One durable transaction for the whole batch (every ``seq`` given); returns the
-        position of its last row. ``messages``: the output messages the rows were published in,
-        as runs of ``[rows, frame]`` (frame None: one message per forecast), so that a replay
-        publishes them as the live run did; None: one message per forecast."""
+        position of its last row. ``messages``: the output messages the rows are published in,
+        as runs of ``(rows, frame)`` (a frame None: one message per forecast of its rows), so a
+        replay publishes them as the live run did; None: one message per forecast."""
         if not len(batch):
             return self.position
         # One statement in autocommit mode is one transaction: no BEGIN and COMMIT around it
