@@ -37,3 +37,13 @@ def test_model_config_rejects_unknown_cell() -> None:
 
     with pytest.raises(ValueError, match="cell"):
         ModelConfig.from_dict({"cell": "transformer", "hidden_size": 4, "num_layers": 1})
+
+
+def test_serving_tanh_is_in_place_and_within_an_ulp_of_torchs() -> None:
+    from forecaster.model import _tanh_
+
+    x = torch.linspace(-12.0, 12.0, 100_002).reshape(-1, 6)  # float32, both tails and zero
+    h = x.clone()
+    assert _tanh_(h) is h
+    torch.testing.assert_close(h, torch.tanh(x), atol=1.2e-7, rtol=1.2e-7)
+    assert torch.equal(_tanh_(torch.zeros(3, 2)), torch.zeros(3, 2))
