@@ -94,8 +94,8 @@ class Normalizer:
         self.clipped[slots] = 0.0
 
     def scale(self, slots: np.ndarray) -> np.ndarray:
-        """Standard deviation, kept above zero relative to the level (a flat stream gives z=0)."""
-        return np.sqrt(self.var[slots]) + 1e-9 * (1.0 + np.abs(self.mean[slots]))
+        """The values' spread in ``slots`` (see ``spread``)."""
+        return spread(self.mean[slots], self.var[slots])
 
     def frame_scale(self, slots: np.ndarray) -> np.ndarray:
         """What one unit of ``z`` is worth in stream units now (1 when values pass unchanged)."""
@@ -111,13 +111,14 @@ class Normalizer:
             self.count[slots] = count
             return np.asarray(x, dtype=np.float64).copy()
         weight = np.maximum(1.0 / count, self.config.alpha)
-        delta = x - self.mean[slots]
-        mean = self.mean[slots] + weight * delta
+        mean = self.mean[slots]
+        delta = x - mean
+        mean = mean + weight * delta
         var = (1.0 - weight) * (self.var[slots] + weight * delta * delta)
         self.count[slots] = count
         self.mean[slots] = mean
         self.var[slots] = var
-        z = (x - mean) / self.scale(slots)
+        z = (x - mean) / spread(mean, var)  # scale(slots) from the moments in hand
         self.clipped[slots] = np.abs(z) >= self.config.clip
         return _clip(z, self.config.clip)
 
@@ -211,6 +212,11 @@ class Normalizer:
         for key in ("last", "change", "sxx", "sxy", "clipped"):  # absent in older checkpoints
             if key in arrays:
                 setattr(self, key, np.asarray(arrays[key], dtype=np.float64).copy())
+
+
+def spread(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Standard deviation kept above zero relative to the level (a flat stream gives z=0)."""
+    return np.sqrt(var) + 1e-9 * (1.0 + np.abs(mean))
 
 
 def _clip(z: np.ndarray, bound: float) -> np.ndarray:
