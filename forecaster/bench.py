@@ -439,20 +439,25 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
         "from forecaster.streams import return_freed_arrays; return_freed_arrays()  # as run does\n"
         "from forecaster.engine import Batch, Engine\n"
         "from forecaster.persist import load_checkpoint\n"
-        "def hwm():\n"
-        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-        "ck = load_checkpoint(); base = hwm()\n"
+        "def kb(key='VmHWM'):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+        "ck = load_checkpoint(); base = kb()\n"
         "e = Engine(ck.model, ck.normalizer)\n"
         f"names = [f's{{i}}' for i in range({streams})]\n"
         "for t in range(3):\n"
         "    for lo in range(0, len(names), 10000):\n"
         "        e.tick_batch(Batch.of(names[lo:lo + 10000], np.full(10000, float(t))))\n"
-        "print(base / 1024, hwm() / 1024, len(e.streams))\n"
+        "print(base / 1024, kb() / 1024, len(e.streams), kb('RssFile') / 1024)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
-    return {"streams": int(out[2]), "rss_mb_idle": float(out[0]), "rss_mb_peak": float(out[1])}
+    return {
+        "streams": int(out[2]),
+        "rss_mb_idle": float(out[0]),
+        "rss_mb_peak": float(out[1]),
+        "rss_mb_file": float(out[3]),  # mapped library pages: clean, shared with the page cache
+    }
 
 
 def print_engine(result: dict[str, object], memory: dict[str, float], as_json: bool) -> None:
@@ -471,7 +476,8 @@ def print_engine(result: dict[str, object], memory: dict[str, float], as_json: b
         )
     print(
         f"memory: {memory['streams']} active streams, peak RSS {memory['rss_mb_peak']:.0f} MB"
-        f" (after loading the model: {memory['rss_mb_idle']:.0f} MB)"
+        f" (after loading the model: {memory['rss_mb_idle']:.0f} MB; at the end, mapped library"
+        f" files: {memory['rss_mb_file']:.0f} MB)"
     )
 
 
