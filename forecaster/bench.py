@@ -379,8 +379,10 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
 
     from forecaster.engine import Batch, Engine, Sample
     from forecaster.persist import load_checkpoint
+    from forecaster.streams import return_freed_arrays
 
-    torch.set_num_threads(1)  # the daemon's setting
+    torch.set_num_threads(1)  # the daemon's settings: one thread, glibc's fixed mmap threshold
+    return_freed_arrays()
     checkpoint = load_checkpoint()
     model = checkpoint.model.eval()
     rows = []
@@ -428,9 +430,14 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
 
 
 def bench_memory(streams: int = 100_000) -> dict[str, float]:
-    """Peak RSS of a fresh process that serves ``streams`` active streams through the Engine."""
+    """Peak RSS of a fresh process that serves ``streams`` active streams through the Engine,
+    in ticks of the daemon's largest size (``engine.max_batch``)."""
     import subprocess
     import sys
+
+    from forecaster.config import EngineConfig
+
+    tick = EngineConfig().max_batch
 
     # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over fork and exec, so a child
     # of a big bench process would report the parent's peak.
@@ -445,8 +452,9 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
         "e = Engine(ck.model, ck.normalizer)\n"
         f"names = [f's{{i}}' for i in range({streams})]\n"
         "for t in range(3):\n"
-        "    for lo in range(0, len(names), 10000):\n"
-        "        e.tick_batch(Batch.of(names[lo:lo + 10000], np.full(10000, float(t))))\n"
+        f"    for lo in range(0, len(names), {tick}):\n"
+        f"        chunk = names[lo:lo + {tick}]\n"
+        "        e.tick_batch(Batch.of(chunk, np.full(len(chunk), float(t))))\n"
         "print(base / 1024, kb() / 1024, len(e.streams), kb('RssFile') / 1024)\n"
     )
     out = subprocess.run(
@@ -457,6 +465,7 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
         "rss_mb_idle": float(out[0]),
         "rss_mb_peak": float(out[1]),
         "rss_mb_file": float(out[3]),  # mapped library pages: clean, shared with the page cache
+        "tick": tick,
     }
 
 
@@ -475,7 +484,8 @@ def print_engine(result: dict[str, object], memory: dict[str, float], as_json: b
             f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f} {row['objects_ns_per_step']:>16.0f}"
         )
     print(
-        f"memory: {memory['streams']} active streams, peak RSS {memory['rss_mb_peak']:.0f} MB"
+        f"memory: {memory['streams']} active streams in ticks of {memory['tick']},"
+        f" peak RSS {memory['rss_mb_peak']:.0f} MB"
         f" (after loading the model: {memory['rss_mb_idle']:.0f} MB; at the end, mapped library"
         f" files: {memory['rss_mb_file']:.0f} MB)"
     )

@@ -84,32 +84,44 @@ class Forecaster(nn.Module):
         out, rnn_state = self.rnn(x, self._unpack(state))  # out: (B, T, hidden)
         return self.fc(out), self._pack(rnn_state)  # (B, T, 1)
 
-    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sample per stream: ``x (B,)`` -> ``(ŷ (B,), state (num_layers, B, width))``."""
+    def step(
+        self, x: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample per stream: ``x (B,)`` -> ``(ŷ (B,), state (num_layers, B, width))``.
+
+        ``out`` (same shape as ``state``, not overlapping it): where the RNN cell's serving step
+        writes the new state, so a caller that steps every tick can reuse one block instead of
+        allocating one per tick; other cells, and training, return a new tensor.
+        """
         if self.config.cell == "rnn" and not torch.is_grad_enabled():
-            return self._rnn_step(x, state)
+            return self._rnn_step(x, state, out)
         y, state = self.forward(x.view(-1, 1, 1), state)  # x as (B, 1, 1)
         return y.view(-1), state  # (B,)
 
-    def _rnn_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rnn_step(
+        self, x: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``nn.RNN``'s recurrence for one step, ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)``, as
         a few in-place BLAS calls. ``nn.RNN`` + ``Linear`` for a one-step sequence spends most of
         its time on the sequence machinery around the arithmetic: at 1,000 streams this is ~3x
         faster, and equal to ``forward`` within float rounding (the engine's tests check it)."""
         rnn = self.rnn
         layer_in = x.view(-1, 1)
-        layers = []
+        if out is None:
+            out = torch.empty_like(state)  # (num_layers, B, hidden)
         for k in range(self.config.num_layers):
             h = torch.addmm(
-                getattr(rnn, f"bias_ih_l{k}"), layer_in, getattr(rnn, f"weight_ih_l{k}").t()
+                getattr(rnn, f"bias_ih_l{k}"),
+                layer_in,
+                getattr(rnn, f"weight_ih_l{k}").t(),
+                out=out[k],  # (B, hidden), written in place: no stack of the layers afterwards
             )
             h.addmm_(state[k], getattr(rnn, f"weight_hh_l{k}").t()).add_(
                 getattr(rnn, f"bias_hh_l{k}")
             )
             layer_in = _tanh_(h)
-            layers.append(h)
         y = torch.addmm(self.fc.bias, layer_in, self.fc.weight.t())  # (B, 1)
-        return y.view(-1), torch.stack(layers)
+        return y.view(-1), out
 
 
 def _tanh_(h: torch.Tensor) -> torch.Tensor:

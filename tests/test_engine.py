@@ -208,3 +208,21 @@ def test_an_admission_is_good_for_the_next_tick_only(tiny_model: Forecaster) -> 
     with pytest.raises(ValueError, match="next tick only"):
         engine.tick_batch(stale)
     assert engine.last_seq("a") == 1
+
+
+def test_ticks_reuse_the_engine_work_blocks_and_leave_other_streams_alone(
+    tiny_model: Forecaster,
+) -> None:
+    rng = np.random.default_rng(4)
+    names = [f"s{i}" for i in range(300)]
+    engine = Engine(tiny_model, NORM)
+    engine.tick_batch(Batch.of(names, rng.normal(size=300)))
+    blocks = {name: block.data_ptr() for name, block in engine._blocks.items()}
+    assert set(blocks) == {"before", "after"}
+    untouched = engine.streams.state[:, 100:300].clone()  # (num_layers, 200, width)
+    for size in (100, 60, 100):  # smaller ticks: the blocks' tails hold the first tick's rows
+        before = engine.streams.state[:, :size].clone()
+        engine.tick_batch(Batch.of(names[:size], rng.normal(size=size)))
+        assert not torch.equal(engine.streams.state[:, :size], before)  # these streams stepped
+    assert {name: block.data_ptr() for name, block in engine._blocks.items()} == blocks
+    assert torch.equal(engine.streams.state[:, 100:300], untouched)

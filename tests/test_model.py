@@ -47,3 +47,17 @@ def test_serving_tanh_is_in_place_and_within_an_ulp_of_torchs() -> None:
     assert _tanh_(h) is h
     torch.testing.assert_close(h, torch.tanh(x), atol=1.2e-7, rtol=1.2e-7)
     assert torch.equal(_tanh_(torch.zeros(3, 2)), torch.zeros(3, 2))
+
+
+def test_serving_step_writes_into_out_bit_for_bit() -> None:
+    torch.manual_seed(2)
+    model = Forecaster(ModelConfig("rnn", 8, 2)).eval()
+    x, state = torch.randn(5), torch.randn(2, 5, 8)
+    before = state.clone()
+    with torch.no_grad():
+        y, fresh = model.step(x, state)
+        out = torch.full((2, 5, 8), float("nan"))
+        y_out, written = model.step(x, state, out=out)
+    assert written is out
+    assert torch.equal(written, fresh) and torch.equal(y_out, y)
+    assert torch.equal(state, before)  # the state stepped from is left as it was
