@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from forecaster.combine import CombinerConfig
 from forecaster.errors import ConfigError
 from forecaster.scoring import ScoringConfig
 
@@ -255,6 +256,18 @@ class GapConfig(Section):
     rewarm_samples: int = Field(20, ge=0)  # forecasts flagged warm: false after a reset
 
 
+_COMBINE = CombinerConfig()  # the defaults live in one place: forecaster.combine
+
+
+class CombineConfig(Section):
+    """Mix the RNN with an online AR path and the last value per stream (``forecaster.combine``)."""
+
+    enabled: bool = _COMBINE.enabled
+    lags: int = Field(_COMBINE.lags, ge=1, le=64)  # past changes the AR path reads
+    forgetting: float = Field(_COMBINE.forgetting, gt=0.9, le=1.0)  # AR path's RLS memory
+    weight_halflife: PositiveFloat = _COMBINE.weight_halflife  # samples; how fast weights move
+
+
 class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     # Samples of one stream in one tick at most: each is a round of its own (stepped in turn), so
@@ -270,6 +283,7 @@ class EngineConfig(Section):
     max_streams: int = Field(0, ge=0)
     gaps: GapConfig = GapConfig()
     horizon: int = Field(1, ge=1, le=1000)  # forecasts published per sample: t+1 ... t+horizon
+    combine: CombineConfig = CombineConfig()
 
 
 class OnlineLearningConfig(Section):
@@ -361,6 +375,17 @@ def scoring_config(config: Config) -> ScoringConfig:
         anomaly_smoothing=a.smoothing,
         level_smoothing=a.level_smoothing,
         anomaly_warmup=a.warmup,
+    )
+
+
+def combiner_config(config: Config) -> CombinerConfig:
+    """The engine's combination settings from ``engine.combine``."""
+    c = config.engine.combine
+    return CombinerConfig(
+        enabled=c.enabled,
+        lags=c.lags,
+        forgetting=c.forgetting,
+        weight_halflife=c.weight_halflife,
     )
 
 

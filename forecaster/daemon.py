@@ -32,7 +32,8 @@ import orjson
 import torch
 from prometheus_client import CollectorRegistry
 
-from forecaster.config import Config, scoring_config
+from forecaster.combine import COMPONENTS
+from forecaster.config import Config, combiner_config, scoring_config
 from forecaster.engine import (
     Admission,
     Batch,
@@ -124,6 +125,9 @@ def forecast_bodies(columns: ForecastColumns) -> list[dict[str, object]]:
         )
         for body, (path, lower, upper) in zip(bodies, paths, strict=True):  # engine.horizon > 1
             body.update(horizon=path, horizon_lower=lower, horizon_upper=upper)
+    if columns.weights is not None:  # which reader of the stream carries its forecast
+        for body, shares in zip(bodies, columns.weights.round(3).tolist(), strict=True):
+            body["weights"] = dict(zip(COMPONENTS, shares, strict=True))
     return bodies
 
 
@@ -258,6 +262,7 @@ class Daemon:
             gaps=gap_policy(self.config),
             scoring=scoring_config(self.config),
             horizon=self.config.engine.horizon,
+            combine=combiner_config(self.config),
         )
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)

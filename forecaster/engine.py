@@ -17,6 +17,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
+from forecaster.combine import COMPONENTS, CombinerConfig
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
 from forecaster.scoring import ScoringConfig
@@ -193,6 +194,9 @@ class ForecastColumns:
     path: np.ndarray | None = None  # (M, H) with a horizon H > 1
     path_lower: np.ndarray | None = None
     path_upper: np.ndarray | None = None
+    # (M, len(COMPONENTS)): each component's share of the prediction (``forecaster.combine``);
+    # None when combination is off
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -309,14 +313,20 @@ class Engine:
         gaps: GapPolicy | None = None,
         scoring: ScoringConfig | None = None,
         horizon: int = 1,
+        combine: CombinerConfig | None = None,
     ) -> None:
         self.horizon = horizon  # steps ahead published; the state never sees its own forecasts
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.normalizer_config = normalizer or NormalizerConfig()
         self.scoring_config = scoring or ScoringConfig()
+        self.combine_config = combine or CombinerConfig()
         self.streams = StreamTable(
-            self.model, self.normalizer_config, self.device, scoring=self.scoring_config
+            self.model,
+            self.normalizer_config,
+            self.device,
+            scoring=self.scoring_config,
+            combine=self.combine_config,
         )
         self.max_abs_value = max_abs_value
         self.model_version = model_version
@@ -525,6 +535,7 @@ class Engine:
             path=np.empty((m, horizon)) if horizon else None,
             path_lower=np.empty((m, horizon)) if horizon else None,
             path_upper=np.empty((m, horizon)) if horizon else None,
+            weights=np.empty((m, len(COMPONENTS))) if self.combine_config.enabled else None,
         )
 
     def _make_room(self, needed: set[str]) -> None:
@@ -611,7 +622,9 @@ class Engine:
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
         scale = table.normalizer.frame_scale(slots)  # after the update: the forecast's frame
-        prediction = table.normalizer.forecast(slots, z_next.double().cpu().numpy(), scale)
+        prediction = self._forecast(
+            out, rows, slots, values, z, z_next.double().cpu().numpy(), scale
+        )
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
         half = table.scorer.halfwidth(slots) * scale
@@ -633,6 +646,29 @@ class Engine:
             paths = self._paths(slots, z_next, state, half, prediction)
             for key, path in paths.items():
                 getattr(out, key)[rows] = path
+
+    def _forecast(
+        self,
+        out: ForecastColumns,
+        rows: slice | np.ndarray,
+        slots: np.ndarray,
+        values: np.ndarray,
+        z: np.ndarray,
+        z_next: np.ndarray,
+        scale: np.ndarray,
+    ) -> np.ndarray:
+        """The published forecast: the RNN's, mixed with the AR path and the last value
+        (``forecaster.combine``; their weights go to ``out.weights[rows]``), or the RNN's
+        alone, shrunk by the normaliser's gain."""
+        norm = self.streams.normalizer
+        if not self.combine_config.enabled:
+            return norm.forecast(slots, z_next, scale)
+        # After a value the normaliser clipped, the RNN cannot tell how far it went: last value.
+        rnn = np.where(norm.clipped[slots] > 0, values, norm.denormalize(slots, z_next, scale))
+        prediction, weights = self.streams.combiner.step(slots, values, rnn, z)
+        assert out.weights is not None
+        out.weights[rows] = weights
+        return prediction
 
     def _paths(
         self,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from forecaster.combine import CombinerConfig
 from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, Sample
 from forecaster.errors import ForecasterError
@@ -66,12 +67,13 @@ def run_series(
     progress: bool = True,
     stream: str = "series",
     learn: OnlineLearningConfig | None = None,
+    combine: CombinerConfig | None = None,
 ) -> SeriesRun:
     """Feed ``values`` one sample per tick through a fresh Engine (and, with ``learn``, the same
     Learner the daemon runs, driven synchronously: deterministic for its seed)."""
     if learn is not None:
         model = copy.deepcopy(model)  # the learner changes the weights it serves
-    engine = Engine(model, normalizer, device=device)
+    engine = Engine(model, normalizer, device=device, combine=combine)
     learner = Learner(engine, learn) if learn is not None else None
     predictions = np.empty(len(values))
     versions = np.zeros(len(values), dtype=np.int64)

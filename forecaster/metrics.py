@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from forecaster import __version__
+from forecaster.combine import COMPONENTS
 from forecaster.engine import Forecast, ForecastColumns
 from forecaster.mqtt import LinkEvents
 from forecaster.parse import REASONS
@@ -296,6 +297,7 @@ class Metrics(LinkEvents):
             f.upper,
             f.anomaly,
             covered,
+            f.weights,
         )
 
     def observe_forecasts(self, forecasts: Iterable[Forecast]) -> None:
@@ -333,6 +335,7 @@ class Metrics(LinkEvents):
         upper: np.ndarray,
         anomaly: np.ndarray,
         covered: np.ndarray,
+        weights: np.ndarray | None = None,
     ) -> None:
         """Fold a tick's forecasts into each label's numbers (NaN error: none yet; NaN covered:
         no interval yet), in arrival order, as columns. ``_StreamCollector`` exports them at
@@ -356,7 +359,8 @@ class Metrics(LinkEvents):
                 if distinct
                 else len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
             )
-            lasts = np.stack([value, prediction, lower, upper, anomaly], axis=1)[latest]
+            shares = np.full((len(value), len(COMPONENTS)), np.nan) if weights is None else weights
+            lasts = np.column_stack([value, prediction, lower, upper, anomaly, shares])[latest]
             table.last[rows[latest]] = _finite(lasts, 1e300)
             e, n = errors[scored], naives[scored]
             _fold(
@@ -389,7 +393,8 @@ class _LabelTable:
         self.index: dict[str, int] = {}  # label -> row
         self.samples = np.zeros(capacity, dtype=np.int64)
         self.anomalies = np.zeros(capacity, dtype=np.int64)
-        self.last = np.full((capacity, 5), np.nan)  # value, prediction, lower, upper, anomaly
+        # value, prediction, lower, upper, anomaly, then each component's weight
+        self.last = np.full((capacity, 5 + len(COMPONENTS)), np.nan)
         self.rolling = np.zeros((capacity, 4))  # EWMA of |e|, e^2, |naive|, naive^2
         self.rolling_n = np.zeros(capacity, dtype=np.int64)
         self.interval = np.zeros((capacity, 2))  # EWMA of covered (0/1) and width
@@ -448,7 +453,7 @@ class _Numbers:
 
     samples: int
     anomalies: int
-    last: list[float] | None  # value, prediction, lower, upper, anomaly; None for _other
+    last: list[float] | None  # value, prediction, lower, upper, anomaly, weights; None: _other
     rolling_n: int
     abs: float
     sq: float
@@ -597,6 +602,16 @@ class _StreamCollector(Collector):
                 if value is not None:
                     gauge.add_metric([label], value)
             families.append(gauge)
+        weight = GaugeMetricFamily(
+            "forecaster_stream_weight",
+            "Share of the last forecast that each component gave (naive, rnn, ar; sums to 1)",
+            labels=["stream", "component"],
+        )
+        for label, numbers in snapshot or ():
+            if numbers.last is not None and not math.isnan(numbers.last[5]):
+                for i, component in enumerate(COMPONENTS):
+                    weight.add_metric([label, component], numbers.last[5 + i])
+        families.append(weight)
         for name, doc, count in STREAM_COUNTERS:
             counter = CounterMetricFamily(f"forecaster_stream_{name}", doc, labels=["stream"])
             for label, numbers in snapshot or ():

@@ -13,6 +13,7 @@ import ctypes
 import numpy as np
 import torch
 
+from forecaster.combine import Combiner, CombinerConfig
 from forecaster.model import Forecaster
 from forecaster.normalize import Normalizer, NormalizerConfig
 from forecaster.scoring import Scorer, ScoringConfig
@@ -53,6 +54,7 @@ class StreamTable:
         device: torch.device | str = "cpu",
         capacity: int = 16,
         scoring: ScoringConfig | None = None,
+        combine: CombinerConfig | None = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -61,6 +63,7 @@ class StreamTable:
         self.state = model.init_state(capacity, self.device)  # (num_layers, capacity, width)
         self.normalizer = Normalizer(normalizer, capacity)
         self.scorer = Scorer(scoring, capacity)  # interval and anomaly statistics
+        self.combiner = Combiner(combine, capacity)  # the AR path and the component weights
         self.seq = np.zeros(capacity, dtype=np.int64)  # last applied sequence number
         self.last_used = np.zeros(capacity, dtype=np.int64)
         self.intervals = np.zeros(capacity, dtype=np.int64)
@@ -106,6 +109,7 @@ class StreamTable:
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
         self.normalizer.grow(capacity)
         self.scorer.grow(capacity)
+        self.combiner.grow(capacity)
         for name in (*INT_COLUMNS, "scratch"):
             setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra, np.int64)]))
         for name in FLOAT_COLUMNS:
@@ -116,6 +120,7 @@ class StreamTable:
         out = {name: getattr(self, name) for name in (*INT_COLUMNS, *FLOAT_COLUMNS)}
         out.update({f"norm_{k}": v for k, v in self.normalizer.state_arrays().items()})
         out.update({f"score_{k}": v for k, v in self.scorer.state_arrays().items()})
+        out.update({f"mix_{k}": v for k, v in self.combiner.state_arrays().items()})
         return out
 
     def arrays(self, slots: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -144,6 +149,7 @@ class StreamTable:
         self.state[:, :n] = torch.as_tensor(arrays["state"], device=self.device)
         self.normalizer = Normalizer(self.normalizer.config, capacity)
         self.scorer = Scorer(self.scorer.config, capacity)
+        self.combiner = Combiner(self.combiner.config, capacity)
         for name in (*INT_COLUMNS, "scratch"):
             setattr(self, name, np.zeros(capacity, dtype=np.int64))
         for name in FLOAT_COLUMNS:
@@ -206,6 +212,7 @@ class StreamTable:
         self.state.index_fill_(1, index, 0.0)
         self.normalizer.reset(slots)
         self.scorer.reset(slots)
+        self.combiner.reset(slots)
         for name in INT_COLUMNS:
             getattr(self, name)[slots] = 0
         for name in FLOAT_COLUMNS:

@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from forecaster.combine import CombinerConfig
 from forecaster.engine import Batch, Engine, Sample, TickResult, as_batch
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig, normalize_series
 
 NORM = NormalizerConfig(halflife=40.0)
+
+
+RNN_ONLY = CombinerConfig(enabled=False)
 
 
 def _state_bytes(engine: Engine) -> dict[str, bytes]:
@@ -18,7 +22,7 @@ def _state_bytes(engine: Engine) -> dict[str, bytes]:
 def test_engine_equals_forward_over_whole_normalised_sequence(any_cell_model: Forecaster) -> None:
     rng = np.random.default_rng(0)
     values = 1000 * np.sin(np.arange(300) * 0.2) + 5000 + rng.normal(0, 30, 300)
-    engine = Engine(any_cell_model, NORM)
+    engine = Engine(any_cell_model, NORM, combine=RNN_ONLY)  # the RNN's path, unmixed
     predictions = [engine.tick([Sample("a", float(v))]).forecasts[0].prediction for v in values]
 
     z, _ = normalize_series(values[None, :], NORM)  # (1, T)

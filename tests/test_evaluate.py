@@ -40,7 +40,8 @@ def test_score_is_progressive_and_skips_warmup() -> None:
     ("args", "check"),
     [
         ((), lambda r: r["mse"] <= 1e-4 and 0.011 < r["naive_mse"] < 0.013),
-        (("--noise", "0.1"), lambda r: r["mse"] <= 0.012),
+        # 0.012 with the RNN alone; mixed with the AR path, 0.0122 (docs/accuracy.md)
+        (("--noise", "0.1"), lambda r: r["mse"] <= 0.0125),
         (("--amplitude", "1000", "--offset", "5000"), lambda r: r["skill"] >= 0.95),
         (("--freq-scale", "0.5"), lambda r: r["skill"] >= 0.9),
         (("--freq-scale", "2"), lambda r: r["skill"] >= 0.9),
