@@ -196,15 +196,16 @@ class Combiner:
         self.sxy[slots] = sxy + weight * (u * target[:, None] - sxy)
         phi = self._features(self.lags[slots], self.level[slots], scale)  # (B, k)
         coef = self.coef[slots]
-        cov = self.cov[slots].reshape(-1, k, k)  # (B, k, k)
+        cov = np.take(self.cov, slots, axis=0).reshape(-1, k, k)  # (B, k, k), a copy
         innovation = target - np.einsum("bk,bk->b", coef, phi)
-        p_phi = np.einsum("bij,bj->bi", cov, phi)  # (B, k)
+        p_phi = np.matmul(cov, phi[:, :, None])[:, :, 0]  # (B, k)
         gain = p_phi / (config.forgetting + np.einsum("bk,bk->b", phi, p_phi))[:, None]
         self.coef[slots] = coef + gain * innovation[:, None]
-        cov = (cov - gain[:, :, None] * p_phi[:, None, :]) / config.forgetting
-        # Directions no feature excites grow by 1/forgetting per step: bound the trace at the
-        # prior's so a flat stream cannot overflow P (and then learns no faster than at start).
-        trace = np.einsum("bii->b", cov)
-        most = config.prior * k
-        cov *= np.minimum(1.0, most / np.maximum(trace, 1e-300))[:, None, None]
+        # P <- (P - gain p_phi^T) / forgetting. Directions no feature excites grow by
+        # 1/forgetting per step: the trace is bounded at the prior's, so a flat stream cannot
+        # overflow P (and then learns no faster than at the start). One pass over P.
+        trace = cov.reshape(-1, k * k)[:, :: k + 1].sum(axis=1) - np.einsum("bk,bk->b", gain, p_phi)
+        factor = np.minimum(1.0, config.prior * k / np.maximum(trace / config.forgetting, 1e-300))
+        cov -= np.multiply(gain[:, :, None], p_phi[:, None, :], out=np.empty_like(cov))
+        cov *= (factor / config.forgetting)[:, None, None]
         self.cov[slots] = cov.reshape(-1, k * k)
