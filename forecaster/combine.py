@@ -22,7 +22,7 @@ every forecast is scored against the value it predicted before that value update
 ...     combined, weights = combiner.step(slot, np.array([x]), np.array([x]), np.array([0.0]))
 >>> bool(abs(combined[0] - wave[399]) < 0.01)  # the RNN said "last value"; the AR path read it
 True
->>> dict(zip(COMPONENTS, weights[0].round(2).tolist()))
+>>> dict(zip(COMPONENTS, weights[0].round(1).tolist()))
 {'naive': 0.0, 'rnn': 0.0, 'ar': 1.0}
 """
 
@@ -45,9 +45,17 @@ class CombinerConfig:
     sets together (docs/accuracy.md)."""
 
     enabled: bool = True
-    lags: int = 8  # past changes the AR path reads
+    lags: int = 6  # past changes the AR path reads
+    # Seasonal lags: the value ``P`` steps back (relative to the last) is a feature for each
+    # ``P``, so quarterly (4), daily-of-weekly (7), monthly (12) and hourly (24) cycles are read.
+    seasons: tuple[int, ...] = (12, 24, 48)
+    # Smoothed levels: an EWM of the values per half-life (in samples), each relative to the last
+    # value a feature (how far the stream sits from its recent level: mean reversion).
+    smooths: tuple[float, ...] = (3.0, 30.0)
     forgetting: float = 0.999  # RLS forgetting factor (memory ~ 1 / (1 - forgetting) samples)
-    prior: float = 0.1  # RLS prior covariance: P starts at prior * I (larger: learns faster)
+    prior: float = 0.1  # AR path's prior: worth 1 / prior samples of zero weights (ridge)
+    refit_every: int = 8  # samples between solves of a stream's AR normal equations
+    refit_young: int = 64  # ... except in a stream's first samples: a solve after each
     change_halflife: float = 100.0  # samples; the typical change that scales the AR path
     weight_halflife: float = 200.0  # samples; the stack's moments
     prior_count: float = 5.0  # the stack's moments start as this many zero samples (naive)
@@ -56,7 +64,13 @@ class CombinerConfig:
 
     @property
     def features(self) -> int:
-        return 2 + self.lags  # intercept, level z, lags
+        # intercept, level z, lags, seasonal lags, smoothed levels
+        return 2 + self.lags + len(self.seasons) + len(self.smooths)
+
+    @property
+    def memory(self) -> int:
+        """Past changes kept per stream: the lags, and enough to reach every seasonal lag."""
+        return max(self.lags, *(p - 1 for p in self.seasons), 1)
 
     @staticmethod
     def alpha(halflife: float) -> float:
@@ -72,11 +86,28 @@ class Combiner:
         self.count = np.zeros(capacity, dtype=np.int64)  # values seen
         self.last = np.full(capacity, np.nan)  # the last value
         self.change_var = np.zeros(capacity)  # EWM of squared changes
-        self.lags = np.zeros((capacity, self.config.lags))  # recent changes, newest first
+        # recent changes, newest first (float32: they become features in units of the typical
+        # change, where float32's 7 digits are plenty)
+        self.lags = np.zeros((capacity, self.config.memory), dtype=np.float32)
         self.level = np.zeros(capacity)  # the level's z when the last forecast was made
+        self.smooth = np.zeros((capacity, len(self.config.smooths)))  # EWMs of the values
         self.scale = np.zeros(capacity)  # the typical change the last forecast was made in
         self.coef = np.zeros((capacity, k))  # AR path weights
-        self.cov = np.tile((self.config.prior * np.eye(k)).ravel(), (capacity, 1))  # RLS P (k*k)
+        # The AR path's exponentially weighted normal equations: the mean of phi phi^T (only
+        # its upper triangle: it is symmetric) and of phi times the change that followed.
+        upper = np.triu_indices(k)
+        self._rows, self._cols = upper  # feature pair of each kept entry
+        full = np.zeros((k, k), dtype=np.int64)
+        full[upper] = np.arange(len(upper[0]))
+        self._unpack = np.maximum(full, full.T).ravel()  # kept entry of each full index
+        # float32: the largest per-stream array, of means of O(1) features
+        self.gram = np.zeros((capacity, len(upper[0])), dtype=np.float32)
+        memory = self.config.memory
+        # (memory, seasons): column s sums the last P_s - 1 changes
+        self._season_sums = np.array(
+            [[j < p - 1 for p in self.config.seasons] for j in range(memory)], dtype=np.float32
+        ).reshape(memory, len(self.config.seasons))
+        self.cross = np.zeros((capacity, k))
         self.pred = np.full((capacity, len(COMPONENTS)), np.nan)  # forecasts of the next value
         self.sxx = np.zeros((capacity, 3))  # EW moments of the predicted changes (rnn, ar)
         self.sxy = np.zeros((capacity, 2))  # ... and of each with the change that followed
@@ -92,9 +123,11 @@ class Combiner:
             "change_var": self.change_var,
             "lags": self.lags,
             "level": self.level,
+            "smooth": self.smooth,
             "scale": self.scale,
             "coef": self.coef,
-            "cov": self.cov,
+            "gram": self.gram,
+            "cross": self.cross,
             "pred": self.pred,
             "sxx": self.sxx,
             "sxy": self.sxy,
@@ -151,35 +184,53 @@ class Combiner:
         var = np.where(seen, var + weight * (change * change - var), var)
         self.change_var[slots] = var
         lags = self.lags[slots]
-        lags = np.where(seen[:, None], np.concatenate([change[:, None], lags[:, :-1]], 1), lags)
+        recent = np.concatenate([change[:, None], lags[:, :-1]], axis=1).astype(np.float32)
+        lags = np.where(seen[:, None], recent, lags)  # as stored: _learn reads the same features
         self.lags[slots] = lags
         self.last[slots] = x
+        if config.smooths:
+            rates = np.array([config.alpha(h) for h in config.smooths])
+            # a plain average of the values so far, then the half-life's EWM
+            w = np.maximum(1.0 / count[:, None], rates[None, :])
+            smooth = self.smooth[slots]
+            self.smooth[slots] = smooth + w * (x[:, None] - smooth)
         scale = np.sqrt(var) + 1e-9 * (1.0 + np.abs(x))
         self.scale[slots] = scale
         self.level[slots] = level
-        features = self._features(lags, level, scale)  # (B, k)
-        ar_change = np.einsum("bk,bk->b", self.coef[slots], features)
+        features = self._features(lags, level, scale, self.smooth[slots], x)  # (k, B)
+        ar_change = np.einsum("bk,kb->b", self.coef[slots], features)
         np.clip(ar_change, -config.clip, config.clip, out=ar_change)
         pred = np.stack([x, rnn, x + scale * ar_change], axis=1)  # (B, components)
         self.pred[slots] = pred
         weights = self.weights(slots)
         return np.einsum("bc,bc->b", weights, pred), weights
 
-    def _features(self, lags: np.ndarray, level: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        """``(B, k)``: intercept, level z, the lags in units of the typical change."""
-        clip = self.config.clip
-        return np.concatenate(
-            [
-                np.ones((len(level), 1)),
-                np.clip(level, -clip, clip)[:, None],
-                np.clip(lags / scale[:, None], -clip, clip),
-            ],
-            axis=1,
-        )
+    def _features(
+        self,
+        lags: np.ndarray,
+        level: np.ndarray,
+        scale: np.ndarray,
+        smooth: np.ndarray,
+        last: np.ndarray,
+    ) -> np.ndarray:
+        """``(k, B)`` (feature-major: the pair products below gather whole rows): intercept,
+        level z, the lags, the seasonal lags and the smoothed levels, in typical changes."""
+        config = self.config
+        n_lags, n_seasons = config.lags, len(config.seasons)
+        inverse = 1.0 / scale
+        out = np.empty((config.features, len(level)))
+        out[0] = 1.0
+        out[1] = level
+        out[2 : 2 + n_lags] = lags[:, :n_lags].T
+        # x[t+1-P] - x[t]: minus the sum of the last P - 1 changes (one product, not a cumsum)
+        out[2 + n_lags : 2 + n_lags + n_seasons] = -(lags @ self._season_sums).T
+        out[2 + n_lags + n_seasons :] = (smooth - last[:, None]).T
+        out[2:] *= inverse
+        return np.clip(out[1:], -config.clip, config.clip, out=out[1:]).base  # out, clipped
 
     def _learn(self, slots: np.ndarray, change: np.ndarray, scale: np.ndarray) -> None:
         """The change that followed the last forecasts, in the frame they were made in: one
-        step of the stack's moments and one RLS step of the AR path."""
+        step of the stack's moments and of the AR path's normal equations."""
         config = self.config
         k = config.features
         target = np.clip(change / scale, -config.clip, config.clip)  # (B,)
@@ -194,18 +245,26 @@ class Combiner:
         sxx, sxy = self.sxx[slots], self.sxy[slots]
         self.sxx[slots] = sxx + weight * (moments - sxx)
         self.sxy[slots] = sxy + weight * (u * target[:, None] - sxy)
-        phi = self._features(self.lags[slots], self.level[slots], scale)  # (B, k)
-        coef = self.coef[slots]
-        cov = np.take(self.cov, slots, axis=0).reshape(-1, k, k)  # (B, k, k), a copy
-        innovation = target - np.einsum("bk,bk->b", coef, phi)
-        p_phi = np.matmul(cov, phi[:, :, None])[:, :, 0]  # (B, k)
-        gain = p_phi / (config.forgetting + np.einsum("bk,bk->b", phi, p_phi))[:, None]
-        self.coef[slots] = coef + gain * innovation[:, None]
-        # P <- (P - gain p_phi^T) / forgetting. Directions no feature excites grow by
-        # 1/forgetting per step: the trace is bounded at the prior's, so a flat stream cannot
-        # overflow P (and then learns no faster than at the start). One pass over P.
-        trace = cov.reshape(-1, k * k)[:, :: k + 1].sum(axis=1) - np.einsum("bk,bk->b", gain, p_phi)
-        factor = np.minimum(1.0, config.prior * k / np.maximum(trace / config.forgetting, 1e-300))
-        cov -= np.multiply(gain[:, :, None], p_phi[:, None, :], out=np.empty_like(cov))
-        cov *= (factor / config.forgetting)[:, None, None]
-        self.cov[slots] = cov.reshape(-1, k * k)
+        phi = self._features(
+            self.lags[slots], self.level[slots], scale, self.smooth[slots], self.last[slots]
+        )  # (k, B)
+        # A running average until the forgetting factor's weight takes over.
+        count = self.count[slots]
+        rate = np.maximum(1.0 / count, 1.0 - config.forgetting)  # count >= 1 here
+        old = np.take(self.gram, slots, axis=0).T  # (k (k + 1) / 2, B)
+        pairs = phi[self._rows] * phi[self._cols]  # phi_i phi_j, i <= j
+        pairs -= old
+        pairs *= rate
+        pairs += old
+        gram = pairs.T  # (B, k (k + 1) / 2)
+        self.gram[slots] = gram
+        cross = self.cross[slots]
+        cross += rate[:, None] * (phi.T * target[:, None] - cross)
+        self.cross[slots] = cross
+        # Solve them now and then (every sample while a stream is young): a solve costs what
+        # ~k updates do. The prior (zero weights: the last value) is worth 1 / prior samples.
+        due = (count <= config.refit_young) | (count % config.refit_every == 0)
+        if due.any():
+            a = np.take(gram[due].astype(np.float32), self._unpack, axis=1).reshape(-1, k, k)
+            a += (rate[due] / config.prior)[:, None, None] * np.eye(k)
+            self.coef[slots[due]] = np.linalg.solve(a, cross[due][:, :, None])[:, :, 0]
