@@ -40,7 +40,7 @@ from forecaster.engine import (
     ForecastColumns,
     GapPolicy,
 )
-from forecaster.errors import PayloadError
+from forecaster.errors import ConfigError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
@@ -215,7 +215,13 @@ class Daemon:
         self.metrics.streams_active.set(len(self.engine.streams))
         if self.config.metrics.enabled:
             m = self.config.metrics
-            self.http = HttpEndpoint(self.registry, m.host, m.port, self.healthy, self.ready)
+            try:
+                self.http = HttpEndpoint(self.registry, m.host, m.port, self.healthy, self.ready)
+            except OSError as exc:  # a second daemon or demo on the port: say which setting
+                raise ConfigError(
+                    f"metrics.port: cannot listen on {m.host}:{m.port} ({exc.strerror}); choose "
+                    "another port (FORECASTER_METRICS__PORT=... or metrics.port; 0 = any free)"
+                ) from exc
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", m.host, self.http.port)
         self.link.start()

@@ -15,9 +15,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
+
+from forecaster.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, Sample
@@ -75,7 +80,9 @@ def run_series(
     learner = Learner(engine, learn) if learn is not None else None
     predictions = np.empty(len(values))
     versions = np.zeros(len(values), dtype=np.int64)
-    for t, value in enumerate(tqdm(values, desc="evaluate", disable=not progress, leave=False)):
+    for t, value in enumerate(
+        progress_bar(values, desc="evaluate", disable=not progress, leave=False)
+    ):
         result = engine.tick([Sample(stream, float(value), ts=float(t))])
         if result.rejected:
             raise ForecasterError(f"sample {t} rejected: {result.rejected[0].reason}")
@@ -118,7 +125,11 @@ def score(run: SeriesRun, warmup: float = 0.1) -> Scores:
 
 def read_csv(path: Path, column: str = "value") -> np.ndarray:
     """Values of ``column`` from a CSV with a header (NAB format: ``timestamp,value``)."""
-    with open(path, newline="") as handle:
+    try:
+        handle = open(path, newline="")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise ForecasterError(f"{path}: cannot read: {exc.strerror}") from exc
+    with handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or column not in reader.fieldnames:
             raise ForecasterError(f"{path}: no column {column!r} (have {reader.fieldnames})")
@@ -195,7 +206,7 @@ def collect_forecasts(
     client.on_message = on_message
     client.connect(host, port)
     client.loop_start()
-    for _ in tqdm(range(int(duration * 10)), desc=f"recording {topic}", leave=False):
+    for _ in progress_bar(range(int(duration * 10)), desc=f"recording {topic}", leave=False):
         time.sleep(0.1)
     client.loop_stop()
     client.disconnect()

@@ -70,3 +70,29 @@ def test_csv_errors_are_clear(tmp_path: Path) -> None:
         read_csv(bad)
     with pytest.raises(ForecasterError, match="no column 'temp'"):
         read_csv(bad, "temp")
+
+
+def test_a_missing_csv_is_one_clean_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", "evaluate", "--csv", "missing.csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: missing.csv: cannot read: No such file or directory"
+
+
+@pytest.mark.parametrize("flag", [(), ("--progress",)], ids=["piped", "--progress"])
+def test_progress_bar_only_on_a_terminal_or_asked_for(flag: tuple[str, ...]) -> None:
+    """Into a pipe (as here) a bar is a flood of lines; ``--progress`` draws it anyway."""
+    result = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", "evaluate", "--samples", "300", *flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("evaluate: " in result.stderr) == bool(flag)
+    assert "samples scored" in result.stdout
