@@ -43,8 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from forecaster.evaluate import plot_run, read_csv, run_series, score
+    from forecaster.evaluate import read_csv, run_series, score
     from forecaster.persist import load_checkpoint
+    from forecaster.plots import plot_run
     from simulators.signals import sine_wave
 
     torch.set_num_threads(1)
@@ -151,7 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from forecaster.evaluate import collect_forecasts, plot_forecasts, read_forecast_records
+    from forecaster.evaluate import collect_forecasts, read_forecast_records
+    from forecaster.plots import plot_forecasts
 
     if args.file:
         records = read_forecast_records(args.file)
@@ -164,8 +166,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             args.record.write_text("".join(json.dumps(r) + "\n" for r in records))
             print(f"recorded {len(records)} forecasts to {args.record}")
     streams = [s for s in args.streams.split(",") if s] if args.streams else None
-    drawn = plot_forecasts(records, streams, args.out)
-    print(f"plot: {args.out} ({', '.join(drawn)})")
+    drawn, note = plot_forecasts(records, streams, args.out)
+    print(f"plot: {args.out}: {', '.join(drawn)}; {note}")
     return 0
 
 
@@ -304,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--duration", type=float, default=30.0, help="seconds to record")
     plot.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     plot.add_argument("--record", type=Path, help="also save what was recorded (JSON lines)")
-    plot.add_argument("--streams", help="comma-separated stream ids (default: the first 4)")
+    plot.add_argument("--streams", help="comma-separated stream ids (default: the first 4 by name)")
     plot.add_argument("--out", type=Path, default=Path("forecasts.png"))
     add_progress(plot)
     plot.set_defaults(func=cmd_plot)

@@ -147,32 +147,6 @@ def read_csv(path: Path, column: str = "value") -> np.ndarray:
     return array
 
 
-def plot_run(run: SeriesRun, path: Path, title: str, warmup: float = 0.1) -> None:
-    """Actual vs prediction (prediction drawn at the time it is for) and error over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(run.values)
-    t = np.arange(n)
-    error = run.values[1:] - run.predictions[:-1]
-    naive = run.values[1:] - run.values[:-1]
-    fig, (ax_fit, ax_err) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    ax_fit.plot(t, run.values, label="actual", lw=1.2)
-    ax_fit.plot(t[1:], run.predictions[:-1], "--", label="prediction", lw=1.0)
-    ax_fit.axvspan(0, math.ceil(warmup * n), color="grey", alpha=0.15, label="warm-up (not scored)")
-    ax_fit.set(title=title, ylabel="value")
-    ax_fit.legend(loc="upper right")
-    ax_err.plot(t[1:], np.abs(naive), lw=0.6, alpha=0.6, label="|error| naive last value")
-    ax_err.plot(t[1:], np.abs(error), lw=0.8, label="|error| model")
-    ax_err.set(xlabel="sample", ylabel="absolute error", yscale="log")
-    ax_err.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def read_forecast_records(path: Path) -> list[dict]:
     """Forecast messages recorded one JSON object per line (``forecaster plot --record``)."""
     records = []
@@ -211,45 +185,6 @@ def collect_forecasts(
     client.loop_stop()
     client.disconnect()
     return records
-
-
-def plot_forecasts(records: list[dict], streams: list[str] | None, path: Path) -> list[str]:
-    """Per stream: actual vs predicted (each prediction drawn at the sample it is for), and the
-    absolute error of the model and of the naive last value over time. Returns the streams drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_stream: dict[str, list[dict]] = {}
-    for record in records:
-        by_stream.setdefault(str(record.get("stream")), []).append(record)
-    chosen = streams or sorted(by_stream)[:4]
-    missing = [s for s in chosen if s not in by_stream]
-    if missing or not chosen:
-        raise ForecasterError(
-            f"no forecasts for {missing or 'any stream'}; have {sorted(by_stream)[:10]}"
-        )
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(14, 3.2 * len(chosen)), squeeze=False)
-    for row, stream in enumerate(chosen):
-        items = sorted(by_stream[stream], key=lambda r: r["seq"])
-        seq = np.array([r["seq"] for r in items])
-        value = np.array([r["value"] for r in items], dtype=float)
-        prediction = np.array([r["prediction"] for r in items], dtype=float)
-        ax_fit, ax_err = axes[row]
-        ax_fit.plot(seq, value, lw=1.2, label="actual")
-        ax_fit.plot(seq + 1, prediction, "--", lw=1.0, label="predicted")
-        ax_fit.set(title=f"{stream}: actual vs predicted", xlabel="seq")
-        ax_fit.legend(loc="upper right")
-        error = np.array([abs(r["error"]) if r.get("error") is not None else np.nan for r in items])
-        ax_err.plot(seq[1:], np.abs(np.diff(value)), lw=0.6, alpha=0.6, label="|error| naive")
-        ax_err.plot(seq, error, lw=0.8, label="|error| model")
-        ax_err.set(title=f"{stream}: error over time", xlabel="seq", yscale="log")
-        ax_err.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return chosen
 
 
 # -- peers: the forecasts a user would get without this daemon ------------------------------------
