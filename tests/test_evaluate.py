@@ -96,3 +96,13 @@ def test_progress_bar_only_on_a_terminal_or_asked_for(flag: tuple[str, ...]) -> 
     assert result.returncode == 0, result.stderr
     assert ("evaluate: " in result.stderr) == bool(flag)
     assert "samples scored" in result.stdout
+
+
+def test_the_shipped_nab_sample_evaluates() -> None:
+    """The two NAB streams in the package (MIT, license beside them) run in a fresh clone."""
+    import forecaster
+
+    data = Path(forecaster.__file__).parent / "data" / "nab"
+    assert "Permission is hereby granted" in (data / "LICENSE.txt").read_text()  # MIT
+    result = evaluate("--csv", str(data / "realAWSCloudwatch" / "ec2_cpu_utilization_5f5533.csv"))
+    assert result["samples"] == 3628 and result["skill"] > 0
