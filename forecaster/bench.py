@@ -1001,7 +1001,7 @@ def river_available() -> bool:
 def accuracy_models(seed: int = 0, models_dir: Path | None = None) -> dict[str, object]:
     """Name -> factory of a fresh model per file. Every peer's settings are fixed here, the same
     for every file (nothing is tuned per file); those of the smoothers and SNARIMAX are the best
-    of a small grid on the NAB developer set (README), so the peers get their best shot."""
+    of a small grid on the NAB developer set (docs/accuracy.md), so the peers get their best shot."""
     import torch
 
     from forecaster.config import OnlineLearningConfig

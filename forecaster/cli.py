@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A thread asking for the GIL gets it at most 1 ms later (CPython's default: 5 ms). The
         # learner's trainer holds the GIL between its torch calls at the lowest CPU priority; on
         # a busy machine it can be taken off the CPU holding it, and the forecasting thread then
-        # waited for the whole interval and more (README, *Online learning*). Not without the
+        # waited for the whole interval and more (docs/decisions/switch-interval.md). Not without the
         # trainer: between the engine and the MQTT thread alone, 1 ms cost 12 % of the
         # saturated rate (3,468 vs 3,959 messages/s, three runs each, 100 streams).
         sys.setswitchinterval(0.001)

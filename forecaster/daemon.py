@@ -80,7 +80,7 @@ class RateLimitedLog:
 
 
 def forecast_bodies(columns: ForecastColumns) -> list[dict[str, object]]:
-    """The documented forecast objects (see README: "Forecast messages"), one per row, built
+    """The documented forecast objects (docs/protocol.md, "Forecast messages"), one per row, built
     from the columns (no ``Forecast`` objects: they cost more than the dicts)."""
     version = columns.model_version
     bodies: list[dict[str, object]] = [

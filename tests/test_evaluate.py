@@ -35,7 +35,7 @@ def test_score_is_progressive_and_skips_warmup() -> None:
     )
 
 
-# The README's "must reach" figures for the shipped model (the README quotes these commands).
+# The "must reach" figures for the shipped model (docs/accuracy.md quotes these commands).
 @pytest.mark.parametrize(
     ("args", "check"),
     [

@@ -96,7 +96,7 @@ def test_training_is_deterministic_for_a_seed() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_default_recipe_reproduces_the_shipped_model() -> None:
-    """`forecaster train --seed 1` retrains the shipped model (~6 min) to the README's figures."""
+    """`forecaster train --seed 1` retrains the shipped model (~6 min) to the figures in docs/accuracy.md."""
     result = train_default(Recipe(seed=1), progress=False)
     shipped = load_checkpoint()
     assert shipped.manifest["recipe"] == result.recipe
