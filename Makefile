@@ -1,7 +1,9 @@
 # Two set-up commands: `make demo` (the main job) and `make test` (the suite).
-# Both create .venv when missing and install torch==2.13.0 first (a CPU build);
-# an unpinned torch would pull a CUDA build of several GB.
+# Both create .venv when missing and install torch==2.13.0 first. From PyPI that is the
+# CUDA build on Linux (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes
+# the CPU build (a few hundred MB) from PyTorch's own index instead.
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -14,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
