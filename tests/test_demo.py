@@ -120,6 +120,9 @@ def test_a_second_demo_runs_beside_the_first(
     )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "done: " in second.stdout and "Traceback" not in second.stderr
+    header = next(line for line in second.stdout.splitlines() if line.startswith("stream"))
+    assert header.index("naive MAE") < header.index("forecast of seq+1")  # not beside "value"
+    assert "MAE below naive MAE means the model is winning" in second.stdout
     first_url = log.read_text().split("metrics: ", 1)[1].split()[0]
     second_url = second.stdout.split("metrics: ", 1)[1].split()[0]
     assert first_url != second_url  # the second picked a free metrics port itself
