@@ -4,6 +4,7 @@ broker outlives it and its temporary folder is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,27 +56,37 @@ def demo_folders(tmp: Path) -> list[Path]:
     return list(tmp.glob("forecaster-demo-*"))
 
 
-@pytest.fixture
-def piped_demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """``forecaster demo 2>&1 | tee log`` in a session of its own (as a terminal's job), its
-    temporary folder under ``tmp_path``; yields once the live view shows all four streams."""
+@contextlib.contextmanager
+def piped(command: str, tmp: Path, wait: float = 90) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``COMMAND 2>&1 | tee log`` in a session of its own (as a terminal's job), the demo's
+    temporary folder under ``tmp``; yields once the live view shows all four streams, and kills
+    whatever is left of the job (and of the broker it started) afterwards."""
     mosquitto_path()  # the broker users get when Mosquitto is installed (skips otherwise)
-    log = tmp_path / "log"
-    command = " ".join(DEMO) + f" 2>&1 | tee {log}"
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    log = tmp / "log"
+    env = {**os.environ, "TMPDIR": str(tmp)}
     job = subprocess.Popen(
-        ["sh", "-c", command], stdout=subprocess.DEVNULL, env=env, start_new_session=True
+        ["sh", "-c", f"{command} 2>&1 | tee {log}"],
+        stdout=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     try:
-        wait_until(lambda: log.exists() and "sine-003" in log.read_text(), "the live view", 90)
-        assert demo_folders(tmp_path) and processes_mentioning(str(tmp_path))
+        wait_until(lambda: log.exists() and "sine-003" in log.read_text(), "the live view", wait)
+        assert demo_folders(tmp) and processes_mentioning(str(tmp))
         yield job, log
     finally:
         if group_members(job.pid):
             os.killpg(job.pid, signal.SIGKILL)
         job.wait(10)
-        for pid in processes_mentioning(str(tmp_path)):  # only what this test started
+        for pid in processes_mentioning(str(tmp)):  # only what this test started
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def piped_demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``forecaster demo 2>&1 | tee log``, running."""
+    with piped(" ".join(DEMO), tmp_path) as running:
+        yield running
 
 
 def demo_pid(job: subprocess.Popen) -> int:
@@ -146,3 +157,15 @@ def test_demo_on_a_taken_metrics_port_says_so_and_cleans_up(tmp_path: Path) -> N
     assert f"error: metrics.port: cannot listen on 127.0.0.1:{port}" in result.stderr
     wait_until(lambda: not processes_mentioning(str(tmp_path)), "the broker to exit")
     assert demo_folders(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_make_demo_under_a_pipe_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    """The first hour as a user lives it: ``make demo 2>&1 | tee log`` (make installs first when
+    pyproject.toml changed), Ctrl-C to the whole job: make, the demo and tee."""
+    root = Path(__file__).resolve().parent.parent
+    with piped(f"make -C {root} demo", tmp_path, wait=900) as (job, _):
+        os.killpg(job.pid, signal.SIGINT)
+        wait_until(lambda: not group_members(job.pid), "make, the demo and tee to exit", 60)
+        wait_until(lambda: not processes_mentioning(str(tmp_path)), "the broker to exit", 30)
+        assert demo_folders(tmp_path) == []
