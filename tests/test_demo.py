@@ -160,6 +160,7 @@ def test_demo_on_a_taken_metrics_port_says_so_and_cleans_up(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_make_demo_under_a_pipe_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     """The first hour as a user lives it: ``make demo 2>&1 | tee log`` (make installs first when
     pyproject.toml changed), Ctrl-C to the whole job: make, the demo and tee."""
