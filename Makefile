@@ -1,20 +1,22 @@
 # Two set-up commands: `make demo` (the main job) and `make test` (the suite).
-# Both create .venv when missing and install torch==2.13.0 first (a CPU build);
-# an unpinned torch would pull a CUDA build of several GB.
+# Both create .venv when missing and install torch==2.13.0 first. From PyPI that is the
+# CUDA build on Linux (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes
+# the CPU build (a few hundred MB) from PyTorch's own index instead.
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEBS   := mosquitto prometheus openssl
 
-.PHONY: install debs test test-slow test-fuzz lint demo bench clean
+.PHONY: install debs test test-slow test-fuzz lint docs demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
@@ -40,8 +42,12 @@ test-fuzz: $(STAMP) debs
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# The documentation site (docs/ -> site/); --strict fails on a broken link or a page left out of nav.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 demo: $(STAMP)
 	$(BIN)/forecaster demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache

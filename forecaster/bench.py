@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry
-from tqdm import tqdm
 
 from forecaster.engine import Forecast
 from forecaster.errors import ForecasterError
 from forecaster.metrics import HttpEndpoint, Metrics
+from forecaster.progress import progress_bar
 
 
 def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict[str, float]:
@@ -27,7 +27,7 @@ def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict
     registry = CollectorRegistry()
     metrics = Metrics(registry, stream_label_cap=cap)
     rng = np.random.default_rng(0)
-    for _ in tqdm(range(3), desc=f"feeding {streams} streams", leave=False):
+    for _ in progress_bar(range(3), desc=f"feeding {streams} streams", leave=False):
         metrics.observe_forecasts(
             # Every per-stream series is present: error, interval, coverage and anomaly ones.
             Forecast(
@@ -57,7 +57,7 @@ def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict
     url = f"http://127.0.0.1:{endpoint.port}/metrics"
     times, size = [], 0
     try:
-        for _ in tqdm(range(scrapes), desc="scraping", leave=False):
+        for _ in progress_bar(range(scrapes), desc="scraping", leave=False):
             started = time.perf_counter()
             with urllib.request.urlopen(url, timeout=10) as response:
                 size = len(response.read())
@@ -257,7 +257,7 @@ def bench_drift_live(
         ]
         started = time.monotonic()
         for step, (tag, index) in enumerate(
-            tqdm(schedule, desc="live, off/on blocks", leave=False)
+            progress_bar(schedule, desc="live, off/on blocks", leave=False)
         ):
             delay = started + step / rate - time.monotonic()
             if delay > 0:
@@ -387,7 +387,7 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
     checkpoint = load_checkpoint()
     model = checkpoint.model.eval()
     rows = []
-    for n in tqdm(sizes, desc="engine sizes", leave=False):
+    for n in progress_bar(sizes, desc="engine sizes", leave=False):
         rng = np.random.default_rng(0)
         names = [f"s{i}" for i in range(n)]
         repeats = max(3, min(200, 200_000 // n))
@@ -845,9 +845,9 @@ def bench_throughput(
     collector = _Collector(port)
     runs = []
     try:
-        for streams in tqdm(sizes, desc="stream counts", leave=False):
+        for streams in progress_bar(sizes, desc="stream counts", leave=False):
             pairs = []
-            for _ in tqdm(
+            for _ in progress_bar(
                 range(repeats), desc=f"{streams} streams", leave=False, disable=repeats < 2
             ):
                 figures: dict[str, dict] = {}
@@ -1001,7 +1001,7 @@ def river_available() -> bool:
 def accuracy_models(seed: int = 0, models_dir: Path | None = None) -> dict[str, object]:
     """Name -> factory of a fresh model per file. Every peer's settings are fixed here, the same
     for every file (nothing is tuned per file); those of the smoothers and SNARIMAX are the best
-    of a small grid on the NAB developer set (README), so the peers get their best shot."""
+    of a small grid on the NAB developer set (docs/accuracy.md), so the peers get their best shot."""
     import torch
 
     from forecaster.config import OnlineLearningConfig
@@ -1097,7 +1097,7 @@ def bench_accuracy(
     files: dict[str, dict[str, dict[str, float]]] = {name: {} for name in factories}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     total = sum(len(v) for v in series.values()) * len(factories)
-    with tqdm(total=total, desc="bench accuracy", unit="sample", leave=False) as bar:
+    with progress_bar(total=total, desc="bench accuracy", unit="sample", leave=False) as bar:
         for name, values in series.items():
             predictions[name] = {}
             for model, factory in factories.items():
@@ -1174,6 +1174,28 @@ def plot_accuracy(
     return path
 
 
+def shorten(name: str, width: int = 44) -> str:
+    """A file's path cut to ``width`` characters, keeping the file name whole where it fits:
+    the folder is cut, not the start of the name (``…_utilization_5f5533.csv`` says nothing).
+
+    >>> shorten("realKnownCause/nyc_taxi.csv")
+    'realKnownCause/nyc_taxi.csv'
+    >>> shorten("realAWSCloudwatch/ec2_cpu_utilization_5f5533.csv", 40)
+    'realAWSC…/ec2_cpu_utilization_5f5533.csv'
+    >>> shorten("a_very_long_file_name_with_no_folder_at_all.csv", 24)
+    'a_very_long_file_na….csv'
+    """
+    if len(name) <= width:
+        return name
+    folder, _, base = name.rpartition("/")
+    if folder and len(base) + 2 < width:
+        return folder[: width - len(base) - 2] + "…/" + base
+    stem, dot, ext = base.rpartition(".")
+    if not dot or len(ext) + 2 >= width:
+        return base[: width - 1] + "…"
+    return stem[: width - len(ext) - 2] + "…." + ext
+
+
 def print_accuracy(result: dict[str, object], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
@@ -1201,9 +1223,9 @@ def print_accuracy(result: dict[str, object], as_json: bool) -> None:
             f" {models[m]['files'][name]['rel_mse']:>9.3f}{'*' if m == best else ' '}"
             for m in order
         )
-        print(f"  {name[-44:]:<44}{cells}")
+        print(f"  {shorten(name):<44}{cells}")
     for name in result["skipped_files"]:  # type: ignore[union-attr]
-        print(f"  {name[-44:]:<44} skipped: naive has zero error")
+        print(f"  {shorten(name):<44} skipped: naive has zero error")
     for model, why in dict(result.get("skipped_models", {})).items():  # type: ignore[call-overload]
         print(f"  {model}: skipped, {why}")
 
@@ -1285,7 +1307,7 @@ def bench_anomaly(
     error = {name: np.zeros(len(series[name][1])) for name in names}
     length = max(len(v) for _, v in series.values())
     by_stream = {s: n for n, s in streams.items()}
-    for t in tqdm(range(length), desc=f"NAB, {len(names)} files", leave=False):
+    for t in progress_bar(range(length), desc=f"NAB, {len(names)} files", leave=False):
         batch = [Sample(streams[n], float(series[n][1][t])) for n in names if t < len(series[n][1])]
         for forecast in engine.tick(batch).forecasts:
             name = by_stream[forecast.stream]
@@ -1393,7 +1415,7 @@ def bench_journal(
             sync: Journal(Path(folder) / f"{sync}.sqlite", sync) for sync in ("full", "normal")
         }
         seq = 0
-        for size in tqdm(batches, desc="journal", leave=False):
+        for size in progress_bar(batches, desc="journal", leave=False):
             figures: dict[str, list[float]] = {"full": [], "normal": [], "tick": []}
             for _ in range(repeats):
                 seq += 1
@@ -1419,7 +1441,7 @@ def bench_journal(
             journal.close()
         checkpoints = [
             bench_checkpoint(n, Path(folder))
-            for n in tqdm(checkpoint_streams, desc="checkpoint", leave=False)
+            for n in progress_bar(checkpoint_streams, desc="checkpoint", leave=False)
         ]
     return {"repeats": repeats, "rows": rows, "checkpoint": checkpoints}
 

@@ -1,4 +1,4 @@
-"""Command line: ``forecaster {run,demo,train,evaluate,check-config,plot}``."""
+"""Command line: forecaster run | demo | train | evaluate | plot | bench | check-config."""
 
 from __future__ import annotations
 
@@ -21,13 +21,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.recipe == "seed":
+        if args.episodes is not None:
+            raise ForecasterError("--episodes is for the default recipe; the seed's takes --steps")
         result = train_seed(steps=args.steps or 100, seed=args.seed)
     else:
-        recipe = Recipe(seed=args.seed, **({"episodes": args.steps} if args.steps else {}))
+        recipe = Recipe(seed=args.seed, **({"episodes": args.episodes} if args.episodes else {}))
         config = ModelConfig(args.cell, args.hidden_size, args.num_layers)
-        result = train_default(recipe, config)
+        result = train_default(recipe, config, steps=args.steps)
     save_result(result, args.out)
-    print(f"checkpoint: {args.out} (final loss {sum(result.losses[-20:]) / 20:.3g})")
+    tail = result.losses[-20:]
+    print(
+        f"checkpoint: {args.out} ({len(result.losses)} optimizer steps, "
+        f"final loss {sum(tail) / len(tail):.3g})"
+    )
     if args.plot:
         plot_training(result, args.plot)
         print(f"plot: {args.plot}")
@@ -37,8 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from forecaster.evaluate import plot_run, read_csv, run_series, score
+    from forecaster.evaluate import read_csv, run_series, score
     from forecaster.persist import load_checkpoint
+    from forecaster.plots import plot_run
     from simulators.signals import sine_wave
 
     torch.set_num_threads(1)
@@ -73,7 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         checkpoint.model,
         checkpoint.normalizer,
         device=args.device,
-        progress=not args.json,
+        progress=True,  # drawn on a terminal or with --progress, on stderr
         learn=learn,
     )
     scores = score(run, args.warmup)
@@ -130,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A thread asking for the GIL gets it at most 1 ms later (CPython's default: 5 ms). The
         # learner's trainer holds the GIL between its torch calls at the lowest CPU priority; on
         # a busy machine it can be taken off the CPU holding it, and the forecasting thread then
-        # waited for the whole interval and more (README, *Online learning*). Not without the
+        # waited for the whole interval and more (docs/decisions/switch-interval.md). Not without the
         # trainer: between the engine and the MQTT thread alone, 1 ms cost 12 % of the
         # saturated rate (3,468 vs 3,959 messages/s, three runs each, 100 streams).
         sys.setswitchinterval(0.001)
@@ -145,7 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from forecaster.evaluate import collect_forecasts, plot_forecasts, read_forecast_records
+    from forecaster.evaluate import collect_forecasts, read_forecast_records
+    from forecaster.plots import plot_forecasts
 
     if args.file:
         records = read_forecast_records(args.file)
@@ -158,8 +166,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             args.record.write_text("".join(json.dumps(r) + "\n" for r in records))
             print(f"recorded {len(records)} forecasts to {args.record}")
     streams = [s for s in args.streams.split(",") if s] if args.streams else None
-    drawn = plot_forecasts(records, streams, args.out)
-    print(f"plot: {args.out} ({', '.join(drawn)})")
+    drawn, note = plot_forecasts(records, streams, args.out)
+    print(f"plot: {args.out}: {', '.join(drawn)}; {note}")
     return 0
 
 
@@ -202,21 +210,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """Streaming time-series forecaster: MQTT samples in, one-step-ahead forecasts out,
+Prometheus metrics. Start with: forecaster demo. Each command's options: forecaster COMMAND --help."""
+
+
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--progress`` flag of the commands that draw progress bars."""
+    parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw progress bars even when stderr is not a terminal (default: terminal only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="forecaster", description=DESCRIPTION)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging; check-config: also print the resolved config (goes before the"
+        " command: forecaster -v check-config FILE)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model offline on sine signals")
     train.add_argument("--recipe", choices=["default", "seed"], default="default")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--steps", type=int, help="seed: optimizer steps; default: episodes")
+    train.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps (default: 100 for the seed recipe; episodes x windows per episode)",
+    )
+    train.add_argument(
+        "--episodes", type=int, help="default recipe: episodes of fresh streams (default 1000)"
+    )
     train.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
     train.add_argument("--hidden-size", type=int, default=32)
     train.add_argument("--num-layers", type=int, default=1)
     train.add_argument("--threads", type=int, default=1, help="torch threads")
     train.add_argument("--out", type=Path, default=Path("model.safetensors"))
     train.add_argument("--plot", type=Path, help="PNG: loss curve and prediction vs actual")
+    add_progress(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="replay a series through the engine and score it")
@@ -237,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--config", type=Path, help="take online_learning settings from a config")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--plot", type=Path, help="PNG: actual vs prediction and error over time")
+    add_progress(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     run = sub.add_parser("run", help="run the daemon: MQTT in, forecasts out, /metrics")
@@ -247,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="seconds, then exit 0 (default: until Ctrl-C)")
     demo.add_argument("--streams", type=int, default=4)
     demo.add_argument("--rate", type=float, default=20.0, help="samples/s per stream")
-    demo.add_argument("--metrics-port", type=int, default=9108)
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        help="default: 9108, or any free port when 9108 is taken (the view prints the URL)",
+    )
     demo.add_argument(
         "--broker",
         choices=["auto", "mosquitto", "amqtt"],
@@ -266,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--duration", type=float, default=30.0, help="seconds to record")
     plot.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     plot.add_argument("--record", type=Path, help="also save what was recorded (JSON lines)")
-    plot.add_argument("--streams", help="comma-separated stream ids (default: the first 4)")
+    plot.add_argument("--streams", help="comma-separated stream ids (default: the first 4 by name)")
     plot.add_argument("--out", type=Path, default=Path("forecasts.png"))
+    add_progress(plot)
     plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
@@ -307,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput: relay-then-daemon pairs per stream count (medians reported)",
     )
     bench.add_argument("--json", action="store_true")
+    add_progress(bench)
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
@@ -317,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "progress", False):
+        from forecaster.progress import force
+
+        force()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

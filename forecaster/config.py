@@ -305,8 +305,8 @@ class OnlineLearningConfig(Section):
     rollback_samples: int = Field(400, ge=1)  # samples watched after an update before it is trusted
     rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # lr multiplier after each rollback (kept)
     # Recompute each training window's start state with the weights being trained, running the
-    # ``refresh_windows`` windows before it from their stored state (learner.py; README, *Online
-    # learning*: the drift recovery and the accuracy with and without it).
+    # ``refresh_windows`` windows before it from their stored state (learner.py;
+    # docs/online-learning.md: the drift recovery and the accuracy with and without it).
     refresh_states: bool = True
     refresh_windows: int = Field(4, ge=1)  # burn-in windows re-run before each chosen window
     seed: int = 0

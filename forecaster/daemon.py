@@ -41,7 +41,7 @@ from forecaster.engine import (
     ForecastColumns,
     GapPolicy,
 )
-from forecaster.errors import PayloadError
+from forecaster.errors import ConfigError, PayloadError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
@@ -81,7 +81,7 @@ class RateLimitedLog:
 
 
 def forecast_bodies(columns: ForecastColumns) -> list[dict[str, object]]:
-    """The documented forecast objects (see README: "Forecast messages"), one per row, built
+    """The documented forecast objects (docs/protocol.md, "Forecast messages"), one per row, built
     from the columns (no ``Forecast`` objects: they cost more than the dicts)."""
     version = columns.model_version
     bodies: list[dict[str, object]] = [
@@ -219,7 +219,13 @@ class Daemon:
         self.metrics.streams_active.set(len(self.engine.streams))
         if self.config.metrics.enabled:
             m = self.config.metrics
-            self.http = HttpEndpoint(self.registry, m.host, m.port, self.healthy, self.ready)
+            try:
+                self.http = HttpEndpoint(self.registry, m.host, m.port, self.healthy, self.ready)
+            except OSError as exc:  # a second daemon or demo on the port: say which setting
+                raise ConfigError(
+                    f"metrics.port: cannot listen on {m.host}:{m.port} ({exc.strerror}); choose "
+                    "another port (FORECASTER_METRICS__PORT=... or metrics.port; 0 = any free)"
+                ) from exc
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", m.host, self.http.port)
         self.link.start()

@@ -8,10 +8,14 @@ Mosquitto when it is on PATH, else the pure-Python amqtt (MQTT 3.1.1 only, and i
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,10 +36,95 @@ log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 
 
+DEFAULT_METRICS_PORT = 9108  # the port configs/prometheus scrapes; another one when it is taken
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when ``host:port`` can be bound now (nothing listens there)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent_hook() -> object:
+    """A ``preexec_fn`` after which the kernel sends the child SIGTERM when the demo dies, however
+    it dies (even SIGKILL), so no broker outlives it under PID 1. Linux only; elsewhere None.
+    libc is loaded here, in the parent: the child between fork and exec only calls prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+class Stop(Exception):
+    """SIGTERM or SIGHUP reached the demo: leave the loop and clean up, as Ctrl-C does."""
+
+
+class Signals:
+    """While active, SIGINT raises KeyboardInterrupt and SIGTERM (``timeout``, ``kill``) and SIGHUP
+    (the terminal closed) raise :class:`Stop` in the main thread, so the ``finally`` that stops the
+    broker and removes the folder runs for all three. Once :meth:`stopping` is called, further
+    signals are noted and ignored: a second Ctrl-C must not cut the cleanup short."""
+
+    def __init__(self) -> None:
+        self.wanted = [signal.SIGINT, signal.SIGTERM]
+        if hasattr(signal, "SIGHUP"):
+            self.wanted.append(signal.SIGHUP)
+        self.previous: dict[int, object] = {}
+        self._stopping = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._stopping:
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stop(signal.Signals(signum).name)
+
+    def stopping(self) -> None:
+        self._stopping = True
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.wanted}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+class Console:
+    """The demo's output. When the reader goes away (``make demo | tee log`` and Ctrl-C kills
+    ``tee`` too) a print raises BrokenPipeError; that must not skip the cleanup, so the console
+    goes quiet instead, and stdout is pointed at /dev/null so the interpreter's last flush at exit
+    does not fail either."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def say(self, text: str) -> None:
+        if not self.open:
+            return
+        try:
+            print(text, flush=True)
+        except (BrokenPipeError, OSError):
+            self.open = False
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
 
 
 def serve_amqtt(port: int) -> None:
@@ -63,15 +152,26 @@ def start_broker(folder: Path, kind: str = "auto") -> tuple[subprocess.Popen, in
         raise RuntimeError("mosquitto is not installed")
     if mosquitto and kind != "amqtt":
         conf = folder / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
+        # Started as root, Mosquitto switches to the "mosquitto" user, and the kernel forgets the
+        # die-with-parent signal on that switch: stay the user the demo runs as (a local broker
+        # on 127.0.0.1 that keeps nothing on disk).
+        stay = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n{stay}"
+        )
         cmd, name = [mosquitto, "-c", str(conf)], "mosquitto"
     else:
         code = f"from forecaster.demo import serve_amqtt; serve_amqtt({port})"
         cmd, name = [sys.executable, "-c", code], "amqtt (embedded)"
     # Own session: Ctrl-C reaches the demo, which stops the daemon (publishing "stopped") before
-    # it stops the broker, instead of killing the broker first.
+    # it stops the broker, instead of killing the broker first. And the broker dies with the
+    # demo if the demo is killed before it can stop it.
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent_hook(),  # type: ignore[arg-type]
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -83,6 +183,7 @@ def start_broker(folder: Path, kind: str = "auto") -> tuple[subprocess.Popen, in
                 break
             time.sleep(0.1)
     proc.kill()
+    proc.wait(5)
     raise RuntimeError(f"the demo broker ({name}) did not start on port {port}")
 
 
@@ -124,16 +225,22 @@ class LiveView:
             lines = [
                 f"forecaster demo — {elapsed:5.1f}s, {self.count} forecasts received"
                 + (f" — metrics: {metrics_url}" if metrics_url else ""),
-                f"{'stream':<10} {'seq':>6} {'value':>10} {'next (pred.)':>13} {'MAE':>9} {'naive MAE':>10}",
+                f"{'stream':<10} {'seq':>6} {'value':>10} {'MAE':>9} {'naive MAE':>10}  "
+                f"{'winning':<7} | {'forecast of seq+1':>17}",
             ]
             for name in sorted(self.rows):
                 r = self.rows[name]
                 if "last" not in r:
                     continue
+                winning = "-" if math.isnan(r["mae"]) else "yes" if r["mae"] < r["naive"] else "no"
                 lines.append(
-                    f"{name:<10} {int(r['seq']):>6} {r['last']:>10.3f} {r['prediction']:>13.3f} "
-                    f"{r['mae']:>9.4f} {r['naive']:>10.4f}"
+                    f"{name:<10} {int(r['seq']):>6} {r['last']:>10.3f} {r['mae']:>9.4f} "
+                    f"{r['naive']:>10.4f}  {winning:<7} | {r['prediction']:>17.3f}"
                 )
+            lines.append(
+                "MAE: the model's recent mean absolute error; naive MAE: that of repeating the last"
+                " value. MAE below naive MAE means the model is winning."
+            )
         return "\n".join(lines)
 
     def close(self) -> None:
@@ -141,67 +248,107 @@ class LiveView:
         self.client.disconnect()
 
 
+def choose_metrics_port(requested: int | None) -> int:
+    """The port asked for, else 9108 when free, else any free port (a second demo runs beside
+    the first; the URL it prints says which)."""
+    if requested is not None:
+        return requested  # taken: the daemon's start says so and names metrics.port
+    return DEFAULT_METRICS_PORT if port_is_free(DEFAULT_METRICS_PORT) else 0
+
+
 def run_demo(
-    duration: float | None, streams: int, rate: float, metrics_port: int, broker: str = "auto"
+    duration: float | None,
+    streams: int,
+    rate: float,
+    metrics_port: int | None = None,
+    broker: str = "auto",
 ) -> int:
+    """Run until ``duration`` or Ctrl-C/SIGTERM/SIGHUP; then stop the daemon, the broker and
+    remove the temporary folder, whatever happened to stdout."""
+    console = Console()
     folder = Path(tempfile.mkdtemp(prefix="forecaster-demo-"))
-    proc, port, name = start_broker(folder, broker)
-    print(f"broker: {name} on 127.0.0.1:{port}", flush=True)
-    overrides = {
-        "FORECASTER_MQTT__PORT": str(port),
-        "FORECASTER_STATE__DIR": str(folder / "state"),
-        "FORECASTER_METRICS__PORT": str(metrics_port),
-    }
-    config = load_config(DEMO_CONFIG, environ=overrides)
-    daemon = Daemon(config)
+    proc: subprocess.Popen | None = None
+    daemon: Daemon | None = None
     stop = threading.Event()
     view: LiveView | None = None
     threads: list[threading.Thread] = []
     engine: threading.Thread | None = None
     try:
-        daemon.start()
-        metrics_url = None
-        if daemon.http is not None:
-            metrics_url = f"http://127.0.0.1:{daemon.http.port}/metrics"
-        engine = threading.Thread(target=daemon.run, name="engine", daemon=True)
-        engine.start()
-        view = LiveView("127.0.0.1", port, "demo/forecasts/+")
-        sim_client = connected_client("127.0.0.1", port, "forecaster-demo-sim")
-        sim = threading.Thread(
-            target=publish_sine,
-            args=(sim_client, SineStreams(SineSpec(streams=streams, seed=0))),
-            kwargs={
-                "rate": rate,
-                "count": None,
-                "topic": "demo/sensors/{stream}/value",
-                "stop": stop,
-            },
-            name="simulator",
-            daemon=True,
-        )
-        sim.start()
-        threads = [sim]
-        started = time.monotonic()
-        tty = sys.stdout.isatty()
-        while duration is None or time.monotonic() - started < duration:
-            time.sleep(1.0)
-            text = view.render(time.monotonic() - started, metrics_url)
-            print(("\033[2J\033[H" if tty else "") + text + ("" if tty else "\n"), flush=True)
-    except KeyboardInterrupt:
-        print("\nstopping…", flush=True)
+        with Signals() as signals:
+            try:
+                proc, port, name = start_broker(folder, broker)
+                console.say(f"broker: {name} on 127.0.0.1:{port} (files in {folder})")
+                overrides = {
+                    "FORECASTER_MQTT__PORT": str(port),
+                    "FORECASTER_STATE__DIR": str(folder / "state"),
+                    "FORECASTER_METRICS__PORT": str(choose_metrics_port(metrics_port)),
+                }
+                config = load_config(DEMO_CONFIG, environ=overrides)
+                daemon = Daemon(config)
+                daemon.start()
+                metrics_url = None
+                if daemon.http is not None:
+                    metrics_url = f"http://127.0.0.1:{daemon.http.port}/metrics"
+                engine = threading.Thread(target=daemon.run, name="engine", daemon=True)
+                engine.start()
+                view = LiveView("127.0.0.1", port, "demo/forecasts/+")
+                sim_client = connected_client("127.0.0.1", port, "forecaster-demo-sim")
+                sim = threading.Thread(
+                    target=publish_sine,
+                    args=(sim_client, SineStreams(SineSpec(streams=streams, seed=0))),
+                    kwargs={
+                        "rate": rate,
+                        "count": None,
+                        "topic": "demo/sensors/{stream}/value",
+                        "stop": stop,
+                    },
+                    name="simulator",
+                    daemon=True,
+                )
+                sim.start()
+                threads = [sim]
+                started = time.monotonic()
+                tty = sys.stdout.isatty()
+                while duration is None or time.monotonic() - started < duration:
+                    time.sleep(1.0)
+                    text = view.render(time.monotonic() - started, metrics_url)
+                    console.say(("\033[2J\033[H" if tty else "") + text + ("" if tty else "\n"))
+            except (KeyboardInterrupt, Stop) as exc:
+                signals.stopping()
+                console.say(f"\nstopping ({exc or 'SIGINT'})…")
+            finally:
+                signals.stopping()  # from here on a second signal cannot cut the cleanup short
+                _clean_up(console, stop, threads, daemon, engine, view)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(5)
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def _clean_up(
+    console: Console,
+    stop: threading.Event,
+    threads: list[threading.Thread],
+    daemon: Daemon | None,
+    engine: threading.Thread | None,
+    view: LiveView | None,
+) -> None:
+    """Stop the simulator, then the daemon (it publishes "stopped" while the broker is up)."""
+    stop.set()
+    for t in threads:
+        t.join(5)
+    if daemon is not None:
         daemon.request_stop()
         if engine is not None:
             engine.join(10)
         else:
             daemon.shutdown()
-        if view is not None:
-            print(f"done: {view.count} forecasts received", flush=True)
-            view.close()
-        proc.terminate()
-        proc.wait(5)
-        shutil.rmtree(folder, ignore_errors=True)
-    return 0
+    if view is not None:
+        console.say(f"done: {view.count} forecasts received")
+        view.close()

@@ -15,9 +15,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
+
+from forecaster.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 from forecaster.combine import CombinerConfig
 from forecaster.config import OnlineLearningConfig
@@ -77,7 +82,9 @@ def run_series(
     learner = Learner(engine, learn) if learn is not None else None
     predictions = np.empty(len(values))
     versions = np.zeros(len(values), dtype=np.int64)
-    for t, value in enumerate(tqdm(values, desc="evaluate", disable=not progress, leave=False)):
+    for t, value in enumerate(
+        progress_bar(values, desc="evaluate", disable=not progress, leave=False)
+    ):
         result = engine.tick([Sample(stream, float(value), ts=float(t))])
         if result.rejected:
             raise ForecasterError(f"sample {t} rejected: {result.rejected[0].reason}")
@@ -120,7 +127,11 @@ def score(run: SeriesRun, warmup: float = 0.1) -> Scores:
 
 def read_csv(path: Path, column: str = "value") -> np.ndarray:
     """Values of ``column`` from a CSV with a header (NAB format: ``timestamp,value``)."""
-    with open(path, newline="") as handle:
+    try:
+        handle = open(path, newline="")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise ForecasterError(f"{path}: cannot read: {exc.strerror}") from exc
+    with handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or column not in reader.fieldnames:
             raise ForecasterError(f"{path}: no column {column!r} (have {reader.fieldnames})")
@@ -136,32 +147,6 @@ def read_csv(path: Path, column: str = "value") -> np.ndarray:
     if not np.isfinite(array).all():
         raise ForecasterError(f"{path}: column {column!r} holds NaN or inf")
     return array
-
-
-def plot_run(run: SeriesRun, path: Path, title: str, warmup: float = 0.1) -> None:
-    """Actual vs prediction (prediction drawn at the time it is for) and error over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(run.values)
-    t = np.arange(n)
-    error = run.values[1:] - run.predictions[:-1]
-    naive = run.values[1:] - run.values[:-1]
-    fig, (ax_fit, ax_err) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    ax_fit.plot(t, run.values, label="actual", lw=1.2)
-    ax_fit.plot(t[1:], run.predictions[:-1], "--", label="prediction", lw=1.0)
-    ax_fit.axvspan(0, math.ceil(warmup * n), color="grey", alpha=0.15, label="warm-up (not scored)")
-    ax_fit.set(title=title, ylabel="value")
-    ax_fit.legend(loc="upper right")
-    ax_err.plot(t[1:], np.abs(naive), lw=0.6, alpha=0.6, label="|error| naive last value")
-    ax_err.plot(t[1:], np.abs(error), lw=0.8, label="|error| model")
-    ax_err.set(xlabel="sample", ylabel="absolute error", yscale="log")
-    ax_err.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def read_forecast_records(path: Path) -> list[dict]:
@@ -197,50 +182,11 @@ def collect_forecasts(
     client.on_message = on_message
     client.connect(host, port)
     client.loop_start()
-    for _ in tqdm(range(int(duration * 10)), desc=f"recording {topic}", leave=False):
+    for _ in progress_bar(range(int(duration * 10)), desc=f"recording {topic}", leave=False):
         time.sleep(0.1)
     client.loop_stop()
     client.disconnect()
     return records
-
-
-def plot_forecasts(records: list[dict], streams: list[str] | None, path: Path) -> list[str]:
-    """Per stream: actual vs predicted (each prediction drawn at the sample it is for), and the
-    absolute error of the model and of the naive last value over time. Returns the streams drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_stream: dict[str, list[dict]] = {}
-    for record in records:
-        by_stream.setdefault(str(record.get("stream")), []).append(record)
-    chosen = streams or sorted(by_stream)[:4]
-    missing = [s for s in chosen if s not in by_stream]
-    if missing or not chosen:
-        raise ForecasterError(
-            f"no forecasts for {missing or 'any stream'}; have {sorted(by_stream)[:10]}"
-        )
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(14, 3.2 * len(chosen)), squeeze=False)
-    for row, stream in enumerate(chosen):
-        items = sorted(by_stream[stream], key=lambda r: r["seq"])
-        seq = np.array([r["seq"] for r in items])
-        value = np.array([r["value"] for r in items], dtype=float)
-        prediction = np.array([r["prediction"] for r in items], dtype=float)
-        ax_fit, ax_err = axes[row]
-        ax_fit.plot(seq, value, lw=1.2, label="actual")
-        ax_fit.plot(seq + 1, prediction, "--", lw=1.0, label="predicted")
-        ax_fit.set(title=f"{stream}: actual vs predicted", xlabel="seq")
-        ax_fit.legend(loc="upper right")
-        error = np.array([abs(r["error"]) if r.get("error") is not None else np.nan for r in items])
-        ax_err.plot(seq[1:], np.abs(np.diff(value)), lw=0.6, alpha=0.6, label="|error| naive")
-        ax_err.plot(seq, error, lw=0.8, label="|error| model")
-        ax_err.set(title=f"{stream}: error over time", xlabel="seq", yscale="log")
-        ax_err.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return chosen
 
 
 # -- peers: the forecasts a user would get without this daemon ------------------------------------

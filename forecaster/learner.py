@@ -13,7 +13,7 @@ it (no gradient) from the state stored with the first of them, a burn-in as in R
 replay (Kapturowski et al., 2019). The stored states were made by older weights; training from
 them teaches the model to continue states it no longer produces, and after a drift, while the
 weights move fast, that mismatch kept the rolling error above twice its earlier level for ~2,900
-samples, against ~1,700 with the states refreshed (README, *Online learning*).
+samples, against ~1,700 with the states refreshed (docs/online-learning.md).
 
 Guards: a step whose loss or gradient is not finite is skipped before the optimizer touches
 anything (weights stay byte-identical); an update after which the error grows beyond

@@ -11,18 +11,19 @@ windows, so the model learns to run indefinitely from a zero state.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig, normalize_series
 from forecaster.persist import save_checkpoint
+from forecaster.progress import progress_bar
 from simulators.signals import random_sines
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def train_seed(steps: int = 100, seed: int = 0, progress: bool = True) -> TrainR
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     hidden = None
     losses = []
-    for step in tqdm(range(steps), desc="train seed", disable=not progress):
+    for step in progress_bar(range(steps), desc="train seed", disable=not progress):
         data = np.sin(np.linspace(step * np.pi, (step + 1) * np.pi, 21))
         x = torch.tensor(data[:-1], dtype=torch.float32).view(1, 20, 1)  # (B=1, T=20, 1)
         y = torch.tensor(data[1:], dtype=torch.float32).view(1, 20, 1)
@@ -85,19 +86,27 @@ def train_default(
     model_config: ModelConfig | None = None,
     normalizer: NormalizerConfig | None = None,
     progress: bool = True,
+    steps: int | None = None,
 ) -> TrainResult:
-    """Random sine-like streams, normalised online, truncated BPTT with a carried state."""
+    """Random sine-like streams, normalised online, truncated BPTT with a carried state.
+
+    One optimizer step per window, ``length // window`` per episode. ``steps`` stops after that
+    many optimizer steps (the learning rate decays over them), for a run shorter than an episode
+    or not a whole number of them; the recipe then records the episodes begun.
+    """
     recipe = recipe or Recipe()
+    windows = recipe.length // recipe.window
+    if steps is not None:
+        recipe = replace(recipe, episodes=math.ceil(steps / windows))
     normalizer = normalizer or NormalizerConfig()
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     model = Forecaster(model_config or ModelConfig())
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    windows = recipe.length // recipe.window
-    total = recipe.episodes * windows
+    total = recipe.episodes * windows if steps is None else steps
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=recipe.lr_final)
     losses: list[float] = []
-    bar = tqdm(total=total, desc="train", disable=not progress)
+    bar = progress_bar(total=total, desc="train", disable=not progress)
     for _ in range(recipe.episodes):
         raw = random_sines(
             recipe.streams,
@@ -114,7 +123,7 @@ def train_default(
         mask = torch.ones_like(y)  # (B, T, 1): 0 during the normaliser's warm-up
         mask[:, : recipe.warmup] = 0.0
         state = None
-        for w in range(windows):
+        for w in range(min(windows, total - len(losses))):
             span = slice(w * recipe.window, (w + 1) * recipe.window)
             prediction, state = model(x[:, span], state)
             state = state.detach()
@@ -155,10 +164,22 @@ def plot_training(result: TrainResult, path: Path) -> None:
     run = run_series(values, result.model, result.normalizer, progress=False)
     fig, (ax_loss, ax_fit) = plt.subplots(2, 1, figsize=(10, 7))
     ax_loss.semilogy(result.losses, lw=0.8)
-    ax_loss.set(title=f"training loss ({result.recipe.get('name')})", xlabel="step", ylabel="MSE")
+    r = result.recipe
+    if r.get("name") == "seed":
+        per_step, unit = "one 20-sample window of the sine", "MSE"
+    else:
+        per_step = f"one {r.get('window')}-sample window of {r.get('streams')} streams"
+        unit = "MSE (normalised units)"
+    ax_loss.set(
+        title=f"training loss ({r.get('name')}): {len(result.losses)} optimizer steps",
+        xlabel=f"optimizer step ({per_step})",
+        ylabel=unit,
+    )
     ax_fit.plot(values, label="actual", lw=1.5)
     ax_fit.plot(np.arange(1, len(values) + 1), run.predictions, "--", label="prediction", lw=1.2)
-    ax_fit.set(title="one-step-ahead prediction on the seed's sine", xlabel="sample")
+    ax_fit.set(
+        title="one-step-ahead prediction on the seed's sine", xlabel="sample", ylabel="value"
+    )
     ax_fit.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -126,7 +126,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--topic", default="sensors/{stream}/value")
-    parser.add_argument("--qos", type=int, choices=[0, 1, 2], default=0)
+    parser.add_argument(
+        "--qos",
+        type=int,
+        choices=[0, 1, 2],
+        default=1,
+        help="1 (default): the broker keeps what the daemon has not taken yet, so a restart"
+        " loses nothing; 0 drops what is sent while the daemon is down",
+    )
     parser.add_argument("--streams", type=int, default=5)
     parser.add_argument("--rate", type=float, default=10.0, help="samples/s per stream (0: max)")
     parser.add_argument("--count", type=int, help="samples per stream, then exit")

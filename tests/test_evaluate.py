@@ -35,7 +35,7 @@ def test_score_is_progressive_and_skips_warmup() -> None:
     )
 
 
-# The README's "must reach" figures for the shipped model (the README quotes these commands).
+# The "must reach" figures for the shipped model (docs/accuracy.md quotes these commands).
 @pytest.mark.parametrize(
     ("args", "check"),
     [
@@ -71,3 +71,39 @@ def test_csv_errors_are_clear(tmp_path: Path) -> None:
         read_csv(bad)
     with pytest.raises(ForecasterError, match="no column 'temp'"):
         read_csv(bad, "temp")
+
+
+def test_a_missing_csv_is_one_clean_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", "evaluate", "--csv", "missing.csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: missing.csv: cannot read: No such file or directory"
+
+
+@pytest.mark.parametrize("flag", [(), ("--progress",)], ids=["piped", "--progress"])
+def test_progress_bar_only_on_a_terminal_or_asked_for(flag: tuple[str, ...]) -> None:
+    """Into a pipe (as here) a bar is a flood of lines; ``--progress`` draws it anyway."""
+    result = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", "evaluate", "--samples", "300", *flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("evaluate: " in result.stderr) == bool(flag)
+    assert "samples scored" in result.stdout
+
+
+def test_the_shipped_nab_sample_evaluates() -> None:
+    """The two NAB streams in the package (MIT, license beside them) run in a fresh clone."""
+    import forecaster
+
+    data = Path(forecaster.__file__).parent / "data" / "nab"
+    assert "Permission is hereby granted" in (data / "LICENSE.txt").read_text()  # MIT
+    result = evaluate("--csv", str(data / "realAWSCloudwatch" / "ec2_cpu_utilization_5f5533.csv"))
+    assert result["samples"] == 3628 and result["skill"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,3 +137,29 @@ def test_demo_runs_bounded_on_the_embedded_python_broker() -> None:
     assert "sine-000" in result.stdout and "sine-003" in result.stdout
     received = int(result.stdout.rsplit("done: ", 1)[1].split()[0])
     assert received > 4 * 20 * 10  # 4 streams at 20/s for most of 20 s
+
+
+def test_a_taken_metrics_port_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "forecaster.cli", "run"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "FORECASTER_METRICS__PORT": str(port),
+                "FORECASTER_STATE__DIR": str(tmp_path / "state"),
+            },
+        )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: metrics.port: cannot listen on 127.0.0.1:{port} (Address already in use); choose "
+        "another port (FORECASTER_METRICS__PORT=... or metrics.port; 0 = any free)"
+    ]

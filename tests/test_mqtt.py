@@ -4,7 +4,7 @@ paho's keep-alive: a broker that keeps sending is not dropped. Mosquitto always 
 busy to answer it: it accepts one client, never sends a PINGRESP, and either sends a QoS 0
 message every 0.1 s or nothing at all. paho 2.2 pings every keep-alive period even while packets
 flow (paho #813); it must keep the busy link and close the silent one ("keep alive timeout").
-The README's account of the 60 s overload run's disconnect rests on this.
+An account of a 60 s overload run's disconnect rested on this (README.md history, commit 042a5d7).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_mosquitto_receive_maximum_fresh_and_resumed(broker: Broker, prefix: str
     """Back-pressure's flow control: Mosquitto keeps to Receive Maximum on a fresh session.
 
     On the resumed one, Mosquitto 2.0.11 resends the 5 unacknowledged messages and, once they are
-    acknowledged, sends more than 5 more (printed; the README cites the figure).
+    acknowledged, sends more than 5 more (printed; docs/operations.md cites the behaviour).
     """
     fresh = unacked_received(broker, prefix, publish=100, ack_first=0)
     assert fresh == [0, 1, 2, 3, 4]

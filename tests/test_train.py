@@ -36,16 +36,46 @@ def test_train_command_writes_checkpoint_and_plot(tmp_path: Path) -> None:
             str(out),
             "--plot",
             str(plot),
+            "--progress",
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "train seed" in result.stderr  # the progress bar
+    assert "train seed" in result.stderr  # the progress bar, asked for (stderr is not a terminal)
     checkpoint = load_checkpoint(out)
     assert checkpoint.manifest["recipe"]["name"] == "seed"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_steps_counts_optimizer_steps(tmp_path: Path) -> None:
+    """``--steps 5`` runs 5 optimizer steps, also for the default recipe (12 windows an
+    episode): it used to count episodes there (60 steps). Piped, no progress bar."""
+    out = tmp_path / "m.safetensors"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "forecaster.cli", "train", "--steps", "5"),
+            *("--hidden-size", "4", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(5 optimizer steps," in result.stdout
+    assert "train:" not in result.stderr
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.manifest["info"]["steps"] == 5
+    assert checkpoint.manifest["recipe"]["episodes"] == 1
+
+
+def test_steps_stop_mid_episode_and_across_episodes() -> None:
+    recipe = Recipe(streams=4, length=120, window=30)  # 4 windows an episode
+    for steps, episodes in [(3, 1), (4, 1), (9, 3)]:
+        result = train_default(recipe, ModelConfig("rnn", 4, 1), progress=False, steps=steps)
+        assert len(result.losses) == steps
+        assert result.recipe["episodes"] == episodes
 
 
 def test_default_recipe_learns_on_a_tiny_budget() -> None:
@@ -66,7 +96,7 @@ def test_training_is_deterministic_for_a_seed() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_default_recipe_reproduces_the_shipped_model() -> None:
-    """`forecaster train --seed 1` retrains the shipped model (~6 min) to the README's figures."""
+    """`forecaster train --seed 1` retrains the shipped model (~6 min) to the figures in docs/accuracy.md."""
     result = train_default(Recipe(seed=1), progress=False)
     shipped = load_checkpoint()
     assert shipped.manifest["recipe"] == result.recipe
