@@ -1005,7 +1005,14 @@ def accuracy_models(seed: int = 0, models_dir: Path | None = None) -> dict[str, 
     import torch
 
     from forecaster.config import OnlineLearningConfig
-    from forecaster.evaluate import DoubleExponentialSmoothing, EngineModel, LastValue, OnlineAR
+    from forecaster.evaluate import (
+        DoubleExponentialSmoothing,
+        EngineModel,
+        LastValue,
+        OnlineAR,
+        SeasonalHoltWinters,
+        SeasonalNaive,
+    )
     from forecaster.persist import DEFAULT_CHECKPOINT, load_checkpoint
 
     folder = models_dir or DEFAULT_CHECKPOINT.parent
@@ -1029,6 +1036,9 @@ def accuracy_models(seed: int = 0, models_dir: Path | None = None) -> dict[str, 
         "naive": LastValue,
         "ar8_rls": lambda: OnlineAR(p=8, forgetting=0.999),
         "prometheus_des": lambda: DoubleExponentialSmoothing(sf=0.9, tf=0.5),
+        # the season found causally (evaluate.SeasonalPeriod), the same way for both peers
+        "seasonal_naive": SeasonalNaive,
+        "holtwinters_seasonal": SeasonalHoltWinters,
     }
     if river_available():
         from river import linear_model, optim, preprocessing, time_series

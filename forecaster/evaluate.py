@@ -253,6 +253,137 @@ class OnlineAR:
         self.lags = [y, *self.lags][: self.p]
 
 
+PERIODS = (4, 7, 12, 24, 48, 52, 96, 144, 168, 288, 336, 672, 1008, 2016)
+
+
+class SeasonalPeriod:
+    """A season length found causally: every ``every`` values, the candidate period whose lag
+    best correlates the series' recent changes (at least ``min_corr``; a longer one must beat a
+    shorter by 0.05, or every multiple of a season would tie with it), among those that fit
+    three times in what has been seen. Only values already learned are read.
+
+    >>> detector = SeasonalPeriod(every=50)
+    >>> for t in range(400):
+    ...     detector.learn_one(float(np.sin(2 * np.pi * t / 24)))
+    >>> detector.period
+    24
+    """
+
+    def __init__(self, every: int = 256, window: int = 4032, min_corr: float = 0.2) -> None:
+        self.every = every
+        self.window = window  # recent values the correlation is measured over
+        self.min_corr = min_corr
+        self.history: list[float] = []
+        self.period: int | None = None
+
+    def learn_one(self, y: float) -> None:
+        self.history.append(y)
+        if len(self.history) % self.every == 0:
+            self.period = self.detect(np.asarray(self.history[-self.window :]))
+
+    def detect(self, values: np.ndarray) -> int | None:
+        changes = np.diff(values)
+        best, best_corr = None, self.min_corr
+        for period in PERIODS:
+            if 3 * period > len(changes):
+                break
+            a, b = changes[period:], changes[:-period]
+            denominator = float(
+                np.sqrt(np.dot(a - a.mean(), a - a.mean()) * np.dot(b - b.mean(), b - b.mean()))
+            )
+            corr = (
+                float(np.dot(a - a.mean(), b - b.mean())) / denominator if denominator > 0 else 0.0
+            )
+            if corr > best_corr + (0.05 if best else 0.0):  # a multiple must do clearly better
+                best, best_corr = period, corr
+        return best
+
+
+class SeasonalNaive:
+    """The value one season back, at the period ``SeasonalPeriod`` has found so far (the last
+    value until it finds one)."""
+
+    def __init__(self) -> None:
+        self.detector = SeasonalPeriod()
+
+    def forecast(self) -> float:
+        history, period = self.detector.history, self.detector.period
+        if not history:
+            return 0.0
+        if period is None or len(history) < period:
+            return history[-1]
+        return history[-period]  # x[t + 1 - P]
+
+    def learn_one(self, y: float) -> None:
+        self.detector.learn_one(y)
+
+
+class SeasonalHoltWinters:
+    """Additive Holt-Winters (level, trend, one seasonal term per phase) at the period
+    ``SeasonalPeriod`` has found so far; Holt's linear trend until it finds one. Re-initialised
+    from the last two seasons already seen when the period changes.
+
+    Written here rather than taken from River: River 0.26's ``HoltWinters`` initialises an
+    additive season as ``y / level`` (the multiplicative formula), which diverges on a series
+    whose level is near zero.
+
+    >>> model = SeasonalHoltWinters()
+    >>> wave = 5 + np.sin(2 * np.pi * np.arange(1200) / 24)
+    >>> for y in wave[:1199]:
+    ...     model.learn_one(float(y))
+    >>> bool(abs(model.forecast() - wave[1199]) < 0.05)
+    True
+    """
+
+    def __init__(self, alpha: float = 0.3, beta: float = 0.01, gamma: float = 0.2) -> None:
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.detector = SeasonalPeriod()
+        self.period: int | None = None
+        self.level: float | None = None
+        self.trend = 0.0
+        self.season: list[float] = []  # by phase: t mod period
+        self.t = 0  # values learned
+
+    def _restart(self) -> None:
+        """Level and season from the last two seasons seen (the last value without a season)."""
+        history, period = self.detector.history, self.period
+        if period is None:
+            self.level, self.trend, self.season = history[-1], 0.0, []
+            return
+        recent = np.asarray(history[-2 * period :])
+        first, second = recent[:period].mean(), recent[period:].mean()
+        self.level = float(second)
+        self.trend = float(second - first) / period
+        self.season = [0.0] * period
+        for i, y in enumerate(recent[period:]):  # phases of the last season seen
+            self.season[(self.t - period + i) % period] = float(y - second)
+
+    def forecast(self) -> float:
+        if self.level is None:
+            return 0.0
+        season = self.season[self.t % self.period] if self.period else 0.0
+        return self.level + self.trend + season
+
+    def learn_one(self, y: float) -> None:
+        self.detector.learn_one(y)
+        if self.level is None:
+            self.level = y
+        else:
+            phase = (self.t % self.period) if self.period else 0
+            seasonal = self.season[phase] if self.period else 0.0
+            level = self.alpha * (y - seasonal) + (1 - self.alpha) * (self.level + self.trend)
+            self.trend = self.beta * (level - self.level) + (1 - self.beta) * self.trend
+            self.level = level
+            if self.period:
+                self.season[phase] = self.gamma * (y - level) + (1 - self.gamma) * seasonal
+        self.t += 1
+        if self.detector.period != self.period and (
+            self.detector.period is None or self.t >= 2 * self.detector.period
+        ):
+            self.period = self.detector.period
+            self._restart()
+
+
 class DoubleExponentialSmoothing:
     """PromQL's ``double_exponential_smoothing(v[range], sf, tf)`` (``holt_winters`` before
     Prometheus 3), run over an ever-growing range: the recurrence of ``funcDoubleExponentialSmoothing``

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from forecaster.bench import FORECASTER_MODELS, RIVER_MODELS, bench_accuracy, river_available
-from forecaster.evaluate import progressive, score
+from forecaster.evaluate import SeasonalPeriod, progressive, score
 
 
 def write_csv(path: Path, values: np.ndarray) -> None:
@@ -110,3 +110,20 @@ def test_same_data_and_seed_give_the_same_table_twice(tmp_path: Path) -> None:
             assert f"{out['models']['forecaster_learn']['geo_rel_mse']:.4f}" in line
     assert sorted(p.name for p in plots.iterdir()) == ["flat.png", "walk.png", "wave.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots.iterdir())
+
+
+def test_the_period_detector_reads_past_values_only() -> None:
+    t = np.arange(2000)
+    daily = np.sin(2 * np.pi * t / 24)
+    weekly_later = daily.copy()
+    weekly_later[1024:] = np.sin(2 * np.pi * t[1024:] / 168)  # a different future
+    seen = []
+    for values in (daily, weekly_later):
+        detector = SeasonalPeriod(every=64, window=512)
+        periods = []
+        for y in values.tolist():
+            detector.learn_one(y)
+            periods.append(detector.period)
+        seen.append(periods)
+    assert seen[0][:1024] == seen[1][:1024]  # the same past, the same periods
+    assert seen[0][1023] == 24 and seen[1][-1] != 24  # and the detector does follow the data
