@@ -96,7 +96,8 @@ class Combiner:
         # The AR path's exponentially weighted normal equations: the mean of phi phi^T (only
         # its upper triangle: it is symmetric) and of phi times the change that followed.
         upper = np.triu_indices(k)
-        self._rows, self._cols = upper  # feature pair of each kept entry
+        ends = np.cumsum(np.arange(k, 0, -1)).tolist()
+        self._row_spans = list(zip([0, *ends[:-1]], ends, strict=True))  # entries of row i
         full = np.zeros((k, k), dtype=np.int64)
         full[upper] = np.arange(len(upper[0]))
         self._unpack = np.maximum(full, full.T).ravel()  # kept entry of each full index
@@ -251,12 +252,14 @@ class Combiner:
         # A running average until the forgetting factor's weight takes over.
         count = self.count[slots]
         rate = np.maximum(1.0 / count, 1.0 - config.forgetting)  # count >= 1 here
-        old = np.take(self.gram, slots, axis=0).T  # (k (k + 1) / 2, B)
-        pairs = phi[self._rows] * phi[self._cols]  # phi_i phi_j, i <= j
-        pairs -= old
-        pairs *= rate
-        pairs += old
-        gram = pairs.T  # (B, k (k + 1) / 2)
+        gram = np.take(self.gram, slots, axis=0)  # (B, k (k + 1) / 2), float32
+        pairs = np.empty(gram.shape)
+        for i, (start, end) in enumerate(self._row_spans):  # phi_i phi_j for j >= i
+            np.multiply(phi[i][:, None], phi[i:].T, out=pairs[:, start:end])
+        pairs -= gram
+        pairs *= rate[:, None]
+        pairs += gram
+        gram = pairs  # float64 until stored
         self.gram[slots] = gram
         cross = self.cross[slots]
         cross += rate[:, None] * (phi.T * target[:, None] - cross)

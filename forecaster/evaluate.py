@@ -257,7 +257,7 @@ PERIODS = (4, 7, 12, 24, 48, 52, 96, 144, 168, 288, 336, 672, 1008, 2016)
 
 
 class SeasonalPeriod:
-    """A season length found causally: every ``every`` values, the candidate period whose lag
+    """A season length found causally: after 16, 32, 64, ... and every ``every`` values, the candidate period whose lag
     best correlates the series' recent changes (at least ``min_corr``; a longer one must beat a
     shorter by 0.05, or every multiple of a season would tie with it), among those that fit
     three times in what has been seen. Only values already learned are read.
@@ -278,7 +278,8 @@ class SeasonalPeriod:
 
     def learn_one(self, y: float) -> None:
         self.history.append(y)
-        if len(self.history) % self.every == 0:
+        n = len(self.history)
+        if n % self.every == 0 or (n >= 16 and n & (n - 1) == 0):  # also at 16, 32, 64, ...
             self.period = self.detect(np.asarray(self.history[-self.window :]))
 
     def detect(self, values: np.ndarray) -> int | None:
