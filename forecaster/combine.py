@@ -52,6 +52,10 @@ class CombinerConfig:
     # Smoothed levels: an EWM of the values per half-life (in samples), each relative to the last
     # value a feature (how far the stream sits from its recent level: mean reversion).
     smooths: tuple[float, ...] = (3.0, 30.0)
+    # Time of day: an EWM of the values per ``day_bins`` bins of the day (from the samples'
+    # timestamps); the next sample's bin, relative to the last value, is a feature. 0: off.
+    day_bins: int = 0
+    day_rate: float = 0.1  # weight of a new value in its bin's EWM
     forgetting: float = 0.999  # RLS forgetting factor (memory ~ 1 / (1 - forgetting) samples)
     prior: float = 0.1  # AR path's prior: worth 1 / prior samples of zero weights (ridge)
     refit_every: int = 8  # samples between solves of a stream's AR normal equations
@@ -65,7 +69,7 @@ class CombinerConfig:
     @property
     def features(self) -> int:
         # intercept, level z, lags, seasonal lags, smoothed levels
-        return 2 + self.lags + len(self.seasons) + len(self.smooths)
+        return 2 + self.lags + len(self.seasons) + len(self.smooths) + (self.day_bins > 0)
 
     @property
     def memory(self) -> int:
@@ -91,6 +95,9 @@ class Combiner:
         self.lags = np.zeros((capacity, self.config.memory), dtype=np.float32)
         self.level = np.zeros(capacity)  # the level's z when the last forecast was made
         self.smooth = np.zeros((capacity, len(self.config.smooths)))  # EWMs of the values
+        self.day = np.full((capacity, self.config.day_bins), np.nan, dtype=np.float32)
+        self.last_ts = np.full(capacity, np.nan)
+        self.day_next = np.zeros(capacity)  # the next sample's bin's EWM when last forecast
         self.scale = np.zeros(capacity)  # the typical change the last forecast was made in
         self.coef = np.zeros((capacity, k))  # AR path weights
         # The AR path's exponentially weighted normal equations: the mean of phi phi^T (only
@@ -125,6 +132,9 @@ class Combiner:
             "lags": self.lags,
             "level": self.level,
             "smooth": self.smooth,
+            "day": self.day,
+            "last_ts": self.last_ts,
+            "day_next": self.day_next,
             "scale": self.scale,
             "coef": self.coef,
             "gram": self.gram,
@@ -160,7 +170,12 @@ class Combiner:
         return np.stack([1.0 - rnn - ar, rnn, ar], axis=1)
 
     def step(
-        self, slots: np.ndarray, x: np.ndarray, rnn: np.ndarray, level: np.ndarray
+        self,
+        slots: np.ndarray,
+        x: np.ndarray,
+        rnn: np.ndarray,
+        level: np.ndarray,
+        ts: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fold ``x`` (one value per distinct slot) in; return the combined forecast of the
         next value and the weights it was made with ``(B, components)``.
@@ -198,13 +213,49 @@ class Combiner:
         scale = np.sqrt(var) + 1e-9 * (1.0 + np.abs(x))
         self.scale[slots] = scale
         self.level[slots] = level
-        features = self._features(lags, level, scale, self.smooth[slots], x)  # (k, B)
+        if config.day_bins:
+            self._day(slots, x, ts)
+        features = self._features(lags, level, scale, self._anchors(slots), x)  # (k, B)
         ar_change = np.einsum("bk,kb->b", self.coef[slots], features)
         np.clip(ar_change, -config.clip, config.clip, out=ar_change)
         pred = np.stack([x, rnn, x + scale * ar_change], axis=1)  # (B, components)
         self.pred[slots] = pred
         weights = self.weights(slots)
         return np.einsum("bc,bc->b", weights, pred), weights
+
+    def _anchors(self, slots: np.ndarray) -> np.ndarray:
+        """``(B, a)``: the levels a stream may revert to: smoothed levels, time of day."""
+        if not self.config.day_bins:
+            return self.smooth[slots]
+        return np.column_stack([self.smooth[slots], self.day_next[slots]])
+
+    def _day(self, slots: np.ndarray, x: np.ndarray, ts: np.ndarray | None) -> None:
+        """Fold ``x`` into its time-of-day bin; note the next sample's bin's level (the next
+        sample expected one inter-arrival time on; the last value where nothing is known)."""
+        config = self.config
+        bins = config.day_bins
+        stamp = np.full(len(slots), np.nan) if ts is None else np.asarray(ts, dtype=np.float64)
+        known = np.isfinite(stamp)
+        day = self.day[slots]
+        at = (
+            np.floor(np.where(known, stamp, 0.0) % 86400.0 / 86400.0 * bins).astype(np.int64)
+        ) % bins
+        rows = np.flatnonzero(known)
+        old = day[rows, at[rows]]
+        day[rows, at[rows]] = np.where(
+            np.isnan(old), x[rows], old + config.day_rate * (x[rows] - old)
+        )
+        self.day[slots] = day
+        step = stamp - self.last_ts[slots]
+        self.last_ts[slots] = np.where(known, stamp, self.last_ts[slots])
+        nxt = np.where(known & (step > 0), stamp + step, np.nan)
+        ahead = (
+            np.floor(np.where(np.isfinite(nxt), nxt, 0.0) % 86400.0 / 86400.0 * bins).astype(
+                np.int64
+            )
+        ) % bins
+        value = day[np.arange(len(slots)), ahead].astype(np.float64)
+        self.day_next[slots] = np.where(np.isfinite(nxt) & np.isfinite(value), value, x)
 
     def _features(
         self,
@@ -247,7 +298,7 @@ class Combiner:
         self.sxx[slots] = sxx + weight * (moments - sxx)
         self.sxy[slots] = sxy + weight * (u * target[:, None] - sxy)
         phi = self._features(
-            self.lags[slots], self.level[slots], scale, self.smooth[slots], self.last[slots]
+            self.lags[slots], self.level[slots], scale, self._anchors(slots), self.last[slots]
         )  # (k, B)
         # A running average until the forgetting factor's weight takes over.
         count = self.count[slots]
