@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from wsgiref.simple_server import make_server
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
@@ -25,7 +24,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -33,6 +31,7 @@ from forecaster import __version__
 from forecaster.engine import Forecast, ForecastColumns
 from forecaster.mqtt import LinkEvents
 from forecaster.parse import REASONS
+from forecaster.web import PooledWSGIServer, WsgiApp, router
 
 OTHER = "_other"
 # Messages the daemon lost: the receive queue was full (``queue_full``: the arriving one,
@@ -228,6 +227,11 @@ class Metrics(LinkEvents):
             registry=r,
         )
         self._learn_seen = (0, 0, 0, 0, 0)
+        self.http_refused = Counter(
+            "forecaster_http_refused_total",
+            "HTTP connections refused because every worker was busy and the queue full",
+            registry=r,
+        )
         self.info = Info("forecaster_build", "Build information", registry=r)
         self.info.info({"version": __version__})
         # Per-stream series are read from ``_labels`` when Prometheus scrapes (a custom
@@ -334,49 +338,36 @@ class Metrics(LinkEvents):
         anomaly: np.ndarray,
         covered: np.ndarray,
     ) -> None:
-        """Fold a tick's forecasts into each label's numbers (NaN error: none yet; NaN covered:
-        no interval yet), in arrival order, as columns. ``_StreamCollector`` exports them at
-        scrape time. Errors are clamped so that squares stay finite too."""
-        errors = _bounded(error, 1e150)  # NaN stays NaN: skipped below
-        naives = _bounded(naive, 1e150)
-        scored = ~(np.isnan(errors) | np.isnan(naives))
-        has_interval = ~np.isnan(covered)
+        """Fold a tick's forecasts into each label's numbers (``_LabelTable.fold``);
+        ``_StreamCollector`` exports them at scrape time."""
         with self._lock:
-            table = self._labels
-            rows = table.rows(streams, self.stream_label_cap)
-            per_label = np.bincount(rows, minlength=table.capacity)
-            table.samples += per_label
-            table.anomalies += np.bincount(
-                rows, anomaly > self.anomaly_threshold, minlength=table.capacity
-            ).astype(np.int64)
-            distinct = bool(per_label.max() <= 1)  # each label once: the usual small tick
-            # each label's last row
-            latest = (
-                slice(None)
-                if distinct
-                else len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
+            rows = self._labels.rows(streams, self.stream_label_cap)
+            scored = self._labels.fold(
+                rows,
+                value,
+                prediction,
+                error,
+                naive,
+                lower,
+                upper,
+                anomaly,
+                covered,
+                alpha=self.alpha,
+                coverage_alpha=self.coverage_alpha,
+                threshold=self.anomaly_threshold,
             )
-            lasts = np.stack([value, prediction, lower, upper, anomaly], axis=1)[latest]
-            table.last[rows[latest]] = _finite(lasts, 1e300)
-            e, n = errors[scored], naives[scored]
-            _fold(
-                table.rolling,
-                table.rolling_n,
-                rows[scored],
-                np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1),
-                self.alpha,
-                distinct,
-            )
-            widths = _finite(upper[has_interval] - lower[has_interval], 1e150)
-            _fold(
-                table.interval,
-                table.interval_n,
-                rows[has_interval],
-                np.stack([covered[has_interval], widths], axis=1),
-                self.coverage_alpha,
-                distinct,
-            )
-        self.abs_error.observe_many(np.abs(errors[scored]))
+        self.abs_error.observe_many(scored)
+
+    def labelled(self, start: int = 0) -> list[str]:
+        """Streams given their own label, in the order they got it, from the ``start``-th on
+        (``_other`` left out): at most ``stream_label_cap`` ever."""
+        with self._lock:
+            return [name for name in self._labels.names[start:] if name != OTHER]
+
+    @property
+    def labels_given(self) -> int:
+        """How many labels exist (``_other`` included): ``labelled``'s next ``start``."""
+        return len(self._labels.names)
 
 
 class _LabelTable:
@@ -394,6 +385,61 @@ class _LabelTable:
         self.rolling_n = np.zeros(capacity, dtype=np.int64)
         self.interval = np.zeros((capacity, 2))  # EWMA of covered (0/1) and width
         self.interval_n = np.zeros(capacity, dtype=np.int64)
+
+    def fold(
+        self,
+        rows: np.ndarray,
+        value: np.ndarray,
+        prediction: np.ndarray,
+        error: np.ndarray,
+        naive: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        anomaly: np.ndarray,
+        covered: np.ndarray,
+        *,
+        alpha: float,
+        coverage_alpha: float,
+        threshold: float,
+    ) -> np.ndarray:
+        """Fold a tick's forecasts (columns; ``rows``: each one's row) into the rows' numbers
+        (NaN error: none yet; NaN covered: no interval yet), in arrival order; returns the
+        absolute errors scored. Errors are clamped so that squares stay finite too."""
+        errors = _bounded(error, 1e150)  # NaN stays NaN: skipped below
+        naives = _bounded(naive, 1e150)
+        scored = ~(np.isnan(errors) | np.isnan(naives))
+        has_interval = ~np.isnan(covered)
+        per_label = np.bincount(rows, minlength=self.capacity)
+        self.samples += per_label
+        self.anomalies += np.bincount(rows, anomaly > threshold, minlength=self.capacity).astype(
+            np.int64
+        )
+        distinct = bool(per_label.max(initial=0) <= 1)  # each label once: the usual small tick
+        # each label's last row
+        latest = (
+            slice(None) if distinct else len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
+        )
+        lasts = np.stack([value, prediction, lower, upper, anomaly], axis=1)[latest]
+        self.last[rows[latest]] = _finite(lasts, 1e300)
+        e, n = errors[scored], naives[scored]
+        _fold(
+            self.rolling,
+            self.rolling_n,
+            rows[scored],
+            np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1),
+            alpha,
+            distinct,
+        )
+        widths = _finite(upper[has_interval] - lower[has_interval], 1e150)
+        _fold(
+            self.interval,
+            self.interval_n,
+            rows[has_interval],
+            np.stack([covered[has_interval], widths], axis=1),
+            coverage_alpha,
+            distinct,
+        )
+        return np.abs(e)
 
     def rows(self, streams: list[str], cap: int) -> np.ndarray:
         """Each stream's row: its own label while fewer than ``cap`` streams have one, else
@@ -646,7 +692,9 @@ class TickHistogram(Collector):
 
 
 class HttpEndpoint:
-    """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving)."""
+    """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving),
+    and any extra ``routes`` (the live page); other paths 404. A fixed pool of ``workers`` threads
+    answers (``web.PooledWSGIServer``)."""
 
     def __init__(
         self,
@@ -655,20 +703,31 @@ class HttpEndpoint:
         port: int,
         healthy: Callable[[], tuple[bool, str]],
         ready: Callable[[], tuple[bool, str]],
+        *,
+        routes: dict[str, WsgiApp] | None = None,
+        workers: int = 4,
+        timeout: float = 10.0,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
-        metrics_app = make_wsgi_app(registry)
-
-        def app(environ: dict, start_response: Callable) -> list[bytes]:
-            path = environ.get("PATH_INFO", "/")
-            if path in ("/healthz", "/readyz"):
-                ok, detail = (healthy if path == "/healthz" else ready)()
+        def probe(check: Callable[[], tuple[bool, str]]) -> WsgiApp:
+            def app(environ: dict, start_response: Callable) -> list[bytes]:
+                ok, detail = check()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
                 return [f"{'ok' if ok else 'not ok'}: {detail}\n".encode()]
-            return metrics_app(environ, start_response)
 
-        self.server = make_server(
-            host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
+            return app
+
+        app = router(
+            {
+                "/metrics": make_wsgi_app(registry),
+                "/healthz": probe(healthy),
+                "/readyz": probe(ready),
+                **(routes or {}),
+            }
+        )
+        self.server = PooledWSGIServer(
+            (host, port), app, workers=workers, timeout=timeout, on_refused=on_refused
         )
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
