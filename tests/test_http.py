@@ -1,0 +1,103 @@
+"""The HTTP port: known paths answer, others 404; a fixed pool of workers however many clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from forecaster.metrics import HttpEndpoint, Metrics
+from tests.helpers import wait_until
+
+
+def endpoint(workers: int = 2, timeout: float = 10.0) -> tuple[HttpEndpoint, Metrics]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    http = HttpEndpoint(
+        registry,
+        "127.0.0.1",
+        0,
+        lambda: (True, "alive"),
+        lambda: (False, "broker not connected"),
+        workers=workers,
+        timeout=timeout,
+        on_refused=metrics.http_refused.inc,
+    )
+    http.start()
+    return http, metrics
+
+
+def status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_known_paths_answer_and_others_are_404() -> None:
+    http, _ = endpoint()
+    try:
+        assert status(http.port, "/metrics") == 200
+        assert status(http.port, "/healthz") == 200
+        assert status(http.port, "/readyz") == 503  # its reason: see the body
+        for path in ("/", "/metrics/", "/metricsx", "/favicon.ico", "/live/", "/../etc/passwd"):
+            assert status(http.port, path) == 404, path
+    finally:
+        http.close()
+
+
+def test_many_slow_connections_do_not_grow_threads() -> None:
+    """300 clients that send half a request line and wait: the threads stay the pool's, the
+    ones beyond the queue are refused and counted, and once they leave the port answers again."""
+    http, metrics = endpoint(workers=2, timeout=30.0)
+    try:
+        assert status(http.port, "/metrics") == 200
+        threads = threading.active_count()
+        server = http.server
+        slow = []
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", http.port))
+            sock.sendall(b"GET /metr")  # and nothing more
+            slow.append(sock)
+        # every connection is with a worker, queued, or refused
+        held = len(server.workers) + server._pending.maxsize
+        wait_until(lambda: server.refused >= 300 - held, "the connections beyond the pool refused")
+        assert threading.active_count() == threads
+        assert metrics.registry.get_sample_value("forecaster_http_refused_total") == server.refused
+        for sock in slow:
+            sock.close()
+        wait_until(lambda: status(http.port, "/healthz") == 200, "the port answering again", 20)
+        assert threading.active_count() == threads
+    finally:
+        http.close()
+
+
+def test_a_silent_connection_is_closed_after_the_timeout() -> None:
+    http, _ = endpoint(workers=1, timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", http.port)) as sock:
+            sock.settimeout(10)
+            assert sock.recv(1024) == b""  # closed by the server, its worker free again
+        assert status(http.port, "/healthz") == 200
+    finally:
+        http.close()
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_other_methods_do_not_break_the_server(method: str) -> None:
+    http, _ = endpoint()
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http.port}/nothing", data=b"x", method=method
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=5)
+        assert caught.value.code == 404
+        assert status(http.port, "/healthz") == 200
+    finally:
+        http.close()
