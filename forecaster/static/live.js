@@ -36,7 +36,12 @@ function fmt(x, digits = 3) {
   if (x === null || x === undefined || !Number.isFinite(x)) return "–";
   const a = Math.abs(x);
   if (a !== 0 && (a >= 1e6 || a < 1e-3)) return x.toExponential(digits - 1);
-  return Number(x.toPrecision(digits)).toString();
+  return a >= 10 ** digits ? x.toFixed(0) : x.toPrecision(digits);
+}
+
+function tick(x) {
+  // an axis label: a round number as it is written (no trailing zeros)
+  return Math.abs(x) >= 1e6 || (x !== 0 && Math.abs(x) < 1e-3) ? x.toExponential(1) : String(Number(x.toPrecision(6)));
 }
 
 function pct(x) {
@@ -256,13 +261,13 @@ function draw() {
     ctx.moveTo(left, Y(v));
     ctx.lineTo(w - right, Y(v));
     ctx.stroke();
-    ctx.fillText(fmt(v), left - 6, Y(v));
+    ctx.fillText(tick(v), left - 6, Y(v));
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
   const last = t[n - 1];
   for (const s of niceTicks(t0 - last, 0, 6)) {
-    ctx.fillText(s === 0 ? "now" : `${fmt(s)} s`, X(last + s), h - bottom + 6);
+    ctx.fillText(s === 0 ? "now" : `${tick(s)} s`, X(last + s), h - bottom + 6);
   }
   // interval band: forecast i's bounds, and the next one's
   const at = (i) => (i < n ? t[i] : tNext);
