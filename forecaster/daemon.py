@@ -616,9 +616,11 @@ class Daemon:
         self.link.watchdog()
         self._publish_unpublished()
         if self.discovery is not None:
-            if self._discovery_seen[1] != self.link.connects and self.link.is_connected.is_set():
-                self._discovery_seen = (self._discovery_seen[0], self.link.connects)
-                self.discovery.again()  # the broker may have lost the retained configs
+            labels, connection = self._discovery_seen
+            if connection != self.link.connects and self.link.is_connected.is_set():
+                self._discovery_seen = (labels, self.link.connects)
+                if connection:  # a new connection: the broker may have lost the retained configs
+                    self.discovery.again()
             self.discovery.flush()
         if self.learner is not None:
             self.learner.after_tick()

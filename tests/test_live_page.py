@@ -46,7 +46,20 @@ def columns(streams: list[str], values: list[float]) -> ForecastColumns:
     x = np.asarray(values, dtype=np.float64)
     nan = np.full(n, np.nan)
     return ForecastColumns(
-        streams, np.arange(n), np.arange(n), nan, x, x + 0.5, nan, nan, x, x + 1, x * 0, x > 0, x > 0, 0
+        streams,
+        np.arange(n),
+        np.arange(n),
+        nan,
+        x,
+        x + 0.5,
+        nan,
+        nan,
+        x,
+        x + 1,
+        x * 0,
+        x > 0,
+        x > 0,
+        0,
     )
 
 
@@ -64,7 +77,9 @@ def test_ring_keeps_each_streams_last_samples_in_order() -> None:
 
 
 @contextlib.contextmanager
-def flowing(broker: Broker, prefix: str, streams: list[str], period: float = 0.02) -> Iterator[None]:
+def flowing(
+    broker: Broker, prefix: str, streams: list[str], period: float = 0.02
+) -> Iterator[None]:
     """Publish a noisy sine with a spike now and then on each stream until the block ends."""
     stop = threading.Event()
 
@@ -199,8 +214,10 @@ def test_page_in_headless_chromium(
     with RunningDaemon(config) as running, flowing(broker, prefix, streams):
         url = running.metrics_url
         wait_until(
-            lambda: min(get_json(f"{url}/live/streams.json")["samples"] or [0]) >= 30
-            and len(get_json(f"{url}/live/streams.json")["names"]) == len(streams),
+            lambda: (
+                min(get_json(f"{url}/live/streams.json")["samples"] or [0]) >= 30
+                and len(get_json(f"{url}/live/streams.json")["names"]) == len(streams)
+            ),
             "every stream on the page's JSON",
             30,
         )
@@ -225,10 +242,12 @@ def test_page_in_headless_chromium(
             "document.querySelector('#streams tbody tr[data-name=\"boiler.pressure\"]').click()"
         )
         wait_until(
-            lambda: driver.execute_script(  # type: ignore[attr-defined]
-                "return document.getElementById('chart-title').textContent"
-            )
-            == "boiler.pressure",
+            lambda: (
+                driver.execute_script(  # type: ignore[attr-defined]
+                    "return document.getElementById('chart-title').textContent"
+                )
+                == "boiler.pressure"
+            ),
             "the chart switched to the chosen stream",
         )
         shot = os.environ.get("LIVE_PAGE_SCREENSHOT")
