@@ -11,13 +11,14 @@ build step, no CDN; it polls the JSON every half second.
 
 Paths: ``/live/`` (the page; ``/live`` redirects there), ``/live/live.js``, ``/live/live.css``,
 ``/live/streams.json`` (one row per stream, as columns), ``/live/stream.json?name=S`` (one
-stream's ring, oldest first).
+stream's ring, oldest first; without ``name``, the first stream by name).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from importlib import resources
 from itertools import repeat
@@ -34,6 +35,21 @@ from forecaster.web import WsgiApp, not_found
 # Ring fields, per sample: the value, the forecast and interval made with it for the next value,
 # its anomaly score. float32 halves the ring (display only; metrics keep float64).
 FIELDS = ("value", "prediction", "lower", "upper", "anomaly")
+# The columns of a tick the page reads, in the order ``_fold`` unpacks them.
+COLUMNS = (
+    "value",
+    "prediction",
+    "error",
+    "naive_error",
+    "lower",
+    "upper",
+    "anomaly",
+    "covered",
+    "seq",
+)
+# Ticks kept for the page before the engine thread folds them itself (nobody reading): a fold's
+# cost is mostly per NumPy call, so many ticks at once cost about what one does.
+FOLD_TICKS, FOLD_ROWS = 64, 16_384
 ASSETS = {
     "/live/": ("index.html", "text/html; charset=utf-8"),
     "/live/live.js": ("live.js", "text/javascript; charset=utf-8"),
@@ -51,8 +67,8 @@ class LiveView:
     >>> cols = ForecastColumns(["a", "b", "a"], np.arange(3), np.arange(3), np.full(3, np.nan),
     ...     np.array([1.0, 2.0, 3.0]), ones, ones, ones, ones, ones, ones, ones > 0, ones > 0, 0)
     >>> view.observe(cols)  # "b" is beyond max_streams: not kept
-    >>> view.names, view.stream("a")["points"]["value"]
-    (['a'], [1.0, 3.0])
+    >>> view.stream("a")["points"]["value"], view.names
+    ([1.0, 3.0], ['a'])
     """
 
     def __init__(
@@ -80,18 +96,49 @@ class LiveView:
         self.seq = np.zeros((max_streams, history), dtype=np.int64)
         self.written = np.zeros(max_streams, dtype=np.int64)  # samples ever written per row
         self.ticks = 0
-        self._lock = threading.Lock()  # the engine thread writes, HTTP workers read
+        self._pending: deque[tuple[ForecastColumns, float]] = deque()  # ticks not folded yet
+        self._pending_rows = 0  # rows in them (engine thread's count)
+        self._lock = threading.Lock()  # folds and reads, from the engine thread or HTTP workers
 
     # -- engine side ------------------------------------------------------------------------
     def observe(self, f: ForecastColumns, now: float | None = None) -> None:
-        """Fold a tick's forecasts in: a dict lookup per stream in C (``map``), the rest NumPy."""
+        """Keep a tick's forecasts for the page: on the engine thread only a reference is kept
+        (the columns are the tick's own arrays, never written again); they are folded in when
+        the page reads, or every ``FOLD_TICKS`` ticks or ``FOLD_ROWS`` rows when nobody does,
+        many ticks in one set of NumPy calls."""
         if not len(f):
             return
+        self._pending.append((f, time.time() if now is None else now))
+        self._pending_rows += len(f)
+        if len(self._pending) >= FOLD_TICKS or self._pending_rows >= FOLD_ROWS:
+            self._pending_rows = 0
+            self.fold_pending()
+
+    def fold_pending(self) -> None:
+        """Fold the kept ticks into the rows and rings, in tick order (either thread)."""
+        with self._lock:
+            ticks = []
+            while self._pending:
+                ticks.append(self._pending.popleft())
+            if ticks:
+                self._fold(ticks)
+
+    def _fold(self, ticks: list[tuple[ForecastColumns, float]]) -> None:
+        """A dict lookup per stream in C (``map``), the rest NumPy over all the ticks at once."""
+        if len(ticks) == 1:
+            f, now = ticks[0]
+            streams = f.streams
+            ts = np.where(np.isnan(f.ts), now, f.ts)
+            cols = [getattr(f, name) for name in COLUMNS]
+        else:
+            streams = [s for f, _ in ticks for s in f.streams]
+            ts = np.concatenate([np.where(np.isnan(f.ts), now, f.ts) for f, now in ticks])
+            cols = [np.concatenate([getattr(f, name) for f, _ in ticks]) for name in COLUMNS]
         index = self.index
-        rows = np.fromiter(map(index.get, f.streams, repeat(-1)), np.int64, len(f))
+        rows = np.fromiter(map(index.get, streams, repeat(-1)), np.int64, len(streams))
         if len(self.names) < self.max_streams and (rows < 0).any():
             for i in np.flatnonzero(rows < 0).tolist():
-                stream = f.streams[i]
+                stream = streams[i]
                 row = index.get(stream)
                 if row is None:
                     if len(self.names) >= self.max_streams:
@@ -99,46 +146,41 @@ class LiveView:
                     row = index[stream] = len(self.names)
                     self.names.append(stream)
                 rows[i] = row
-            rows[rows < 0] = np.fromiter(  # a stream given a row just now, seen again
-                map(
-                    index.get, [f.streams[i] for i in np.flatnonzero(rows < 0).tolist()], repeat(-1)
-                ),
-                np.int64,
-            )
+            unknown = np.flatnonzero(rows < 0)  # beyond max_streams, or given a row just now
+            found = map(index.get, [streams[i] for i in unknown.tolist()], repeat(-1))
+            rows[unknown] = np.fromiter(found, np.int64, len(unknown))
         keep = np.flatnonzero(rows >= 0)
         if not len(keep):
             return
-        everything = len(keep) == len(rows)
-        pick: slice | np.ndarray = slice(None) if everything else keep
-        rows = rows[keep]
-        ts = f.ts[pick]
-        ts = np.where(np.isnan(ts), time.time() if now is None else now, ts)
-        covered = np.where(np.isnan(f.error), np.nan, f.covered)[pick]
-        columns = [f.value, f.prediction, f.lower, f.upper, f.anomaly]
-        with self._lock:
-            self.table.fold(
-                rows,
-                *(c[pick] for c in columns[:2]),
-                f.error[pick],
-                f.naive_error[pick],
-                *(c[pick] for c in columns[2:]),
-                covered,
-                alpha=self.alpha,
-                coverage_alpha=self.coverage_alpha,
-                threshold=self.anomaly_threshold,
-            )
-            # A stream's samples in one tick take consecutive places in its ring, in order.
-            rank = _rank_within(rows)
-            place = (self.written[rows] + rank) % self.history
-            self.ring[rows, place] = np.stack([c[pick] for c in columns], axis=1)
-            self.ts[rows, place] = ts
-            self.seq[rows, place] = f.seq[pick]
-            self.written += np.bincount(rows, minlength=self.max_streams)
-            self.ticks += 1
+        if len(keep) < len(rows):
+            rows, ts, cols = rows[keep], ts[keep], [c[keep] for c in cols]
+        value, prediction, error, naive, lower, upper, anomaly, covered, seq = cols
+        self.table.fold(
+            rows,
+            value,
+            prediction,
+            error,
+            naive,
+            lower,
+            upper,
+            anomaly,
+            np.where(np.isnan(error), np.nan, covered),  # covered means nothing without an error
+            alpha=self.alpha,
+            coverage_alpha=self.coverage_alpha,
+            threshold=self.anomaly_threshold,
+        )
+        # A stream's samples take consecutive places in its ring, in order.
+        place = (self.written[rows] + _rank_within(rows)) % self.history
+        self.ring[rows, place] = np.stack([value, prediction, lower, upper, anomaly], axis=1)
+        self.ts[rows, place] = ts
+        self.seq[rows, place] = seq
+        self.written += np.bincount(rows, minlength=self.max_streams)
+        self.ticks += len(ticks)
 
     # -- readers (HTTP workers) ---------------------------------------------------------------
     def streams(self) -> dict[str, object]:
         """Every kept stream's numbers, as columns (NaN becomes null in JSON)."""
+        self.fold_pending()
         with self._lock:
             n = len(self.names)
             t = self.table
@@ -166,8 +208,16 @@ class LiveView:
         }
 
     def stream(self, name: str) -> dict[str, object] | None:
-        """One stream's ring, oldest first; None for a stream not kept."""
+        """One stream's ring, oldest first; None for a stream not kept. No name: the first
+        stream by name (the page's first row), so the page need not wait for the table."""
+        self.fold_pending()
         with self._lock:
+            if not name:
+                if not self.names:  # nothing yet: an empty chart, not an error
+                    return {"name": "", "samples": 0, "anomalies": 0,
+                            "threshold": self.anomaly_threshold,
+                            "points": {key: [] for key in (*FIELDS, "ts", "seq")}}  # fmt: skip
+                name = min(self.names)
             row = self.index.get(name)
             if row is None:
                 return None

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -261,3 +262,120 @@ def test_page_in_headless_chromium(
         assert driver.save_screenshot(str(target))  # type: ignore[attr-defined]
         assert page_state(driver)["errors"] == 0
         assert console_errors(driver) == []
+
+
+# -- the goals: loads in < 1 s with 1,000 streams, updates at least once a second (make test-slow)
+@contextlib.contextmanager
+def device_frames(broker: Broker, prefix: str, devices: int, readings: int) -> Iterator[None]:
+    """``devices`` frames of ``readings`` values each (``devices * readings`` streams) every 0.2 s."""
+    stop = threading.Event()
+
+    def run() -> None:
+        with mqtt_client(broker) as client:
+            i = 0
+            while not stop.wait(0.2):
+                for d in range(devices):
+                    frame = {f"r{k}": round(math.sin(i / 6 + k), 4) for k in range(readings)}
+                    client.publish(f"{prefix}/devices/d{d}/state", json.dumps(frame), qos=0)
+                i += 1
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+@pytest.mark.slow
+def test_page_budget_with_1000_streams(
+    broker: Broker, prefix: str, tmp_path: Path, browser: object
+) -> None:
+    """Loads (table and chart drawn) within 1 s with 1,000 streams and redraws the chart with new
+    samples at least once a second; prints the figures (``pytest -m slow -s -k budget``)."""
+    config = daemon_config(
+        broker,
+        prefix,
+        tmp_path / "state",
+        live={"enabled": True},
+        mqtt={"frame_topics": [f"{prefix}/devices/{{device}}/state"]},
+    )
+    with RunningDaemon(config) as running, device_frames(broker, prefix, 10, 100):
+        url = running.metrics_url
+        wait_until(
+            lambda: (
+                len(get_json(f"{url}/live/streams.json")["names"]) == 1000
+                and min(get_json(f"{url}/live/streams.json")["samples"]) >= 100
+            ),
+            "1,000 streams with 100 samples each",
+            120,
+        )
+        started = time.perf_counter()
+        body = urllib.request.urlopen(f"{url}/live/streams.json", timeout=5).read()
+        json_ms = 1000 * (time.perf_counter() - started)
+        driver = browser
+        driver.get(f"{url}/live/")  # type: ignore[attr-defined]
+        wait_until(lambda: page_state(driver).get("firstRenderMs") is not None, "first render", 20)
+        load_ms = page_state(driver)["firstRenderMs"]  # from navigation start
+        timings = driver.execute_script(  # type: ignore[attr-defined]
+            """const n = performance.getEntriesByType('navigation')[0];
+            const r = performance.getEntriesByType('resource').map(
+                e => e.name.split('/').pop() + ' ' + e.startTime.toFixed(0) + '-' + e.responseEnd.toFixed(0));
+            return 'html ' + n.responseEnd.toFixed(0) + ', DOM ready ' + n.domContentLoadedEventEnd.toFixed(0)
+                + ', ' + r.join(', ');"""
+        )
+        print(f"\n{timings}\n{page_state(driver)}")
+        rows = driver.execute_script("return document.querySelectorAll('#streams tbody tr').length")  # type: ignore[attr-defined]
+        assert rows == 200  # the first 200 (sorted by name), until "show all"
+        driver.find_element("id", "more").click()  # type: ignore[attr-defined]
+        wait_until(
+            lambda: (
+                driver.execute_script(  # type: ignore[attr-defined]
+                    "return document.querySelectorAll('#streams tbody tr').length"
+                )
+                == 1000
+            ),
+            "all 1,000 rows after 'show all'",
+        )
+        before, t0 = page_state(driver)["chartUpdates"], time.monotonic()
+        wait_until(lambda: time.monotonic() - t0 >= 10, "ten seconds of updates", 15)
+        rate = (page_state(driver)["chartUpdates"] - before) / (time.monotonic() - t0)
+        print(
+            f"\nlive page, 1,000 streams: first render {load_ms:.0f} ms after navigation start;"
+            f" chart updates {rate:.2f}/s; streams.json {len(body) / 1e3:.0f} kB in {json_ms:.1f} ms"
+        )
+        assert console_errors(driver) == []
+        assert load_ms < 1000
+        assert rate >= 1.0
+
+
+@pytest.mark.slow
+def test_observe_cost_beside_the_metrics() -> None:
+    """The engine thread's cost of the live view per tick, beside the per-stream metrics' own
+    (prints both; ``pytest -m slow -s -k observe_cost``)."""
+    from prometheus_client import CollectorRegistry
+
+    from forecaster.metrics import Metrics
+
+    rng = np.random.default_rng(0)
+    for size in (1, 100, 1000, 4096):
+        streams = [f"s{k % 1000}" for k in range(size)]
+        x = rng.standard_normal(size)
+        cols = ForecastColumns(
+            streams, np.arange(size), np.arange(size), np.full(size, np.nan), x, x, x, x,
+            x - 1, x + 1, np.abs(x) / 4, x > 0, x > 0, 0
+        )  # fmt: skip
+        view = LiveView(max_streams=1000)
+        metrics = Metrics(CollectorRegistry(), stream_label_cap=1000)
+        timings = {}
+        for name, call in (("live", view.observe), ("metrics", metrics.observe_columns)):
+            call(cols)  # rows assigned
+            started = time.perf_counter()
+            for _ in range(200):
+                call(cols)
+            timings[name] = (time.perf_counter() - started) / 200 * 1e6
+        print(
+            f"\ntick of {size}: live view {timings['live']:.0f} us,"
+            f" per-stream metrics {timings['metrics']:.0f} us"
+        )
