@@ -197,8 +197,6 @@ class Daemon:
             self.live = LiveView(
                 max_streams=config.live.max_streams,
                 history=config.live.history,
-                error_halflife=config.metrics.error_halflife,
-                coverage_halflife=config.metrics.coverage_halflife,
                 anomaly_threshold=config.anomaly.threshold,
                 coverage_target=config.intervals.coverage,
             )

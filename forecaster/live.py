@@ -1,13 +1,16 @@
 """The live page: a reader of each tick's forecast columns, served on the metrics port.
 
-Beside ``metrics`` on the data flow: the engine thread folds a tick's ``ForecastColumns`` into
-per-stream rows with a few NumPy calls (no Python work per sample), and the HTTP workers read
-them as JSON. Each stream keeps a ring of its last ``history`` samples (value, the forecast and
-interval published with it for the next one, anomaly score, time) and the same rolling numbers
-as its ``forecaster_stream_*`` series (rolling MAE, skill against the last value, interval
-coverage, anomaly count), for at most ``max_streams`` streams (later ones are not shown). The
-page itself (``forecaster/static/``) is plain HTML, CSS and JavaScript shipped in the package: no
-build step, no CDN; it polls the JSON every half second.
+Beside ``metrics`` on the data flow. Each stream keeps a ring of its last ``history`` samples:
+the value, the forecast and interval published with it (for the next value), its anomaly score,
+its error against the forecast made before it and the naive (last value) error, and whether it
+fell inside the interval published before it. The engine thread only keeps a reference to each
+tick's columns; they are written into the rings, many ticks in one set of NumPy calls, when the
+page reads (or every ``FOLD_TICKS`` ticks when nobody does). The table's numbers are computed
+when it is read, over the same window as the chart: rolling MAE and the naive MAE, skill
+(1 - MSE / naive MSE), interval coverage, and the anomalies counted since start. (The
+``forecaster_stream_*`` series are EWMAs with ``metrics.error_halflife``; close, not equal.) At
+most ``max_streams`` streams are kept, the first seen. The page (``forecaster/static/``) is plain
+HTML, CSS and JavaScript shipped in the package: no build step, no CDN; it polls the JSON.
 
 Paths: ``/live/`` (the page; ``/live`` redirects there), ``/live/live.js``, ``/live/live.css``,
 ``/live/streams.json`` (one row per stream, as columns), ``/live/stream.json?name=S`` (one
@@ -29,26 +32,13 @@ import orjson
 
 from forecaster import __version__
 from forecaster.engine import ForecastColumns
-from forecaster.metrics import _LabelTable
 from forecaster.web import WsgiApp, not_found
 
-# Ring fields, per sample: the value, the forecast and interval made with it for the next value,
-# its anomaly score. float32 halves the ring (display only; metrics keep float64).
-FIELDS = ("value", "prediction", "lower", "upper", "anomaly")
-# The columns of a tick the page reads, in the order ``_fold`` unpacks them.
-COLUMNS = (
-    "value",
-    "prediction",
-    "error",
-    "naive_error",
-    "lower",
-    "upper",
-    "anomaly",
-    "covered",
-    "seq",
-)
-# Ticks kept for the page before the engine thread folds them itself (nobody reading): a fold's
-# cost is mostly per NumPy call, so many ticks at once cost about what one does.
+# Ring fields, per sample (float32: display only). ``covered`` is NaN where there was no error
+# (the stream's first sample) and so nothing to cover.
+FIELDS = ("value", "prediction", "lower", "upper", "anomaly", "error", "naive_error", "covered")
+# Ticks kept by reference before the engine thread writes them itself (nobody reading): the cost
+# is mostly per NumPy call, so many ticks at once cost about what one does.
 FOLD_TICKS, FOLD_ROWS = 64, 16_384
 ASSETS = {
     "/live/": ("index.html", "text/html; charset=utf-8"),
@@ -76,29 +66,25 @@ class LiveView:
         *,
         max_streams: int = 1000,
         history: int = 300,
-        error_halflife: float = 100.0,
-        coverage_halflife: float = 1000.0,
         anomaly_threshold: float = 0.9995,
         coverage_target: float = 0.9,
     ) -> None:
         self.max_streams = max_streams
         self.history = history
-        self.alpha = 1.0 - 0.5 ** (1.0 / error_halflife)
-        self.coverage_alpha = 1.0 - 0.5 ** (1.0 / coverage_halflife)
         self.anomaly_threshold = anomaly_threshold
         self.coverage_target = coverage_target
-        self.table = _LabelTable(max_streams)
-        self.names = self.table.names  # row -> stream
-        self.index = self.table.index  # stream -> row
+        self.names: list[str] = []  # row -> stream
+        self.index: dict[str, int] = {}  # stream -> row
         # np.zeros: pages are only touched as streams arrive (rows fill from the front)
         self.ring = np.zeros((max_streams, history, len(FIELDS)), dtype=np.float32)
         self.ts = np.zeros((max_streams, history))  # the sample's ts, else the time it was ticked
         self.seq = np.zeros((max_streams, history), dtype=np.int64)
         self.written = np.zeros(max_streams, dtype=np.int64)  # samples ever written per row
+        self.anomalies = np.zeros(max_streams, dtype=np.int64)  # scores above the threshold
         self.ticks = 0
-        self._pending: deque[tuple[ForecastColumns, float]] = deque()  # ticks not folded yet
+        self._pending: deque[tuple[ForecastColumns, float]] = deque()  # ticks not written yet
         self._pending_rows = 0  # rows in them (engine thread's count)
-        self._lock = threading.Lock()  # folds and reads, from the engine thread or HTTP workers
+        self._lock = threading.Lock()  # writes and reads, from the engine thread or HTTP workers
 
     # -- engine side ------------------------------------------------------------------------
     def observe(self, f: ForecastColumns, now: float | None = None) -> None:
@@ -125,15 +111,19 @@ class LiveView:
 
     def _fold(self, ticks: list[tuple[ForecastColumns, float]]) -> None:
         """A dict lookup per stream in C (``map``), the rest NumPy over all the ticks at once."""
+        names = ("value", "prediction", "lower", "upper", "anomaly", "error", "naive_error")
         if len(ticks) == 1:
             f, now = ticks[0]
             streams = f.streams
             ts = np.where(np.isnan(f.ts), now, f.ts)
-            cols = [getattr(f, name) for name in COLUMNS]
+            cols = [getattr(f, name) for name in names]
+            covered, seq = f.covered, f.seq
         else:
             streams = [s for f, _ in ticks for s in f.streams]
             ts = np.concatenate([np.where(np.isnan(f.ts), now, f.ts) for f, now in ticks])
-            cols = [np.concatenate([getattr(f, name) for f, _ in ticks]) for name in COLUMNS]
+            cols = [np.concatenate([getattr(f, name) for f, _ in ticks]) for name in names]
+            covered = np.concatenate([f.covered for f, _ in ticks])
+            seq = np.concatenate([f.seq for f, _ in ticks])
         index = self.index
         rows = np.fromiter(map(index.get, streams, repeat(-1)), np.int64, len(streams))
         if len(self.names) < self.max_streams and (rows < 0).any():
@@ -152,60 +142,62 @@ class LiveView:
         keep = np.flatnonzero(rows >= 0)
         if not len(keep):
             return
+        block = np.empty((len(rows), len(FIELDS)), dtype=np.float32)  # (samples, fields)
+        for i, column in enumerate(cols):
+            block[:, i] = column
+        block[:, 7] = np.where(np.isnan(cols[5]), np.nan, covered)  # error NaN: nothing covered
         if len(keep) < len(rows):
-            rows, ts, cols = rows[keep], ts[keep], [c[keep] for c in cols]
-        value, prediction, error, naive, lower, upper, anomaly, covered, seq = cols
-        self.table.fold(
-            rows,
-            value,
-            prediction,
-            error,
-            naive,
-            lower,
-            upper,
-            anomaly,
-            np.where(np.isnan(error), np.nan, covered),  # covered means nothing without an error
-            alpha=self.alpha,
-            coverage_alpha=self.coverage_alpha,
-            threshold=self.anomaly_threshold,
-        )
+            rows, ts, seq, block = rows[keep], ts[keep], seq[keep], block[keep]
         # A stream's samples take consecutive places in its ring, in order.
         place = (self.written[rows] + _rank_within(rows)) % self.history
-        self.ring[rows, place] = np.stack([value, prediction, lower, upper, anomaly], axis=1)
-        self.ts[rows, place] = ts
-        self.seq[rows, place] = seq
+        place += rows * self.history  # flat places: half the time of (rows, place) indexing
+        self.ring.reshape(-1, len(FIELDS))[place] = block
+        self.ts.reshape(-1)[place] = ts
+        self.seq.reshape(-1)[place] = seq
         self.written += np.bincount(rows, minlength=self.max_streams)
+        self.anomalies += np.bincount(
+            rows, block[:, 4] > self.anomaly_threshold, minlength=self.max_streams
+        ).astype(np.int64)
         self.ticks += len(ticks)
 
     # -- readers (HTTP workers) ---------------------------------------------------------------
     def streams(self) -> dict[str, object]:
-        """Every kept stream's numbers, as columns (NaN becomes null in JSON)."""
+        """Every kept stream's numbers over its ring, as columns (NaN becomes null in JSON)."""
         self.fold_pending()
         with self._lock:
             n = len(self.names)
-            t = self.table
-            rolling, has_error = t.rolling[:n].copy(), t.rolling_n[:n] > 0
-            interval, has_interval = t.interval[:n].copy(), t.interval_n[:n] > 0
-            samples, anomalies = t.samples[:n].tolist(), t.anomalies[:n].tolist()
-            last = t.last[:n].copy()
             names, ticks = list(self.names), self.ticks
-        with np.errstate(divide="ignore", invalid="ignore"):
-            skill = np.where(rolling[:, 3] > 0, 1.0 - rolling[:, 1] / rolling[:, 3], np.nan)
-        return {
-            "version": __version__,
-            "ticks": ticks,
-            "max_streams": self.max_streams,
-            "coverage_target": self.coverage_target,
-            "names": names,
-            "samples": samples,
-            "anomalies": anomalies,
-            "mae": np.where(has_error, rolling[:, 0], np.nan).tolist(),
-            "naive_mae": np.where(has_error, rolling[:, 2], np.nan).tolist(),
-            "skill": np.where(has_error, skill, np.nan).tolist(),
-            "coverage": np.where(has_interval, interval[:, 0], np.nan).tolist(),
-            "last_value": last[:, 0].tolist(),
-            "anomaly": last[:, 4].tolist(),
-        }
+            written = self.written[:n].copy()
+            anomalies = self.anomalies[:n].tolist()
+            errors = self.ring[:n, :, 5:8].astype(np.float64)  # (n, history, 3) copies
+            newest = self.ring[np.arange(n), (written - 1) % self.history]
+        valid = np.arange(self.history) < written[:, None]  # (n, history) filled places
+        error, naive, covered = errors[..., 0], errors[..., 1], errors[..., 2]
+        scored = valid & ~np.isnan(error) & ~np.isnan(naive)
+        counted = valid & ~np.isnan(covered)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+
+            def mean(x: np.ndarray, where: np.ndarray) -> np.ndarray:
+                return np.where(where, x, 0.0).sum(axis=1) / where.sum(axis=1)
+
+            mse, naive_mse = mean(error * error, scored), mean(naive * naive, scored)
+            skill = np.where(naive_mse > 0, 1.0 - mse / naive_mse, np.nan)
+            return {
+                "version": __version__,
+                "ticks": ticks,
+                "max_streams": self.max_streams,
+                "history": self.history,
+                "coverage_target": self.coverage_target,
+                "names": names,
+                "samples": written.tolist(),
+                "anomalies": anomalies,
+                "mae": mean(np.abs(error), scored).tolist(),
+                "naive_mae": mean(np.abs(naive), scored).tolist(),
+                "skill": skill.tolist(),
+                "coverage": mean(covered, counted).tolist(),
+                "last_value": newest[:, 0].astype(np.float64).tolist(),
+                "anomaly": newest[:, 4].astype(np.float64).tolist(),
+            }
 
     def stream(self, name: str) -> dict[str, object] | None:
         """One stream's ring, oldest first; None for a stream not kept. No name: the first
@@ -216,7 +208,7 @@ class LiveView:
                 if not self.names:  # nothing yet: an empty chart, not an error
                     return {"name": "", "samples": 0, "anomalies": 0,
                             "threshold": self.anomaly_threshold,
-                            "points": {key: [] for key in (*FIELDS, "ts", "seq")}}  # fmt: skip
+                            "points": {key: [] for key in (*FIELDS[:5], "ts", "seq")}}  # fmt: skip
                 name = min(self.names)
             row = self.index.get(name)
             if row is None:
@@ -226,8 +218,8 @@ class LiveView:
             order = (written - count + np.arange(count)) % self.history
             ring = self.ring[row, order].astype(np.float64)
             ts, seq = self.ts[row, order], self.seq[row, order]
-            samples, anomalies = int(self.table.samples[row]), int(self.table.anomalies[row])
-        points: dict[str, list] = {key: ring[:, i].tolist() for i, key in enumerate(FIELDS)}
+            samples, anomalies = written, int(self.anomalies[row])
+        points: dict[str, list] = {key: ring[:, i].tolist() for i, key in enumerate(FIELDS[:5])}
         points["ts"] = ts.tolist()
         points["seq"] = seq.tolist()
         return {

@@ -338,29 +338,53 @@ class Metrics(LinkEvents):
         anomaly: np.ndarray,
         covered: np.ndarray,
     ) -> None:
-        """Fold a tick's forecasts into each label's numbers (``_LabelTable.fold``);
-        ``_StreamCollector`` exports them at scrape time."""
+        """Fold a tick's forecasts into each label's numbers (NaN error: none yet; NaN covered:
+        no interval yet), in arrival order, as columns. ``_StreamCollector`` exports them at
+        scrape time. Errors are clamped so that squares stay finite too."""
+        errors = _bounded(error, 1e150)  # NaN stays NaN: skipped below
+        naives = _bounded(naive, 1e150)
+        scored = ~(np.isnan(errors) | np.isnan(naives))
+        has_interval = ~np.isnan(covered)
         with self._lock:
-            rows = self._labels.rows(streams, self.stream_label_cap)
-            scored = self._labels.fold(
-                rows,
-                value,
-                prediction,
-                error,
-                naive,
-                lower,
-                upper,
-                anomaly,
-                covered,
-                alpha=self.alpha,
-                coverage_alpha=self.coverage_alpha,
-                threshold=self.anomaly_threshold,
+            table = self._labels
+            rows = table.rows(streams, self.stream_label_cap)
+            per_label = np.bincount(rows, minlength=table.capacity)
+            table.samples += per_label
+            table.anomalies += np.bincount(
+                rows, anomaly > self.anomaly_threshold, minlength=table.capacity
+            ).astype(np.int64)
+            distinct = bool(per_label.max() <= 1)  # each label once: the usual small tick
+            # each label's last row
+            latest = (
+                slice(None)
+                if distinct
+                else len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
             )
-        self.abs_error.observe_many(scored)
+            lasts = np.stack([value, prediction, lower, upper, anomaly], axis=1)[latest]
+            table.last[rows[latest]] = _finite(lasts, 1e300)
+            e, n = errors[scored], naives[scored]
+            _fold(
+                table.rolling,
+                table.rolling_n,
+                rows[scored],
+                np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1),
+                self.alpha,
+                distinct,
+            )
+            widths = _finite(upper[has_interval] - lower[has_interval], 1e150)
+            _fold(
+                table.interval,
+                table.interval_n,
+                rows[has_interval],
+                np.stack([covered[has_interval], widths], axis=1),
+                self.coverage_alpha,
+                distinct,
+            )
+        self.abs_error.observe_many(np.abs(errors[scored]))
 
     def labelled(self, start: int = 0) -> list[str]:
-        """Streams given their own label, in the order they got it, from the ``start``-th on
-        (``_other`` left out): at most ``stream_label_cap`` ever."""
+        """Streams given their own label, in the order they got it, from the ``start``-th label
+        on (``_other`` left out): at most ``stream_label_cap`` ever."""
         with self._lock:
             return [name for name in self._labels.names[start:] if name != OTHER]
 
@@ -385,61 +409,6 @@ class _LabelTable:
         self.rolling_n = np.zeros(capacity, dtype=np.int64)
         self.interval = np.zeros((capacity, 2))  # EWMA of covered (0/1) and width
         self.interval_n = np.zeros(capacity, dtype=np.int64)
-
-    def fold(
-        self,
-        rows: np.ndarray,
-        value: np.ndarray,
-        prediction: np.ndarray,
-        error: np.ndarray,
-        naive: np.ndarray,
-        lower: np.ndarray,
-        upper: np.ndarray,
-        anomaly: np.ndarray,
-        covered: np.ndarray,
-        *,
-        alpha: float,
-        coverage_alpha: float,
-        threshold: float,
-    ) -> np.ndarray:
-        """Fold a tick's forecasts (columns; ``rows``: each one's row) into the rows' numbers
-        (NaN error: none yet; NaN covered: no interval yet), in arrival order; returns the
-        absolute errors scored. Errors are clamped so that squares stay finite too."""
-        errors = _bounded(error, 1e150)  # NaN stays NaN: skipped below
-        naives = _bounded(naive, 1e150)
-        scored = ~(np.isnan(errors) | np.isnan(naives))
-        has_interval = ~np.isnan(covered)
-        per_label = np.bincount(rows, minlength=self.capacity)
-        self.samples += per_label
-        self.anomalies += np.bincount(rows, anomaly > threshold, minlength=self.capacity).astype(
-            np.int64
-        )
-        distinct = bool(per_label.max(initial=0) <= 1)  # each label once: the usual small tick
-        # each label's last row
-        latest = (
-            slice(None) if distinct else len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
-        )
-        lasts = np.stack([value, prediction, lower, upper, anomaly], axis=1)[latest]
-        self.last[rows[latest]] = _finite(lasts, 1e300)
-        e, n = errors[scored], naives[scored]
-        _fold(
-            self.rolling,
-            self.rolling_n,
-            rows[scored],
-            np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1),
-            alpha,
-            distinct,
-        )
-        widths = _finite(upper[has_interval] - lower[has_interval], 1e150)
-        _fold(
-            self.interval,
-            self.interval_n,
-            rows[has_interval],
-            np.stack([covered[has_interval], widths], axis=1),
-            coverage_alpha,
-            distinct,
-        )
-        return np.abs(e)
 
     def rows(self, streams: list[str], cap: int) -> np.ndarray:
         """Each stream's row: its own label while fewer than ``cap`` streams have one, else
