@@ -116,6 +116,7 @@ function renderTable() {
   $("#more").hidden = rows.length >= matching.length;
   $("#more").textContent = `show all ${matching.length}`;
   $("#target").textContent = pct(target);
+  $("#window").textContent = String(data.history);
   for (const th of document.querySelectorAll("#streams th")) {
     th.classList.toggle("sorted", th.dataset.key === state.sortKey);
     th.classList.toggle("up", th.dataset.key === state.sortKey && state.sortUp);
