@@ -343,7 +343,7 @@ class LiveConfig(Section):
     """The live page (``/live/`` on the metrics port): recent values, forecasts, rolling error."""
 
     enabled: bool = False
-    max_streams: int = Field(1000, ge=1)  # streams with a history kept; later ones are not shown
+    max_streams: int = Field(1000, ge=1, le=100_000)  # streams with a history kept (the first)
     history: int = Field(300, ge=2, le=10_000)  # recent samples kept per stream (a ring)
 
 

@@ -218,3 +218,18 @@ def test_discovery_is_off_by_default(broker: Broker, prefix: str, tmp_path: Path
         publisher.publish(f"{prefix}/sensors/attic/value", "1.5", qos=1)
         assert len(forecasts.wait_raw(1)) == 1
         assert discovery.messages == []
+
+
+def test_discovery_refuses_output_frames_and_odd_node_ids() -> None:
+    from forecaster.config import load_config
+    from forecaster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output_frames"):
+        load_config(
+            environ={
+                "FORECASTER_HOME_ASSISTANT__ENABLED": "true",
+                "FORECASTER_MQTT__OUTPUT_FRAMES": "true",
+            }
+        )
+    with pytest.raises(ConfigError, match=r"home_assistant\.node_id"):
+        load_config(environ={"FORECASTER_HOME_ASSISTANT__NODE_ID": "a/b"})

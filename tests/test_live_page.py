@@ -169,8 +169,11 @@ def browser_paths() -> tuple[str, str]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[object]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed: run `make install` (the test extra has it)")
 
     chromium, driver_path = browser_paths()
     options = webdriver.ChromeOptions()
@@ -378,4 +381,14 @@ def test_observe_cost_beside_the_metrics() -> None:
         print(
             f"\ntick of {size}: live view {timings['live']:.0f} us,"
             f" per-stream metrics {timings['metrics']:.0f} us"
+        )
+
+
+def test_page_needs_the_metrics_port() -> None:
+    from forecaster.config import load_config
+    from forecaster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"live\.enabled needs metrics\.enabled"):
+        load_config(
+            environ={"FORECASTER_LIVE__ENABLED": "true", "FORECASTER_METRICS__ENABLED": "false"}
         )
