@@ -201,7 +201,6 @@ class Daemon:
                 coverage_target=config.intervals.coverage,
             )
         self.discovery: Discovery | None = None  # Home Assistant (home_assistant.enabled)
-        self._discovery_seen = (0, 0)  # labels announced, connection they were announced on
         if config.home_assistant.enabled:
             self.discovery = Discovery(config, self.link.publish_retained)
         self.rate_limited = RateLimitedLog()
@@ -542,9 +541,8 @@ class Daemon:
         self.metrics.observe_columns(forecasts)
         if self.live is not None:
             self.live.observe(forecasts, now)
-        if self.discovery is not None and self.metrics.labels_given != self._discovery_seen[0]:
-            self.discovery.announce(self.metrics.labelled(self._discovery_seen[0]))
-            self._discovery_seen = (self.metrics.labels_given, self._discovery_seen[1])
+        if self.discovery is not None:
+            self.discovery.after_tick(self.metrics)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
             self._evictions_seen,
@@ -614,12 +612,7 @@ class Daemon:
         self.link.watchdog()
         self._publish_unpublished()
         if self.discovery is not None:
-            labels, connection = self._discovery_seen
-            if connection != self.link.connects and self.link.is_connected.is_set():
-                self._discovery_seen = (labels, self.link.connects)
-                if connection:  # a new connection: the broker may have lost the retained configs
-                    self.discovery.again()
-            self.discovery.flush()
+            self.discovery.housekeeping(self.link.connects, self.link.is_connected.is_set())
         if self.learner is not None:
             self.learner.after_tick()
             self.metrics.observe_learner(self.learner.stats)

@@ -21,6 +21,7 @@ import orjson
 
 from forecaster import __version__
 from forecaster.config import Config
+from forecaster.metrics import Metrics
 from forecaster.parse import TopicTemplate
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,23 @@ class Discovery:
         self.publish = publish  # retained, QoS 1; False: not taken now
         self.announced: list[str] = []
         self._waiting: deque[tuple[str, bytes]] = deque()
+        self._labels = 0  # metric labels looked at so far
+        self._connection = 0  # the link's connection count when last seen connected
+
+    def after_tick(self, metrics: Metrics) -> None:
+        """Announce the streams given a metric label since the last tick (engine thread; one
+        integer comparison when there are none)."""
+        if metrics.labels_given != self._labels:
+            start, self._labels = self._labels, metrics.labels_given
+            self.announce(metrics.labelled(start))
+
+    def housekeeping(self, connects: int, connected: bool) -> None:
+        """Retry what the link refused; after a reconnect, publish every config again."""
+        if connected and connects != self._connection:
+            first, self._connection = self._connection == 0, connects
+            if not first:  # a new connection: the broker may have lost the retained configs
+                self.again()
+        self.flush()
 
     def announce(self, streams: Iterable[str]) -> None:
         for stream in streams:
