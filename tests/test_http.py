@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
 import threading
 import urllib.error
@@ -99,5 +101,60 @@ def test_other_methods_do_not_break_the_server(method: str) -> None:
             urllib.request.urlopen(request, timeout=5)
         assert caught.value.code == 404
         assert status(http.port, "/healthz") == 200
+    finally:
+        http.close()
+
+
+def garbage_requests(count: int, seed: int = 0) -> list[bytes]:
+    """Request lines and headers a fuzzer would send: random bytes, huge lines, odd methods,
+    paths with dots and escapes, truncated requests."""
+    rng = random.Random(seed)
+    paths = [
+        "/",
+        "/metrics",
+        "/live/",
+        "/live/stream.json?name=%00",
+        "/%2e%2e/",
+        "/" + "a" * 70_000,
+    ]
+    methods = ["GET", "HEAD", "POST", "BREW", "", "G\x00ET", "GET " * 50]
+    requests = []
+    for _ in range(count):
+        kind = rng.randrange(4)
+        if kind == 0:
+            requests.append(rng.randbytes(rng.randrange(1, 2048)))
+        elif kind == 1:
+            line = f"{rng.choice(methods)} {rng.choice(paths)} HTTP/1.{rng.randrange(3)}\r\n"
+            headers = "".join(
+                f"X-{i}: {'v' * rng.randrange(100)}\r\n" for i in range(rng.randrange(50))
+            )
+            requests.append((line + headers + "\r\n").encode("latin-1"))
+        elif kind == 2:
+            requests.append(f"GET {rng.choice(paths)}".encode()[: rng.randrange(1, 20)])
+        else:
+            requests.append(
+                b"GET /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n" + rng.randbytes(64)
+            )
+    return requests
+
+
+@pytest.mark.parametrize(
+    "count", [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.fuzz)]
+)
+def test_fuzzed_requests_never_break_the_server(count: int) -> None:
+    http, _ = endpoint(workers=2, timeout=0.5)
+    try:
+        threads = threading.active_count()
+        for payload in garbage_requests(count):
+            with socket.create_connection(("127.0.0.1", http.port)) as sock:
+                sock.settimeout(10)
+                with contextlib.suppress(OSError):
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    while sock.recv(65536):  # until the server closes (answer, error or timeout)
+                        pass
+        assert status(http.port, "/healthz") == 200
+        assert status(http.port, "/metrics") == 200
+        assert threading.active_count() == threads
     finally:
         http.close()
