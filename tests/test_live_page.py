@@ -348,6 +348,9 @@ def test_page_budget_with_1000_streams(
             f"\nlive page, 1,000 streams: first render {load_ms:.0f} ms after navigation start;"
             f" chart updates {rate:.2f}/s; streams.json {len(body) / 1e3:.0f} kB in {json_ms:.1f} ms"
         )
+        shot = os.environ.get("LIVE_PAGE_SCREENSHOT")
+        if shot:  # beside the other one: the table with 1,000 streams
+            driver.save_screenshot(str(Path(shot).with_name("live-page-1000-streams.png")))  # type: ignore[attr-defined]
         assert console_errors(driver) == []
         assert load_ms < 1000
         assert rate >= 1.0

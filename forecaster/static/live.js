@@ -29,6 +29,7 @@ const state = {
 };
 
 const $ = (selector) => document.querySelector(selector);
+const byName = new Intl.Collator("en", { numeric: true }); // room-2 before room-10
 
 function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -76,9 +77,10 @@ function rowsOf(data) {
   const key = state.sortKey;
   const sign = state.sortUp ? 1 : -1;
   rows.sort((a, b) => {
+    if (key === "name") return byName.compare(a.name, b.name) * sign;
     const x = a[key];
     const y = b[key];
-    if (x === y) return a.name < b.name ? -1 : 1;
+    if (x === y) return byName.compare(a.name, b.name);
     if (x === null) return 1; // no number yet: always last
     if (y === null) return -1;
     return (x < y ? -1 : 1) * sign;
