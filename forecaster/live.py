@@ -148,16 +148,20 @@ class LiveView:
         block[:, 7] = np.where(np.isnan(cols[5]), np.nan, covered)  # error NaN: nothing covered
         if len(keep) < len(rows):
             rows, ts, seq, block = rows[keep], ts[keep], seq[keep], block[keep]
+        counts = np.bincount(rows, minlength=self.max_streams)
+        anomalies = np.bincount(rows, block[:, 4] > self.anomaly_threshold, self.max_streams)
         # A stream's samples take consecutive places in its ring, in order.
-        place = (self.written[rows] + _rank_within(rows)) % self.history
+        rank = _rank_within(rows)
+        if len(rank) and rank.max() >= self.history:  # a stream's ring filled more than once
+            newest = rank >= counts[rows] - self.history  # only the last ones
+            rows, ts, seq, block, rank = (x[newest] for x in (rows, ts, seq, block, rank))
+        place = (self.written[rows] + rank) % self.history
         place += rows * self.history  # flat places: half the time of (rows, place) indexing
         self.ring.reshape(-1, len(FIELDS))[place] = block
         self.ts.reshape(-1)[place] = ts
         self.seq.reshape(-1)[place] = seq
-        self.written += np.bincount(rows, minlength=self.max_streams)
-        self.anomalies += np.bincount(
-            rows, block[:, 4] > self.anomaly_threshold, minlength=self.max_streams
-        ).astype(np.int64)
+        self.written += counts
+        self.anomalies += anomalies.astype(np.int64)
         self.ticks += len(ticks)
 
     # -- readers (HTTP workers) ---------------------------------------------------------------

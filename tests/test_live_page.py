@@ -75,6 +75,11 @@ def test_ring_keeps_each_streams_last_samples_in_order() -> None:
     assert view.stream("b")["points"]["value"] == [10]  # type: ignore[index]
     assert view.stream("c") is None
     assert view.streams()["names"] == ["a", "b"]
+    for tick in range(70):  # kept by reference, written many ticks at once: the ring wraps
+        view.observe(columns(["a"] * 3, [100 + 3 * tick, 101 + 3 * tick, 102 + 3 * tick]))
+    a = view.stream("a")
+    assert a is not None and a["samples"] == 7 + 210
+    assert a["points"]["value"] == [306, 307, 308, 309]
 
 
 @contextlib.contextmanager
