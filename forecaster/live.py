@@ -14,7 +14,8 @@ HTML, CSS and JavaScript shipped in the package: no build step, no CDN; it polls
 
 Paths: ``/live/`` (the page; ``/live`` redirects there), ``/live/live.js``, ``/live/live.css``,
 ``/live/streams.json`` (one row per stream, as columns), ``/live/stream.json?name=S`` (one
-stream's ring, oldest first; without ``name``, the first stream by name).
+stream's ring, oldest first; without ``name``, the first stream by name; ``kept`` false for a
+stream not kept or not seen yet).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import orjson
 
 from forecaster import __version__
 from forecaster.engine import ForecastColumns
-from forecaster.web import WsgiApp, not_found
+from forecaster.web import WsgiApp
 
 # Ring fields, per sample (float32: display only). ``covered`` is NaN where there was no error
 # (the stream's first sample) and so nothing to cover.
@@ -203,32 +204,32 @@ class LiveView:
                 "anomaly": newest[:, 4].astype(np.float64).tolist(),
             }
 
-    def stream(self, name: str) -> dict[str, object] | None:
-        """One stream's ring, oldest first; None for a stream not kept. No name: the first
-        stream by name (the page's first row), so the page need not wait for the table."""
+    def stream(self, name: str) -> dict[str, object]:
+        """One stream's ring, oldest first (``kept`` false and no points for a stream not kept,
+        or not seen yet: the page waits for it). No name: the first stream by name (the page's
+        first row), so the page need not wait for the table."""
         self.fold_pending()
         with self._lock:
-            if not name:
-                if not self.names:  # nothing yet: an empty chart, not an error
-                    return {"name": "", "samples": 0, "anomalies": 0,
-                            "threshold": self.anomaly_threshold,
-                            "points": {key: [] for key in (*FIELDS[:5], "ts", "seq")}}  # fmt: skip
+            if not name and self.names:
                 name = min(self.names)
             row = self.index.get(name)
             if row is None:
-                return None
+                return {"name": name, "kept": False, "samples": 0, "anomalies": 0,
+                        "threshold": self.anomaly_threshold,
+                        "points": {key: [] for key in (*FIELDS[:5], "ts", "seq")}}  # fmt: skip
             written = int(self.written[row])
             count = min(written, self.history)
             order = (written - count + np.arange(count)) % self.history
             ring = self.ring[row, order].astype(np.float64)
             ts, seq = self.ts[row, order], self.seq[row, order]
-            samples, anomalies = written, int(self.anomalies[row])
+            anomalies = int(self.anomalies[row])
         points: dict[str, list] = {key: ring[:, i].tolist() for i, key in enumerate(FIELDS[:5])}
         points["ts"] = ts.tolist()
         points["seq"] = seq.tolist()
         return {
             "name": name,
-            "samples": samples,
+            "kept": True,
+            "samples": written,
             "anomalies": anomalies,
             "threshold": self.anomaly_threshold,
             "points": points,
@@ -248,10 +249,7 @@ class LiveView:
 
     def _stream_app(self, environ: dict, start_response: Callable) -> list[bytes]:
         name = parse_qs(environ.get("QUERY_STRING", "")).get("name", [""])[0]
-        body = self.stream(name)
-        if body is None:
-            return not_found(environ, start_response)
-        return _json(start_response, body)
+        return _json(start_response, self.stream(name))
 
 
 def _rank_within(rows: np.ndarray) -> np.ndarray:

@@ -170,7 +170,7 @@ async function pollStream() {
       // no stream chosen yet: the daemon sends the first by name, as the table will show it
       const data = await getJson(`stream.json?name=${encodeURIComponent(name)}`);
       if (token !== chartToken) return;
-      if (!state.chosen && data.name) choose(data.name, false);
+      if (!state.chosen && data.kept) choose(data.name, false);
       if (data.samples !== live.lastSeq) live.chartUpdates += 1;
       live.lastSeq = data.samples;
       state.stream = data;
@@ -216,8 +216,10 @@ function draw() {
   const color = (name) => css.getPropertyValue(name).trim();
   ctx.font = "12px system-ui, sans-serif";
   ctx.fillStyle = color("--muted");
+  if (state.chosen) $("#chart-title").textContent = state.chosen;
   if (!data || !data.points.value.length) {
-    ctx.fillText(state.chosen ? "waiting for samples…" : "no stream yet", 12, 24);
+    const what = state.chosen ? `waiting for samples of ${state.chosen}…` : "waiting for samples…";
+    ctx.fillText(what, 12, 24);
     return;
   }
   const p = data.points;
