@@ -10,6 +10,7 @@ threads never moves, however many clients come or how slowly they talk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -56,6 +57,8 @@ class PooledWSGIServer(WSGIServer):
         self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(
             maxsize=pending if pending is not None else 4 * workers
         )
+        self._serving: set[socket.socket] = set()  # connections a worker is on (closed on close)
+        self._serving_lock = threading.Lock()
         self.workers = [
             threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
             for i in range(workers)
@@ -80,11 +83,15 @@ class PooledWSGIServer(WSGIServer):
             if item is None:
                 return
             request, address = item
+            with self._serving_lock:
+                self._serving.add(request)
             try:
                 self.finish_request(request, address)
             except Exception:
                 self.handle_error(request, address)
             finally:
+                with self._serving_lock:
+                    self._serving.discard(request)
                 self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -100,6 +107,10 @@ class PooledWSGIServer(WSGIServer):
                 break
             if item is not None:
                 self.shutdown_request(item[0])
+        with self._serving_lock:  # a worker waiting on a slow client returns at once
+            for request in self._serving:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
         for _ in self.workers:
             self._pending.put(None)
         for thread in self.workers:

@@ -90,6 +90,20 @@ def test_a_silent_connection_is_closed_after_the_timeout() -> None:
         http.close()
 
 
+def test_close_does_not_wait_for_slow_clients() -> None:
+    http, _ = endpoint(workers=2, timeout=3600.0)
+    slow = [socket.create_connection(("127.0.0.1", http.port)) for _ in range(4)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /met")
+        wait_until(lambda: len(http.server._serving) == 2, "both workers on a slow client")
+        http.close()  # would wait an hour per worker if it waited for them
+        assert not any(thread.is_alive() for thread in http.server.workers)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
 def test_other_methods_do_not_break_the_server(method: str) -> None:
     http, _ = endpoint()
