@@ -333,8 +333,8 @@ class MetricsConfig(Section):
     error_halflife: PositiveFloat = 100.0  # samples; rolling MAE/RMSE/skill are EWMAs
     coverage_halflife: PositiveFloat = 1000.0  # samples; rolling interval coverage and width
     # The HTTP port answers from a fixed pool of worker threads (no thread per connection);
-    # a connection silent for ``http_timeout`` seconds is closed, one beyond the pool's queue
-    # is refused (counted), so slow or many clients cannot grow the daemon's threads.
+    # a connection silent for ``http_timeout`` seconds is closed (open for 3x that in all: cut),
+    # one beyond the pool's queue is refused (counted): clients cannot grow the daemon's threads.
     http_workers: int = Field(4, ge=1, le=64)
     http_timeout: PositiveFloat = 10.0
 

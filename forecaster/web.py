@@ -4,8 +4,9 @@ The port serves ``/metrics``, ``/healthz``, ``/readyz`` and (opt-in) the live pa
 path is a 404. prometheus-client's ``ThreadingWSGIServer`` starts a thread per connection with no
 cap (300 slow connections made 304 threads), so the server here accepts on one thread and hands
 each connection to a fixed pool through a bounded queue: a connection silent for ``timeout``
-seconds is closed, one that finds the queue full is refused at once (counted), and the number of
-threads never moves, however many clients come or how slowly they talk.
+seconds is closed, one still open after three timeouts in all (a client trickling bytes) is cut,
+one that finds the queue full is refused at once (counted), and the number of threads never
+moves, however many clients come or how slowly they talk.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -22,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 log = logging.getLogger(__name__)
 
 WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
+DEADLINE_TIMEOUTS = 3  # a connection is cut after this many idle timeouts in all
 
 
 class QuietHandler(WSGIRequestHandler):
@@ -57,13 +60,18 @@ class PooledWSGIServer(WSGIServer):
         self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(
             maxsize=pending if pending is not None else 4 * workers
         )
-        self._serving: set[socket.socket] = set()  # connections a worker is on (closed on close)
+        # Connections a worker is on, with the time they must be done by: a client trickling a
+        # byte now and then never trips the idle timeout, so each connection also gets
+        # ``DEADLINE_TIMEOUTS`` idle timeouts in all, enforced by one reaper thread.
+        self._serving: dict[socket.socket, float] = {}
         self._serving_lock = threading.Lock()
+        self._closing = threading.Event()
         self.workers = [
             threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
             for i in range(workers)
         ]
-        for thread in self.workers:
+        self.reaper = threading.Thread(target=self._reap, name="http-reaper", daemon=True)
+        for thread in (*self.workers, self.reaper):
             thread.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -84,15 +92,27 @@ class PooledWSGIServer(WSGIServer):
                 return
             request, address = item
             with self._serving_lock:
-                self._serving.add(request)
+                self._serving[request] = time.monotonic() + DEADLINE_TIMEOUTS * self.timeout_s
             try:
                 self.finish_request(request, address)
             except Exception:
                 self.handle_error(request, address)
             finally:
                 with self._serving_lock:
-                    self._serving.discard(request)
+                    self._serving.pop(request, None)
                 self.shutdown_request(request)
+
+    def _reap(self) -> None:
+        """Cut connections past their deadline (their worker's read or write then fails)."""
+        while not self._closing.wait(min(1.0, self.timeout_s / 2)):
+            now = time.monotonic()
+            with self._serving_lock:
+                late = [sock for sock, deadline in self._serving.items() if deadline < now]
+                for sock in late:
+                    self._serving[sock] = float("inf")  # once
+            for sock in late:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that timed out or hung up is routine: a debug line, not a traceback."""
@@ -100,6 +120,7 @@ class PooledWSGIServer(WSGIServer):
 
     def server_close(self) -> None:
         super().server_close()
+        self._closing.set()
         while True:  # connections still queued are closed unanswered
             try:
                 item = self._pending.get_nowait()
@@ -113,7 +134,7 @@ class PooledWSGIServer(WSGIServer):
                     request.shutdown(socket.SHUT_RDWR)
         for _ in self.workers:
             self._pending.put(None)
-        for thread in self.workers:
+        for thread in (*self.workers, self.reaper):
             thread.join(self.timeout_s)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import socket
 import threading
@@ -86,6 +87,30 @@ def test_a_silent_connection_is_closed_after_the_timeout() -> None:
             sock.settimeout(10)
             assert sock.recv(1024) == b""  # closed by the server, its worker free again
         assert status(http.port, "/healthz") == 200
+    finally:
+        http.close()
+
+
+def test_a_trickling_client_is_cut_at_its_deadline() -> None:
+    """One byte every 0.2 s never trips the 1 s idle timeout; the deadline (3 timeouts) cuts it."""
+    http, _ = endpoint(workers=1, timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", http.port)) as sock:
+            sock.settimeout(0.2)
+            cut = False
+            for byte in itertools.cycle(b"GET /metrics HTTP/1.0\r\nX-Slow: "):
+                try:
+                    sock.sendall(bytes([byte]))
+                    if sock.recv(1024) == b"":
+                        cut = True
+                        break
+                except TimeoutError:
+                    continue  # nothing from the server yet: keep trickling
+                except OSError:
+                    cut = True
+                    break
+            assert cut
+        assert status(http.port, "/healthz") == 200  # its worker free again
     finally:
         http.close()
 
