@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBS   := mosquitto prometheus openssl
+DEBS   := mosquitto prometheus openssl chromium chromium-driver
 
 .PHONY: install debs test test-slow test-fuzz lint docs demo bench clean
 
@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Debian packages the tests need (a real Mosquitto broker, a real Prometheus server, openssl for the
-# TLS test's certificates), installed when missing.
+# TLS test's certificates, headless Chromium and its driver for the live page), installed when missing.
 debs:
-	@if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v prometheus >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then \
+	@if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v prometheus >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); \
 		else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); fi; \
 	fi

@@ -346,6 +346,34 @@ class MetricsConfig(Section):
     stream_label_cap: int = Field(100, ge=0)  # streams beyond it share stream="_other"
     error_halflife: PositiveFloat = 100.0  # samples; rolling MAE/RMSE/skill are EWMAs
     coverage_halflife: PositiveFloat = 1000.0  # samples; rolling interval coverage and width
+    # The HTTP port answers from a fixed pool of worker threads (no thread per connection);
+    # a connection silent for ``http_timeout`` seconds is closed (open for 3x that in all: cut),
+    # one beyond the pool's queue is refused (counted): clients cannot grow the daemon's threads.
+    http_workers: int = Field(4, ge=1, le=64)
+    http_timeout: PositiveFloat = 10.0
+
+
+class LiveConfig(Section):
+    """The live page (``/live/`` on the metrics port): recent values, forecasts, rolling error."""
+
+    enabled: bool = False
+    max_streams: int = Field(1000, ge=1, le=100_000)  # streams with a history kept (the first)
+    history: int = Field(300, ge=2, le=10_000)  # recent samples kept per stream (a ring)
+
+
+class HomeAssistantConfig(Section):
+    """Home Assistant MQTT discovery: each stream's forecast, error and anomaly score as sensors."""
+
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+    node_id: str = Field("forecaster", pattern=r"^[A-Za-z0-9_-]+$")  # one per daemon on a broker
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _check_prefix(cls, topic: str) -> str:
+        if not topic or any(c in topic for c in "#+{}"):
+            raise ValueError("must be a plain topic (no wildcards, no {stream})")
+        return topic
 
 
 class LoggingConfig(Section):
@@ -361,7 +389,20 @@ class Config(Section):
     anomaly: AnomalyConfig = AnomalyConfig()
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
+    live: LiveConfig = LiveConfig()
+    home_assistant: HomeAssistantConfig = HomeAssistantConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Config:
+        if self.live.enabled and not self.metrics.enabled:
+            raise ValueError("live.enabled needs metrics.enabled: the page is served on its port")
+        if self.home_assistant.enabled and self.mqtt.output_frames:
+            raise ValueError(
+                "home_assistant.enabled needs mqtt.output_frames false: a sensor reads one"
+                " stream's forecast per message"
+            )
+        return self
 
 
 def scoring_config(config: Config) -> ScoringConfig:

@@ -42,7 +42,9 @@ from forecaster.engine import (
     GapPolicy,
 )
 from forecaster.errors import ConfigError, PayloadError
+from forecaster.hass import Discovery
 from forecaster.learner import Learner
+from forecaster.live import LiveView
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.parse import Parsed, PayloadParser, TopicTemplate
@@ -194,6 +196,17 @@ class Daemon:
         self.engine: Engine | None = None
         self.learner: Learner | None = None
         self.http: HttpEndpoint | None = None
+        self.live: LiveView | None = None  # the live page's per-stream rings (live.enabled)
+        if config.live.enabled:
+            self.live = LiveView(
+                max_streams=config.live.max_streams,
+                history=config.live.history,
+                anomaly_threshold=config.anomaly.threshold,
+                coverage_target=config.intervals.coverage,
+            )
+        self.discovery: Discovery | None = None  # Home Assistant (home_assistant.enabled)
+        if config.home_assistant.enabled:
+            self.discovery = Discovery(config, self.link.publish_retained)
         self.rate_limited = RateLimitedLog()
         self._stop = threading.Event()
         self._stopped = threading.Event()
@@ -219,8 +232,18 @@ class Daemon:
         self.metrics.streams_active.set(len(self.engine.streams))
         if self.config.metrics.enabled:
             m = self.config.metrics
-            try:
-                self.http = HttpEndpoint(self.registry, m.host, m.port, self.healthy, self.ready)
+            try:  # the pool binds before it starts a thread
+                self.http = HttpEndpoint(
+                    self.registry,
+                    m.host,
+                    m.port,
+                    self.healthy,
+                    self.ready,
+                    routes=self.live.routes() if self.live is not None else None,
+                    workers=m.http_workers,
+                    timeout=m.http_timeout,
+                    on_refused=self.metrics.http_refused.inc,
+                )
             except OSError as exc:  # a second daemon or demo on the port: say which setting
                 raise ConfigError(
                     f"metrics.port: cannot listen on {m.host}:{m.port} ({exc.strerror}); choose "
@@ -228,6 +251,8 @@ class Daemon:
                 ) from exc
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", m.host, self.http.port)
+            if self.live is not None:
+                log.info("live page on http://%s:%d/live/", m.host, self.http.port)
         self.link.start()
 
     def _build_engine(self) -> tuple[Engine, Checkpoint]:
@@ -525,6 +550,10 @@ class Daemon:
         self.metrics.latency.observe_many([max(0.0, now - batch[o].received) for o in sent])
         self.metrics.forecasts_published.inc(published)
         self.metrics.observe_columns(forecasts)
+        if self.live is not None:
+            self.live.observe(forecasts, now)
+        if self.discovery is not None:
+            self.discovery.after_tick(self.metrics)
         self.metrics.streams_active.set(len(self.engine.streams))
         seen, self._evictions_seen = (
             self._evictions_seen,
@@ -593,6 +622,8 @@ class Daemon:
     def _housekeeping(self) -> None:
         self.link.watchdog()
         self._publish_unpublished()
+        if self.discovery is not None:
+            self.discovery.housekeeping(self.link.connects, self.link.is_connected.is_set())
         if self.learner is not None:
             self.learner.after_tick()
             self.metrics.observe_learner(self.learner.stats)

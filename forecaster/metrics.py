@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from wsgiref.simple_server import make_server
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
@@ -25,7 +24,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -34,6 +32,7 @@ from forecaster.combine import COMPONENTS
 from forecaster.engine import Forecast, ForecastColumns
 from forecaster.mqtt import LinkEvents
 from forecaster.parse import REASONS
+from forecaster.web import PooledWSGIServer, WsgiApp, router
 
 OTHER = "_other"
 # Messages the daemon lost: the receive queue was full (``queue_full``: the arriving one,
@@ -229,6 +228,11 @@ class Metrics(LinkEvents):
             registry=r,
         )
         self._learn_seen = (0, 0, 0, 0, 0)
+        self.http_refused = Counter(
+            "forecaster_http_refused_total",
+            "HTTP connections refused because every worker was busy and the queue full",
+            registry=r,
+        )
         self.info = Info("forecaster_build", "Build information", registry=r)
         self.info.info({"version": __version__})
         # Per-stream series are read from ``_labels`` when Prometheus scrapes (a custom
@@ -381,6 +385,17 @@ class Metrics(LinkEvents):
                 distinct,
             )
         self.abs_error.observe_many(np.abs(errors[scored]))
+
+    def labelled(self, start: int = 0) -> list[str]:
+        """Streams given their own label, in the order they got it, from the ``start``-th label
+        on (``_other`` left out): at most ``stream_label_cap`` ever."""
+        with self._lock:
+            return [name for name in self._labels.names[start:] if name != OTHER]
+
+    @property
+    def labels_given(self) -> int:
+        """How many labels exist (``_other`` included): ``labelled``'s next ``start``."""
+        return len(self._labels.names)
 
 
 class _LabelTable:
@@ -661,7 +676,9 @@ class TickHistogram(Collector):
 
 
 class HttpEndpoint:
-    """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving)."""
+    """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving),
+    and any extra ``routes`` (the live page); other paths 404. A fixed pool of ``workers`` threads
+    answers (``web.PooledWSGIServer``)."""
 
     def __init__(
         self,
@@ -670,20 +687,31 @@ class HttpEndpoint:
         port: int,
         healthy: Callable[[], tuple[bool, str]],
         ready: Callable[[], tuple[bool, str]],
+        *,
+        routes: dict[str, WsgiApp] | None = None,
+        workers: int = 4,
+        timeout: float = 10.0,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
-        metrics_app = make_wsgi_app(registry)
-
-        def app(environ: dict, start_response: Callable) -> list[bytes]:
-            path = environ.get("PATH_INFO", "/")
-            if path in ("/healthz", "/readyz"):
-                ok, detail = (healthy if path == "/healthz" else ready)()
+        def probe(check: Callable[[], tuple[bool, str]]) -> WsgiApp:
+            def app(environ: dict, start_response: Callable) -> list[bytes]:
+                ok, detail = check()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
                 return [f"{'ok' if ok else 'not ok'}: {detail}\n".encode()]
-            return metrics_app(environ, start_response)
 
-        self.server = make_server(
-            host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
+            return app
+
+        app = router(
+            {
+                "/metrics": make_wsgi_app(registry),
+                "/healthz": probe(healthy),
+                "/readyz": probe(ready),
+                **(routes or {}),
+            }
+        )
+        self.server = PooledWSGIServer(
+            (host, port), app, workers=workers, timeout=timeout, on_refused=on_refused
         )
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)

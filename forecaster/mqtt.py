@@ -328,6 +328,13 @@ class MqttLink:
             return True
         return False
 
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """A retained QoS 1 message that is not a forecast (Home Assistant discovery); False:
+        paho could not take it, the caller retries. paho keeps a QoS 1 message taken while
+        disconnected and sends it after the reconnect."""
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
+
     # -- callbacks (convert and enqueue, nothing more) ----------------------------------------
     @_guarded("on_socket_open")
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
