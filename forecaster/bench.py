@@ -1094,7 +1094,14 @@ def bench_accuracy(
     block (``warmup_zscore``), progressive validation, the warm-up not scored."""
     import torch
 
-    from forecaster.evaluate import progressive, read_csv, score, warmup_zscore
+    from forecaster.evaluate import (
+        EngineModel,
+        progressive,
+        read_csv,
+        read_timestamps,
+        score,
+        warmup_zscore,
+    )
 
     torch.set_num_threads(1)
     paths = sorted(data.rglob("*.csv"))
@@ -1104,6 +1111,8 @@ def bench_accuracy(
     if only:
         factories = {k: v for k, v in factories.items() if k in only or k == "naive"}
     series = {str(p.relative_to(data)): warmup_zscore(read_csv(p), warmup) for p in paths}
+    # The rows' times reach the engine as a sender's ts would (its time-of-day feature reads them)
+    stamps = {str(p.relative_to(data)): read_timestamps(p) for p in paths}
     files: dict[str, dict[str, dict[str, float]]] = {name: {} for name in factories}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     total = sum(len(v) for v in series.values()) * len(factories)
@@ -1112,7 +1121,10 @@ def bench_accuracy(
             predictions[name] = {}
             for model, factory in factories.items():
                 bar.set_postfix_str(f"{model} on {Path(name).name}")
-                run = progressive(factory(), values, bar)  # type: ignore[operator]
+                peer = factory()  # type: ignore[operator]
+                if isinstance(peer, EngineModel):
+                    peer.timestamps = stamps[name]
+                run = progressive(peer, values, bar)
                 scores = score(run, warmup)
                 files[model][name] = {
                     "mse": scores.mse,
@@ -1301,6 +1313,7 @@ def bench_anomaly(
     miss a value forecast exactly, so its 100 % says nothing about calibration."""
     from forecaster.config import Config, scoring_config
     from forecaster.engine import Engine, Sample
+    from forecaster.evaluate import parse_timestamps
     from forecaster.persist import load_checkpoint
 
     config = Config()
@@ -1316,9 +1329,18 @@ def bench_anomaly(
     width = {name: np.zeros(len(series[name][1])) for name in names}
     error = {name: np.zeros(len(series[name][1])) for name in names}
     length = max(len(v) for _, v in series.values())
+    # each row's time, as the sender's ts (the time-of-day feature reads it)
+    times = {n: parse_timestamps(series[n][0]) for n in names}
+    times = {
+        n: np.arange(len(series[n][1]), dtype=float) if v is None else v for n, v in times.items()
+    }
     by_stream = {s: n for n, s in streams.items()}
     for t in progress_bar(range(length), desc=f"NAB, {len(names)} files", leave=False):
-        batch = [Sample(streams[n], float(series[n][1][t])) for n in names if t < len(series[n][1])]
+        batch = [
+            Sample(streams[n], float(series[n][1][t]), float(times[n][t]))
+            for n in names
+            if t < len(series[n][1])
+        ]
         for forecast in engine.tick(batch).forecasts:
             name = by_stream[forecast.stream]
             covered[name][t] = bool(forecast.covered)

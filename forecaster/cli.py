@@ -43,15 +43,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from forecaster.evaluate import read_csv, run_series, score
+    from forecaster.evaluate import read_csv, read_timestamps, run_series, score
     from forecaster.persist import load_checkpoint
     from forecaster.plots import plot_run
     from simulators.signals import sine_wave
 
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    timestamps = None
     if args.csv:
         values = read_csv(args.csv, args.column)
+        timestamps = read_timestamps(args.csv)  # the samples' times, as a sender's ts
         title = f"{args.csv.name}"
     else:
         values = sine_wave(
@@ -82,6 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=True,  # drawn on a terminal or with --progress, on stderr
         learn=learn,
+        timestamps=timestamps,
     )
     scores = score(run, args.warmup)
     if args.plot:

@@ -54,8 +54,8 @@ class CombinerConfig:
     smooths: tuple[float, ...] = (3.0, 30.0)
     # Time of day: an EWM of the values per ``day_bins`` bins of the day (from the samples'
     # timestamps); the next sample's bin, relative to the last value, is a feature. 0: off.
-    day_bins: int = 0
-    day_rate: float = 0.1  # weight of a new value in its bin's EWM
+    day_bins: int = 288  # 5-minute bins
+    day_rate: float = 0.3  # weight of a new value in its bin's EWM
     forgetting: float = 0.999  # RLS forgetting factor (memory ~ 1 / (1 - forgetting) samples)
     prior: float = 0.1  # AR path's prior: worth 1 / prior samples of zero weights (ridge)
     refit_every: int = 8  # samples between solves of a stream's AR normal equations
@@ -231,31 +231,24 @@ class Combiner:
 
     def _day(self, slots: np.ndarray, x: np.ndarray, ts: np.ndarray | None) -> None:
         """Fold ``x`` into its time-of-day bin; note the next sample's bin's level (the next
-        sample expected one inter-arrival time on; the last value where nothing is known)."""
+        sample expected one inter-arrival time on; the last value where nothing is known).
+        Two entries of a stream's day are read and one written, by flat index (not its row)."""
         config = self.config
         bins = config.day_bins
         stamp = np.full(len(slots), np.nan) if ts is None else np.asarray(ts, dtype=np.float64)
         known = np.isfinite(stamp)
-        day = self.day[slots]
-        at = (
-            np.floor(np.where(known, stamp, 0.0) % 86400.0 / 86400.0 * bins).astype(np.int64)
-        ) % bins
-        rows = np.flatnonzero(known)
-        old = day[rows, at[rows]]
-        day[rows, at[rows]] = np.where(
-            np.isnan(old), x[rows], old + config.day_rate * (x[rows] - old)
-        )
-        self.day[slots] = day
-        step = stamp - self.last_ts[slots]
-        self.last_ts[slots] = np.where(known, stamp, self.last_ts[slots])
-        nxt = np.where(known & (step > 0), stamp + step, np.nan)
-        ahead = (
-            np.floor(np.where(np.isfinite(nxt), nxt, 0.0) % 86400.0 / 86400.0 * bins).astype(
-                np.int64
-            )
-        ) % bins
-        value = day[np.arange(len(slots)), ahead].astype(np.float64)
-        self.day_next[slots] = np.where(np.isfinite(nxt) & np.isfinite(value), value, x)
+        flat = self.day.reshape(-1)  # (capacity * bins,) a view
+        base = slots[known] * bins
+        at = base + _bin(stamp[known], bins)
+        old = flat[at].astype(np.float64)
+        flat[at] = np.where(np.isnan(old), x[known], old + config.day_rate * (x[known] - old))
+        before = self.last_ts[slots]
+        self.last_ts[slots] = np.where(known, stamp, before)
+        ahead = stamp + (stamp - before)  # NaN where either is unknown
+        usable = np.isfinite(ahead) & (ahead > stamp)
+        nxt = np.full(len(slots), np.nan)
+        nxt[usable] = flat[slots[usable] * bins + _bin(ahead[usable], bins)]
+        self.day_next[slots] = np.where(np.isnan(nxt), x, nxt)
 
     def _features(
         self,
@@ -322,3 +315,12 @@ class Combiner:
             a = np.take(gram[due].astype(np.float32), self._unpack, axis=1).reshape(-1, k, k)
             a += (rate[due] / config.prior)[:, None, None] * np.eye(k)
             self.coef[slots[due]] = np.linalg.solve(a, cross[due][:, :, None])[:, :, 0]
+
+
+def _bin(stamp: np.ndarray, bins: int) -> np.ndarray:
+    """Time-of-day bin of Unix times (UTC days).
+
+    >>> _bin(np.array([0.0, 43_200.0, 86_399.0]), 24).tolist()
+    [0, 12, 23]
+    """
+    return np.minimum((stamp % 86_400.0 * (bins / 86_400.0)).astype(np.int64), bins - 1)

@@ -623,7 +623,7 @@ class Engine:
         table.state.index_copy_(1, index, state)
         scale = table.normalizer.frame_scale(slots)  # after the update: the forecast's frame
         prediction = self._forecast(
-            out, rows, slots, values, z, z_next.double().cpu().numpy(), scale
+            out, rows, slots, values, ts, z, z_next.double().cpu().numpy(), scale
         )
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
@@ -653,6 +653,7 @@ class Engine:
         rows: slice | np.ndarray,
         slots: np.ndarray,
         values: np.ndarray,
+        ts: np.ndarray,
         z: np.ndarray,
         z_next: np.ndarray,
         scale: np.ndarray,
@@ -665,7 +666,7 @@ class Engine:
             return norm.forecast(slots, z_next, scale)
         # After a value the normaliser clipped, the RNN cannot tell how far it went: last value.
         rnn = np.where(norm.clipped[slots] > 0, values, norm.denormalize(slots, z_next, scale))
-        prediction, weights = self.streams.combiner.step(slots, values, rnn, z)
+        prediction, weights = self.streams.combiner.step(slots, values, rnn, z, ts)
         assert out.weights is not None
         out.weights[rows] = weights
         return prediction
