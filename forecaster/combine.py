@@ -2,18 +2,20 @@
 weighed per stream by how well each has predicted it. Vectorised over stream slots.
 
 A frozen RNN trained on sines reads sine-like streams well and most real series poorly; a linear
-autoregression fitted online by recursive least squares (RLS) reads trends, mean reversion and
-short seasonal patterns of any stream, and the last value is the forecast that is hard to beat on
-a random walk. Following LSTNet's linear "highway" beside the network and the forecast
-combinations that won M4, every stream keeps all three and mixes them by a least-squares stack:
-the change that followed each forecast, regressed (exponentially weighted, ridge towards the last
-value) on the changes the RNN and the AR path predicted; the weights are clipped to [0, 1] and
-the last value takes the rest.
+autoregression fitted online reads trends, mean reversion and seasonal patterns of any stream, and
+the last value is the forecast that is hard to beat on a random walk. Following LSTNet's linear
+"highway" beside the network and the forecast combinations that won M4, every stream keeps all
+three and mixes them by a least-squares stack: the change that followed each forecast, regressed
+(exponentially weighted, ridge towards the last value) on the changes the RNN and the AR path
+predicted; the weights are clipped to [0, 1] and the last value takes the rest.
 
 The AR path predicts the next *change* in units of the stream's typical change (an EWM of squared
-changes), from an intercept, the level's z (mean reversion) and the last ``lags`` changes. Its
-prior (zero weights) is the last value, so an unreadable stream costs it little. Strictly causal:
-every forecast is scored against the value it predicted before that value updates anything.
+changes) from an intercept, the level's z (mean reversion), the last ``lags`` changes, the values
+``seasons`` samples back, smoothed levels and the stream's time-of-day profile (the last four
+relative to the last value). It solves exponentially weighted normal equations (a recursive least
+squares without the per-sample k x k update), and its prior (zero weights) is the last value, so a
+stream it cannot read costs little. Strictly causal: every forecast is scored against the value it
+predicted before that value updates anything.
 
 >>> combiner = Combiner(CombinerConfig(), capacity=1)
 >>> slot = np.array([0])
@@ -47,7 +49,8 @@ class CombinerConfig:
     enabled: bool = True
     lags: int = 6  # past changes the AR path reads
     # Seasonal lags: the value ``P`` steps back (relative to the last) is a feature for each
-    # ``P``, so quarterly (4), daily-of-weekly (7), monthly (12) and hourly (24) cycles are read.
+    # ``P``: a year of months (12), a day of hours (24) or of half hours (48); shorter cycles
+    # (a year of quarters: 4) are within ``lags``.
     seasons: tuple[int, ...] = (12, 24, 48)
     # Smoothed levels: an EWM of the values per half-life (in samples), each relative to the last
     # value a feature (how far the stream sits from its recent level: mean reversion).
@@ -56,9 +59,10 @@ class CombinerConfig:
     # timestamps); the next sample's bin, relative to the last value, is a feature. 0: off.
     day_bins: int = 288  # 5-minute bins
     day_rate: float = 0.3  # weight of a new value in its bin's EWM
-    forgetting: float = 0.999  # RLS forgetting factor (memory ~ 1 / (1 - forgetting) samples)
+    forgetting: float = 0.999  # the AR path's memory: ~ 1 / (1 - forgetting) samples
     prior: float = 0.1  # AR path's prior: worth 1 / prior samples of zero weights (ridge)
     refit_every: int = 8  # samples between solves of a stream's AR normal equations
+    learn_every: int = 1  # past refit_young, one sample in this many feeds the AR path
     refit_young: int = 64  # ... except in a stream's first samples: a solve after each
     change_halflife: float = 100.0  # samples; the typical change that scales the AR path
     weight_halflife: float = 200.0  # samples; the stack's moments
@@ -68,7 +72,7 @@ class CombinerConfig:
 
     @property
     def features(self) -> int:
-        # intercept, level z, lags, seasonal lags, smoothed levels
+        # intercept, level z, lags, seasonal lags, smoothed levels, time of day
         return 2 + self.lags + len(self.seasons) + len(self.smooths) + (self.day_bins > 0)
 
     @property
@@ -103,6 +107,7 @@ class Combiner:
         # The AR path's exponentially weighted normal equations: the mean of phi phi^T (only
         # its upper triangle: it is symmetric) and of phi times the change that followed.
         upper = np.triu_indices(k)
+        self._pack_index = np.arange(len(upper[0]))
         ends = np.cumsum(np.arange(k, 0, -1)).tolist()
         self._row_spans = list(zip([0, *ends[:-1]], ends, strict=True))  # entries of row i
         full = np.zeros((k, k), dtype=np.int64)
@@ -293,26 +298,35 @@ class Combiner:
         phi = self._features(
             self.lags[slots], self.level[slots], scale, self._anchors(slots), self.last[slots]
         )  # (k, B)
-        # A running average until the forgetting factor's weight takes over.
+        # Past a stream's first ``refit_young`` samples, one sample in ``learn_every`` feeds
+        # the AR path's equations (their memory in samples unchanged): most of the AR path's cost.
         count = self.count[slots]
-        rate = np.maximum(1.0 / count, 1.0 - config.forgetting)  # count >= 1 here
-        gram = np.take(self.gram, slots, axis=0)  # (B, k (k + 1) / 2), float32
-        pairs = np.empty(gram.shape)
+        every, young = config.learn_every, config.refit_young
+        fed = (count <= young) | (count % every == 0)
+        if not fed.any():
+            return
+        slots, phi, target, count = slots[fed], phi[:, fed], target[fed], count[fed]
+        updates = np.minimum(count, young) + np.maximum(count - young, 0) // every
+        rate = np.maximum(1.0 / updates, (1.0 - config.forgetting) * every)  # updates >= 1
+        # In float32 (as stored): the products feature-major (whole rows), the update slot-major.
+        pairs = np.empty((len(self._pack_index), len(slots)), dtype=np.float32)
+        phi32 = phi.astype(np.float32)
         for i, (start, end) in enumerate(self._row_spans):  # phi_i phi_j for j >= i
-            np.multiply(phi[i][:, None], phi[i:].T, out=pairs[:, start:end])
-        pairs -= gram
-        pairs *= rate[:, None]
-        pairs += gram
-        gram = pairs  # float64 until stored
+            np.multiply(phi32[i], phi32[i:], out=pairs[start:end])
+        gram = pairs.T  # (B, k (k + 1) / 2)
+        old = np.take(self.gram, slots, axis=0)
+        gram -= old
+        gram *= rate.astype(np.float32)[:, None]
+        gram += old
         self.gram[slots] = gram
         cross = self.cross[slots]
         cross += rate[:, None] * (phi.T * target[:, None] - cross)
         self.cross[slots] = cross
-        # Solve them now and then (every sample while a stream is young): a solve costs what
-        # ~k updates do. The prior (zero weights: the last value) is worth 1 / prior samples.
-        due = (count <= config.refit_young) | (count % config.refit_every == 0)
+        # Solve them now and then (after every update while a stream is young): a solve costs
+        # what ~k updates do. The prior (zero weights: the last value) is worth 1 / prior samples.
+        due = (count <= young) | (count % config.refit_every == 0)
         if due.any():
-            a = np.take(gram[due].astype(np.float32), self._unpack, axis=1).reshape(-1, k, k)
+            a = np.take(gram[due], self._unpack, axis=1).astype(np.float64).reshape(-1, k, k)
             a += (rate[due] / config.prior)[:, None, None] * np.eye(k)
             self.coef[slots[due]] = np.linalg.solve(a, cross[due][:, :, None])[:, :, 0]
 

@@ -266,6 +266,8 @@ class CombineConfig(Section):
     lags: int = Field(_COMBINE.lags, ge=1, le=64)  # past changes the AR path reads
     forgetting: float = Field(_COMBINE.forgetting, gt=0.9, le=1.0)  # AR path's RLS memory
     weight_halflife: PositiveFloat = _COMBINE.weight_halflife  # samples; how fast weights move
+    day_bins: int = Field(_COMBINE.day_bins, ge=0, le=1440)  # time-of-day bins (0: none)
+    learn_every: int = Field(_COMBINE.learn_every, ge=1, le=64)  # AR path fed 1 sample in N
 
 
 class EngineConfig(Section):
@@ -427,6 +429,8 @@ def combiner_config(config: Config) -> CombinerConfig:
         lags=c.lags,
         forgetting=c.forgetting,
         weight_halflife=c.weight_halflife,
+        day_bins=c.day_bins,
+        learn_every=c.learn_every,
     )
 
 
