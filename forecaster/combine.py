@@ -236,23 +236,25 @@ class Combiner:
 
     def _day(self, slots: np.ndarray, x: np.ndarray, ts: np.ndarray | None) -> None:
         """Fold ``x`` into its time-of-day bin; note the next sample's bin's level (the next
-        sample expected one inter-arrival time on; the last value where nothing is known).
-        Two entries of a stream's day are read and one written, by flat index (not its row)."""
+        sample expected one inter-arrival time on; the last value where nothing is known or the
+        stream is too fast for a profile). Two entries of a stream's day are read and one
+        written, by flat index (not its row)."""
         config = self.config
         bins = config.day_bins
         stamp = np.full(len(slots), np.nan) if ts is None else np.asarray(ts, dtype=np.float64)
-        known = np.isfinite(stamp)
-        flat = self.day.reshape(-1)  # (capacity * bins,) a view
-        base = slots[known] * bins
-        at = base + _bin(stamp[known], bins)
-        old = flat[at].astype(np.float64)
-        flat[at] = np.where(np.isnan(old), x[known], old + config.day_rate * (x[known] - old))
         before = self.last_ts[slots]
-        self.last_ts[slots] = np.where(known, stamp, before)
-        ahead = stamp + (stamp - before)  # NaN where either is unknown
-        usable = np.isfinite(ahead) & (ahead > stamp)
+        step = stamp - before  # NaN where either is unknown
+        self.last_ts[slots] = np.where(np.isfinite(stamp), stamp, before)
+        # Only a stream that sends at most about once per bin has a profile: each bin then holds
+        # the same time on earlier days. A faster stream's bin would only average its last few
+        # values (and which bin a value lands in would depend on its arrival time).
+        slow = np.isfinite(step) & (step >= 43_200.0 / bins)
+        flat = self.day.reshape(-1)  # (capacity * bins,) a view
+        at = slots[slow] * bins + _bin(stamp[slow], bins)
+        old = flat[at].astype(np.float64)
+        flat[at] = np.where(np.isnan(old), x[slow], old + config.day_rate * (x[slow] - old))
         nxt = np.full(len(slots), np.nan)
-        nxt[usable] = flat[slots[usable] * bins + _bin(ahead[usable], bins)]
+        nxt[slow] = flat[slots[slow] * bins + _bin(stamp[slow] + step[slow], bins)]
         self.day_next[slots] = np.where(np.isnan(nxt), x, nxt)
 
     def _features(

@@ -52,8 +52,6 @@ class PooledWSGIServer(WSGIServer):
         timeout: float = 10.0,
         on_refused: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(address, QuietHandler)
-        self.set_app(app)
         self.timeout_s = timeout
         self.on_refused = on_refused
         self.refused = 0
@@ -66,6 +64,11 @@ class PooledWSGIServer(WSGIServer):
         self._serving: dict[socket.socket, float] = {}
         self._serving_lock = threading.Lock()
         self._closing = threading.Event()
+        self.workers: list[threading.Thread] = []
+        self.reaper: threading.Thread | None = None
+        # Binds (and on failure calls server_close, which needs the attributes above): after them
+        super().__init__(address, QuietHandler)
+        self.set_app(app)
         self.workers = [
             threading.Thread(target=self._work, name=f"http-{i}", daemon=True)
             for i in range(workers)
@@ -134,8 +137,10 @@ class PooledWSGIServer(WSGIServer):
                     request.shutdown(socket.SHUT_RDWR)
         for _ in self.workers:
             self._pending.put(None)
-        for thread in (*self.workers, self.reaper):
+        for thread in self.workers:
             thread.join(self.timeout_s)
+        if self.reaper is not None:
+            self.reaper.join(self.timeout_s)
 
 
 def not_found(environ: dict, start_response: Callable) -> list[bytes]:
