@@ -418,7 +418,8 @@ class Engine:
         return Admission(admitted, index, bad, refused, slots, level, self.ticks)
 
     def last_seq(self, stream: str) -> int:
-        """The stream's last applied sequence number, resident or parked (0: never seen)."""
+        """The stream's last applied sequence number, resident or parked (-1: never seen, so a
+        new stream's first ``seq`` is taken whatever it is, 0 included: senders count from 0 or 1)."""
         slot = self.streams.slots.get(stream)
         if slot is not None:
             return int(self.streams.seq[slot])
@@ -426,7 +427,7 @@ class Engine:
             row = self.store.get(stream)
             if row is not None:
                 return int(row["seq"][0])
-        return 0
+        return -1
 
     def tick(self, samples: Sequence[Sample]) -> TickResult:
         """Apply ``samples`` in arrival order: ``tick_batch`` for ``Sample`` objects.
@@ -719,7 +720,8 @@ def _number(
     """Sequence numbers: (accepted, seq, level) for samples of streams ``keys`` in arrival order.
 
     ``last``: each sample's stream's last applied seq; ``given``: the sender's, or NO_SEQ for the
-    stream's next. One at or below the stream's last is a duplicate. ``level`` is each sample's
+    stream's next (from 1). One at or below the stream's last is a duplicate; a stream never
+    seen has ``last`` -1, so its first ``seq`` is taken whatever it is. ``level`` is each sample's
     round in a tick (None when every stream comes once: ``distinct``, done without a Python loop).
 
     >>> ok, seq, level = _number(np.array([0, 0, 0]), np.array([4, 4, 4]), np.array([-1, 5, 9]), False)
@@ -727,7 +729,7 @@ def _number(
     ([True, False, True], [5, 9], [0, 1])
     """
     if distinct:
-        seq = np.where(given == NO_SEQ, last + 1, given)
+        seq = np.where(given == NO_SEQ, np.maximum(last + 1, 1), given)  # unnumbered: from 1
         return seq > last, seq, None
     accepted = np.zeros(len(keys), dtype=bool)
     seq = np.zeros(len(keys), dtype=np.int64)
@@ -737,7 +739,7 @@ def _number(
         zip(keys.tolist(), last.tolist(), given.tolist(), strict=True)
     ):
         prev, depth = pending.get(key, (before, 0))
-        number = prev + 1 if wanted == NO_SEQ else wanted
+        number = max(prev + 1, 1) if wanted == NO_SEQ else wanted
         if number > prev:
             accepted[i], seq[i], level[i] = True, number, depth
             pending[key] = (number, depth + 1)
