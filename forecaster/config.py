@@ -323,6 +323,14 @@ class StateConfig(Section):
     journal: bool = True  # journal every sample (SQLite, WAL) before acknowledging it
     # normal: a commit survives a crash of the daemon; full: fsync per commit, survives power loss
     journal_sync: Literal["full", "normal"] = "normal"
+    # A journal or checkpoint write that failed (disk full, I/O error) is tried again this often;
+    # meanwhile intake is paused (journal) and /readyz answers 503.
+    retry_interval: PositiveFloat = 1.0
+    fault_log_interval: PositiveFloat = 30.0  # seconds between log lines about one ongoing fault
+    keep_checkpoints: int = Field(3, ge=1)  # the newest and older ones to fall back on if damaged
+    # Start even though journal positions are missing (truncated, older than the checkpoint, WAL
+    # lost): the loss is logged and counted instead of refusing to start.
+    accept_state_loss: bool = False
 
 
 class MetricsConfig(Section):

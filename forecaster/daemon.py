@@ -141,6 +141,81 @@ def timed(call: Callable[..., object], *args: object) -> float:
     return time.monotonic() - started
 
 
+class StorageFault:
+    """One part of the state folder (journal, checkpoint) that cannot be written, as a state:
+    since when and why, reported by a gauge, a counter and one log line per interval (a full
+    disk failed every tick: 320 tracebacks a second before), and cleared by the next success."""
+
+    def __init__(self, part: str, metrics: Metrics, log_interval: float) -> None:
+        self.part = part
+        self.metrics = metrics
+        self.log_interval = log_interval
+        self.since: float | None = None  # monotonic time of the first failure of this fault
+        self.reason = ""
+        self.errors = 0  # failed writes during this fault
+        self._logged = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def failed(self, error: BaseException, effect: str) -> None:
+        """Count a failed write; log it when the fault begins and once per interval after."""
+        now = time.monotonic()
+        self.reason = f"{type(error).__name__}: {error}"[:200]
+        self.errors += 1
+        self.metrics.storage_errors.labels(self.part).inc()
+        if self.since is None:
+            self.since = self._logged = now
+            self.metrics.storage_fault.labels(self.part).set(1)
+            log.error(
+                "storage fault: the %s cannot be written (%s); %s", self.part, self.reason, effect
+            )
+        elif now - self._logged >= self.log_interval:
+            self._logged = now
+            log.error(
+                "storage fault: the %s still cannot be written after %.0f s, %d failed writes (%s); %s",
+                self.part,
+                now - self.since,
+                self.errors,
+                self.reason,
+                effect,
+            )
+
+    def succeeded(self) -> None:
+        if self.since is None:
+            return
+        log.warning(
+            "storage recovered: the %s is written again after %.1f s and %d failed writes",
+            self.part,
+            time.monotonic() - self.since,
+            self.errors,
+        )
+        self.since, self.errors, self.reason = None, 0, ""
+        self.metrics.storage_fault.labels(self.part).set(0)
+
+    def describe(self) -> str:
+        assert self.since is not None
+        return (
+            f"storage fault: {self.part} not written for {time.monotonic() - self.since:.0f}s"
+            f" ({self.reason})"
+        )
+
+
+@dataclass(slots=True)
+class HeldTick:
+    """A tick admitted but not journaled (the journal write failed): kept, unacknowledged, and
+    journaled, acknowledged and applied first once the journal takes writes again. Nothing else
+    is taken meanwhile, so no newer sample of a stream overtakes it; no tick runs, so its
+    admission stays valid."""
+
+    admission: Admission
+    messages: Messages | None
+    origins: np.ndarray  # each input row's message in ``batch``
+    batch: list[RawMessage]
+    frames: list[str | None]
+
+
 @dataclass(slots=True)
 class PendingCheckpoint:
     """A checkpoint being written in the background, and what to trim once it is durable."""
@@ -198,6 +273,11 @@ class Daemon:
         self._last_checkpoint = time.monotonic()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._writing: PendingCheckpoint | None = None
+        interval = config.state.fault_log_interval
+        self.journal_fault = StorageFault("journal", self.metrics, interval)
+        self.checkpoint_fault = StorageFault("checkpoint", self.metrics, interval)
+        self._held: HeldTick | None = None  # a tick waiting for the journal (storage fault)
+        self._retry_at = 0.0  # monotonic time of the next journal retry
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -380,6 +460,8 @@ class Daemon:
         """One tick over whatever is queued (messages up to ``max_batch`` samples); returns the
         number of messages handled. A frame is never split: all its samples go into this tick."""
         self._heartbeat = time.monotonic()
+        if self._held is not None:
+            return self._retry_held(timeout)
         if self._intake_held(timeout):
             return 0
         try:
@@ -432,14 +514,36 @@ class Daemon:
         self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
         row_origins = np.asarray(origins, dtype=np.int64)
         messages = self._messages(row_origins, admission.index, frames)
-        if not self._journal(admission.batch, messages):
-            return len(batch)  # not acknowledged: the broker redelivers them
-        self.link.ack(batch)  # one ack per message, once every sample of it is journaled
-        if len(admission.batch):
-            self._tick(admission, row_origins, batch, frames)
+        self._commit(HeldTick(admission, messages, row_origins, batch, frames))
+        return len(batch)
+
+    def _commit(self, held: HeldTick) -> bool:
+        """Journal, acknowledge, apply and publish one admitted tick; when the journal cannot
+        take it, hold it (unacknowledged) and take nothing else until it can."""
+        if not self._journal(held.admission.batch, held.messages):
+            self._held = held
+            self._retry_at = time.monotonic() + self.config.state.retry_interval
+            self.metrics.storage_held.set(len(held.admission.batch))
+            return False
+        self._held = None
+        self.metrics.storage_held.set(0)
+        self.link.ack(held.batch)  # one ack per message, once every sample of it is journaled
+        if len(held.admission.batch):
+            self._tick(held.admission, held.origins, held.batch, held.frames)
         if self.learner is not None:
             self.learner.after_tick()
-        return len(batch)
+        return True
+
+    def _retry_held(self, timeout: float) -> int:
+        """Try the held tick's journal write again when its retry is due (else wait for it);
+        the messages handled, 0 while the journal still refuses."""
+        assert self._held is not None
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, max(timeout, 0.0)))
+            return 0
+        held = self._held
+        return len(held.batch) if self._commit(held) else 0
 
     def _parse(self, raw: RawMessage) -> Parsed | None:
         """The message's readings; every refusal counted (whole message or one element)."""
@@ -479,10 +583,14 @@ class Daemon:
             return True
         try:
             position = self.journal.append(admitted, messages)
-        except Exception:
-            log.exception("journal append failed; %d samples left with the broker", len(admitted))
-            self.metrics.rejected.labels("internal_error").inc(len(admitted))
+        except Exception as exc:  # disk full, I/O error, a damaged file: a state, not a crash
+            self.journal_fault.failed(
+                exc,
+                f"intake paused, {len(admitted)} samples held unacknowledged, retried every"
+                f" {self.config.state.retry_interval:g} s",
+            )
             return False
+        self.journal_fault.succeeded()
         self._applied = position
         self.metrics.journal_pending.inc(len(admitted))
         return True
@@ -587,7 +695,11 @@ class Daemon:
             self.metrics.observe_learner(self.learner.stats)
             self.metrics.model_version.set(self.learner.version)
         self._finish_checkpoint()
-        if time.monotonic() - self._last_checkpoint >= self.config.state.checkpoint_interval:
+        state = self.config.state
+        interval = (
+            state.retry_interval if self.checkpoint_fault.active else state.checkpoint_interval
+        )
+        if time.monotonic() - self._last_checkpoint >= interval:
             self.checkpoint()
 
     def checkpoint(self, wait: bool = False) -> None:
@@ -639,8 +751,8 @@ class Daemon:
                     extra=learner.state_tensors() if learner is not None else None,
                     info=info,
                 )
-        except (OSError, sqlite3.Error):
-            log.exception("checkpoint to %s failed", self.state_path)
+        except (OSError, sqlite3.Error) as exc:
+            self.checkpoint_fault.failed(exc, "the journal keeps every sample meanwhile")
             self.metrics.checkpointed(False)
             return
         future = self._writer.submit(timed, data.write, self.state_path)
@@ -658,13 +770,19 @@ class Daemon:
         self._writing = None
         error = pending.future.exception()
         if error is not None:
-            log.error("checkpoint to %s failed: %s", self.state_path, error)
+            self.checkpoint_fault.failed(error, "the journal keeps every sample meanwhile")
             self.metrics.checkpointed(False)
             return
+        self.checkpoint_fault.succeeded()
         self.metrics.checkpoint_duration.labels("write").observe(pending.future.result())
         if self.journal is not None:
             position = pending.info["journal_position"]
-            self.journal.trim(position)
+            try:
+                self.journal.trim(position)
+            except sqlite3.Error as exc:  # kept rows are only replayed again: try at the next
+                self.journal_fault.failed(
+                    exc, "journal not trimmed; retried after the next checkpoint"
+                )
             self.metrics.journal_pending.set(self._applied - position)
         if self.store is not None:
             self.store.compact(pending.info["evicted_generation"], pending.names)
@@ -681,6 +799,11 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if self.engine is None:
             return False, "model not loaded"
+        if self.journal_fault.active:
+            held = 0 if self._held is None else len(self._held.admission.batch)
+            return False, f"{self.journal_fault.describe()}; intake paused, {held} samples held"
+        if self.checkpoint_fault.active:
+            return False, self.checkpoint_fault.describe()
         if not self.link.is_connected.is_set():
             return False, "broker not connected"
         if not self.link.is_subscribed.is_set():

@@ -1,0 +1,240 @@
+"""Storage faults as a state: a full disk under the state folder pauses intake, holds the samples
+unacknowledged, says so on /readyz and in metrics, and resumes by itself when space returns.
+
+The fault is real where it can be: a small tmpfs the test mounts (as root) and fills with a file
+until ``ENOSPC``. Elsewhere the journal's SQLite connection is wrapped so that its writes fail as
+SQLite's do on a full disk (``database or disk is full``): an injected error at the write call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from forecaster.daemon import Daemon
+from tests.conftest import Broker, Collector
+from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
+from tests.test_recovery import Publisher, check_forecasts, offline_reference, series
+
+
+class DiskFault(Protocol):
+    state_dir: Path
+
+    def attach(self, daemon: Daemon) -> None: ...
+    def fill(self) -> None: ...
+    def free(self) -> None: ...
+
+
+class TmpfsDisk:
+    """A real filesystem fault: a small tmpfs under the state folder, filled to ENOSPC."""
+
+    def __init__(self, mountpoint: Path, size: str = "24m") -> None:
+        self.mountpoint = mountpoint
+        mountpoint.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+            check=True,
+            capture_output=True,
+        )
+        self.state_dir = mountpoint / "state"
+        self.filler = mountpoint / "filler"
+
+    def attach(self, daemon: Daemon) -> None:
+        """Nothing to do: the daemon writes to the tmpfs itself."""
+
+    def fill(self) -> None:
+        block = b"\0" * 65536
+        with open(self.filler, "wb", buffering=0) as out:
+            with contextlib.suppress(OSError):  # ENOSPC: the disk is full
+                while True:
+                    out.write(block)
+            with contextlib.suppress(OSError):
+                while True:  # the last few bytes too
+                    out.write(b"\0" * 512)
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mountpoint)], check=False, capture_output=True)
+
+
+class FailingConnection:
+    """The journal's SQLite connection whose writes fail as on a full disk while ``full``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.full = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.full and sql.lstrip().split()[0].upper() in ("INSERT", "DELETE", "BEGIN"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class InjectedDisk:
+    """Where no filesystem can be mounted: writes to the journal fail at the call."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.connection: FailingConnection | None = None
+
+    def attach(self, daemon: Daemon) -> None:
+        assert daemon.journal is not None
+        self.connection = FailingConnection(daemon.journal.db)
+        daemon.journal.db = self.connection  # type: ignore[assignment]
+
+    def fill(self) -> None:
+        assert self.connection is not None
+        self.connection.full = True
+
+    def free(self) -> None:
+        assert self.connection is not None
+        self.connection.full = False
+
+    def close(self) -> None: ...
+
+
+def can_mount_tmpfs(tmp_path: Path) -> str | None:
+    """None when this process can mount a tmpfs, else why not."""
+    if os.geteuid() != 0:
+        return "not root: cannot mount a tmpfs"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True
+    )
+    if done.returncode != 0:
+        return f"mount -t tmpfs failed: {done.stderr.decode().strip()}"
+    subprocess.run(["umount", str(probe)], check=False)
+    return None
+
+
+@pytest.fixture(params=["tmpfs", "injected"])
+def disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DiskFault]:
+    if request.param == "tmpfs":
+        why = can_mount_tmpfs(tmp_path)
+        if why is not None:
+            pytest.skip(f"real disk-full fault not possible here ({why}); the injected one runs")
+        fault: TmpfsDisk | InjectedDisk = TmpfsDisk(tmp_path / "disk")
+    else:
+        fault = InjectedDisk(tmp_path / "state")
+    yield fault
+    fault.close()
+
+
+def readyz(running: RunningDaemon) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"{running.metrics_url}/readyz", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def disk_full_while_publishing(
+    broker: Broker,
+    prefix: str,
+    disk: DiskFault,
+    caplog: pytest.LogCaptureFixture,
+    rounds: int,
+    rate: float,
+    full_for: float,
+) -> None:
+    """20 QoS 1 streams publish; the disk is full for ``full_for`` seconds of their samples."""
+    values = series(20, rounds, seed=5)
+    ref = offline_reference(values)
+    config = daemon_config(
+        broker,
+        prefix,
+        disk.state_dir,
+        mqtt={
+            "qos_out": 1,
+            "input_topics": [f"{prefix}/in/{{stream}}"],
+            "output_topic": f"{prefix}/out/{{stream}}",
+        },
+        state={"checkpoint_interval": 1, "retry_interval": 0.2, "fault_log_interval": 3600},
+    )
+    caplog.set_level(logging.INFO, logger="forecaster")
+    with Collector(broker, f"{prefix}/out/+") as out, RunningDaemon(config) as running:
+        daemon = running.daemon
+        disk.attach(daemon)
+        publisher = Publisher(broker, prefix, values, rate).start()
+        try:
+            wait_until(lambda: len(out.messages) >= 200, "forecasts before the fault", 20)
+            disk.fill()
+            wait_until(
+                lambda: (
+                    readyz(running)[0] == 503 and "storage fault: journal" in readyz(running)[1]
+                ),
+                "/readyz 503 naming the journal on a full disk",
+                20,
+            )
+            wait_until(lambda: daemon._held is not None, "a tick held for the journal", 10)
+            sent = len(publisher.infos)
+            # The fault lasts while ``full_for`` seconds of samples reach the broker.
+            wait_until(
+                lambda: len(publisher.infos) >= sent + full_for * rate,
+                "samples published during the fault",
+                full_for * 3 + 20,
+            )
+            assert readyz(running)[0] == 503
+            during = running.scrape()
+            assert publisher.thread.is_alive(), "the fault must end while samples arrive"
+            disk.free()
+            wait_until(lambda: readyz(running)[0] == 200, "/readyz 200 after space returns", 20)
+            publisher.wait_accepted(timeout=rounds * 20 / rate + 60)
+            want = {(s, k) for s in values for k in range(1, rounds + 1)}
+            wait_until(
+                lambda: {(f["stream"], f["seq"]) for f in out.json()} >= want,
+                "a forecast for every accepted sample",
+                60,
+            )
+            after = running.scrape()
+        finally:
+            running.stop(check=False)
+            publisher.close()
+    assert metric_value(during, "forecaster_storage_fault", part="journal") == 1
+    assert metric_value(during, "forecaster_storage_held_samples") > 0
+    assert metric_value(after, "forecaster_storage_fault", part="journal") == 0
+    assert metric_value(after, "forecaster_storage_fault", part="checkpoint") == 0
+    assert metric_value(after, "forecaster_storage_errors_total", part="journal") > 0
+    assert metric_value(after, "forecaster_samples_rejected_total", reason="duplicate") == 0
+    forecasts = out.json()
+    for stream in values:  # each sample once, in order: nothing held was dropped or overtaken
+        seqs = [f["seq"] for f in forecasts if f["stream"] == stream]
+        assert seqs == list(range(1, rounds + 1)), stream
+    got: dict[tuple[str, int], list[float]] = {}
+    for f in forecasts:
+        got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+    check_forecasts(got, values, ref)  # equal to an uninterrupted run
+    faults = [r for r in caplog.records if "storage fault: the journal" in r.getMessage()]
+    assert len(faults) == 1, [r.getMessage() for r in faults]  # one line, not one per tick
+    assert all(r.exc_info is None for r in caplog.records if r.levelno >= logging.ERROR)
+    assert any("storage recovered: the journal" in r.getMessage() for r in caplog.records)
+
+
+def test_disk_full_holds_samples_and_resumes_in_order(
+    broker: Broker, prefix: str, disk: DiskFault, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk_full_while_publishing(broker, prefix, disk, caplog, rounds=150, rate=300, full_for=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_disk_full_10s_with_20_qos1_streams_loses_nothing(
+    broker: Broker, prefix: str, disk: DiskFault, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk_full_while_publishing(broker, prefix, disk, caplog, rounds=600, rate=400, full_for=10)
