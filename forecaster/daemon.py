@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -40,7 +41,7 @@ from forecaster.engine import (
     ForecastColumns,
     GapPolicy,
 )
-from forecaster.errors import PayloadError
+from forecaster.errors import CheckpointError, PayloadError, StateLossError
 from forecaster.learner import Learner
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
@@ -50,7 +51,9 @@ from forecaster.persist import (
     Journal,
     Messages,
     journal_position,
+    kept_paths,
     load_checkpoint,
+    read_manifest,
     snapshot,
 )
 from forecaster.store import SqliteStore
@@ -217,6 +220,25 @@ class HeldTick:
 
 
 @dataclass(slots=True)
+class KeptCheckpoint:
+    """A durable checkpoint kept on disk (``state.keep_checkpoints``): what the journal and the
+    evicted-stream store must still hold so that a start can fall back to it exactly."""
+
+    position: int  # journal position it includes
+    generation: int  # evicted-store generation it saw
+    names: list[str]  # streams resident in it
+
+    @classmethod
+    def of(cls, manifest: dict) -> KeptCheckpoint:
+        info = manifest.get("info", {})
+        return cls(
+            int(info.get("journal_position", 0)),
+            int(info.get("evicted_generation", 0)),
+            [str(n) for n in manifest.get("streams", [])],
+        )
+
+
+@dataclass(slots=True)
 class PendingCheckpoint:
     """A checkpoint being written in the background, and what to trim once it is durable."""
 
@@ -278,6 +300,11 @@ class Daemon:
         self.checkpoint_fault = StorageFault("checkpoint", self.metrics, interval)
         self._held: HeldTick | None = None  # a tick waiting for the journal (storage fault)
         self._retry_at = 0.0  # monotonic time of the next journal retry
+        self._restored = False  # a checkpoint of the state folder was loaded
+        self._kept: list[KeptCheckpoint] = []  # durable checkpoints on disk, newest first
+        # A replay (or an accepted loss) is followed by a checkpoint as soon as its forecasts
+        # have left, retried every retry_interval: a crash loop then replays only new work.
+        self._checkpoint_soon = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -302,14 +329,9 @@ class Daemon:
 
     def _build_engine(self) -> tuple[Engine, Checkpoint]:
         device = self.config.model.device
-        if self.state_path.exists():
-            checkpoint = load_checkpoint(self.state_path, device)
-            log.info(
-                "restored %s: %d streams, model version %d",
-                self.state_path,
-                len(checkpoint.stream_names),
-                checkpoint.model_version,
-            )
+        restored = self._restore(device)
+        if restored is not None:
+            checkpoint = restored
         else:
             checkpoint = load_checkpoint(self.config.model.checkpoint, device)
             log.info(
@@ -344,13 +366,105 @@ class Daemon:
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
         return engine, checkpoint
 
+    def _restore(self, device: str) -> Checkpoint | None:
+        """The newest good checkpoint of the state folder (None: there is none yet).
+
+        A damaged one (checksum, header, shape) is set aside as ``*.damaged`` and the next
+        older one kept (``state.keep_checkpoints``) restored instead, loudly; the journal goes
+        back to the oldest kept one, so the replay from there is exact. None good: refused.
+        """
+        paths = kept_paths(self.state_path)
+        damaged: list[tuple[Path, CheckpointError]] = []
+        for index, path in enumerate(paths):
+            try:
+                checkpoint = load_checkpoint(path, device)
+            except CheckpointError as exc:
+                damaged.append((path, exc))
+                continue
+            for bad, error in damaged:
+                aside = bad.with_name(bad.name + ".damaged")
+                os.replace(bad, aside)
+                self.metrics.checkpoint_fallbacks.inc()
+                log.error(
+                    "DAMAGED CHECKPOINT %s (%s: %s): set aside as %s; falling back to the older"
+                    " %s and replaying the journal from its position %d",
+                    bad,
+                    error.field,
+                    error.detail,
+                    aside.name,
+                    path.name,
+                    journal_position(checkpoint),
+                )
+            log.info(
+                "restored %s: %d streams, model version %d",
+                path,
+                len(checkpoint.stream_names),
+                checkpoint.model_version,
+            )
+            self._restored = True
+            self._kept = [KeptCheckpoint.of(checkpoint.manifest)]
+            for older in paths[index + 1 :]:
+                manifest = read_manifest(older)
+                if manifest:
+                    self._kept.append(KeptCheckpoint.of(manifest))
+            return checkpoint
+        if damaged:
+            raise CheckpointError(
+                self.state_path,
+                "file",
+                "every kept checkpoint is damaged: "
+                + "; ".join(f"{p.name}: {e.field}: {e.detail}" for p, e in damaged),
+            )
+        return None
+
+    def _check_journal(self, position: int) -> None:
+        """Refuse to start over a journal that lacks positions after the checkpoint's (or, with
+        ``state.accept_state_loss``, log and count them and go on)."""
+        assert self.journal is not None
+        gaps = self.journal.gaps(position)
+        if not gaps:
+            return
+        named = ", ".join(
+            f"{first}-{last}" if last is not None else f"{first} onward (how many unknown)"
+            for first, last in gaps
+        )
+        lost = sum(last - first + 1 for first, last in gaps if last is not None)
+        message = (
+            f"journal {self.journal_path} lacks positions {named} after the checkpoint's position"
+            f" {position}: {lost} journaled samples lost (the journal was truncated, replaced by"
+            " an older copy, or lost its WAL file)"
+        )
+        if not self.config.state.accept_state_loss:
+            raise StateLossError(
+                f"{message}; start refused: restore the journal, or start with"
+                " --accept-state-loss (state.accept_state_loss: true) to go on without them",
+                gaps,
+            )
+        log.error("STATE LOSS ACCEPTED (state.accept_state_loss): %s", message)
+        self.metrics.state_loss.inc(lost)
+        self._checkpoint_soon = True
+
+    def _damaged_row(self, first: int, last: int) -> None:
+        """A journal row failed its checksum: refused, unless a loss is accepted (then skipped)."""
+        if not self.config.state.accept_state_loss:
+            raise StateLossError(
+                f"journal {self.journal_path}: positions {first}-{last} are damaged (checksum);"
+                " start refused: start with --accept-state-loss to go on without them",
+                [(first, last)],
+            )
+        log.error("STATE LOSS ACCEPTED: journal positions %d-%d damaged, skipped", first, last)
+        self.metrics.state_loss.inc(last - first + 1)
+        self._checkpoint_soon = True
+
     def _replay_journal(self, checkpoint: Checkpoint) -> None:
         """Apply the journaled samples the restored checkpoint does not include, in order."""
         assert self.engine is not None
-        restored = self.state_path.exists()
-        position = journal_position(checkpoint) if restored else 0
+        position = journal_position(checkpoint) if self._restored else 0
         self.journal = Journal(self.journal_path, self.config.state.journal_sync)
+        self._check_journal(position)
         self.journal.start_at(position)
+        if self._checkpoint_soon:  # a loss accepted: the end marker starts again from here
+            self.journal.mark_end()
         self._applied = position
         replayed = 0
         qos = self.config.mqtt.qos_out
@@ -359,7 +473,8 @@ class Daemon:
             self._unpublished.append((topic, payload, qos, forecasts))
             return False  # sent once the link is up
 
-        for last, batch, messages in self.journal.ticks_after(position):  # as ticked live
+        ticks = self.journal.ticks_after(position, self._damaged_row)
+        for last, batch, messages in ticks:  # as ticked live
             result = self.engine.tick_batch(batch)
             for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
                 self.metrics.rejected.labels(reason).inc()
@@ -374,6 +489,7 @@ class Daemon:
         self.metrics.journal_pending.set(replayed)
         if replayed:
             log.info("replayed %d journaled samples after position %d", replayed, position)
+            self._checkpoint_soon = True
 
     def _publish_unpublished(self) -> None:
         lost = [(topic, payload, qos, 0) for topic, payload, qos in self.link.settle()]
@@ -696,9 +812,8 @@ class Daemon:
             self.metrics.model_version.set(self.learner.version)
         self._finish_checkpoint()
         state = self.config.state
-        interval = (
-            state.retry_interval if self.checkpoint_fault.active else state.checkpoint_interval
-        )
+        soon = self.checkpoint_fault.active or self._checkpoint_soon
+        interval = state.retry_interval if soon else state.checkpoint_interval
         if time.monotonic() - self._last_checkpoint >= interval:
             self.checkpoint()
 
@@ -755,7 +870,9 @@ class Daemon:
             self.checkpoint_fault.failed(exc, "the journal keeps every sample meanwhile")
             self.metrics.checkpointed(False)
             return
-        future = self._writer.submit(timed, data.write, self.state_path)
+        future = self._writer.submit(
+            timed, data.write, self.state_path, self.config.state.keep_checkpoints
+        )
         self._writing = PendingCheckpoint(future, info, names)
         self.metrics.checkpoint_duration.labels("engine_thread").observe(time.monotonic() - started)
         if wait:
@@ -774,18 +891,23 @@ class Daemon:
             self.metrics.checkpointed(False)
             return
         self.checkpoint_fault.succeeded()
+        self._checkpoint_soon = False
         self.metrics.checkpoint_duration.labels("write").observe(pending.future.result())
+        written = KeptCheckpoint(
+            pending.info.get("journal_position", 0),
+            pending.info.get("evicted_generation", 0),
+            pending.names,
+        )
+        self._kept = [written, *self._kept][: self.config.state.keep_checkpoints]
+        oldest = self._kept[-1]  # what a fall back to the oldest kept checkpoint needs stays
         if self.journal is not None:
-            position = pending.info["journal_position"]
             try:
-                self.journal.trim(position)
+                self.journal.trim(oldest.position)
             except sqlite3.Error as exc:  # kept rows are only replayed again: try at the next
-                self.journal_fault.failed(
-                    exc, "journal not trimmed; retried after the next checkpoint"
-                )
-            self.metrics.journal_pending.set(self._applied - position)
+                self.journal_fault.failed(exc, "journal not trimmed; retried after the next one")
+            self.metrics.journal_pending.set(self._applied - written.position)
         if self.store is not None:
-            self.store.compact(pending.info["evicted_generation"], pending.names)
+            self.store.compact(oldest.generation, oldest.names)
         self.metrics.checkpointed(True)
         log.debug("checkpoint: %d streams -> %s", len(pending.names), self.state_path)
 
