@@ -9,6 +9,7 @@ SQLite's do on a full disk (``database or disk is full``): an injected error at 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -20,11 +21,24 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import yaml
 
+from forecaster.cli import main
+from forecaster.config import Config
 from forecaster.daemon import Daemon
+from forecaster.engine import Sample, as_batch
+from forecaster.errors import StateLossError
+from forecaster.persist import Journal, load_checkpoint
 from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
-from tests.test_recovery import Publisher, check_forecasts, offline_reference, series
+from tests.test_persist import flip_bit
+from tests.test_recovery import (
+    Publisher,
+    check_final_state,
+    check_forecasts,
+    offline_reference,
+    series,
+)
 
 
 class DiskFault(Protocol):
@@ -238,3 +252,152 @@ def test_disk_full_10s_with_20_qos1_streams_loses_nothing(
     broker: Broker, prefix: str, disk: DiskFault, caplog: pytest.LogCaptureFixture
 ) -> None:
     disk_full_while_publishing(broker, prefix, disk, caplog, rounds=600, rate=400, full_for=10)
+
+
+# -- integrity: a damaged checkpoint, a journal that lost positions ------------------------------
+def publish_rounds(
+    client: Any, prefix: str, values: dict[str, list[float]], first: int, stop: int
+) -> None:
+    """Rounds ``first``..``stop - 1`` of every stream, QoS 1, ``seq`` = round + 1."""
+    for k in range(first, stop):
+        for stream, vs in values.items():
+            body = json.dumps({"value": vs[k], "seq": k + 1})
+            client.publish(f"{prefix}/in/{stream}", body, qos=1)
+
+
+def integrity_config(broker: Broker, prefix: str, state_dir: Path, **state: object) -> Config:
+    return daemon_config(
+        broker,
+        prefix,
+        state_dir,
+        mqtt={
+            "qos_out": 1,
+            "input_topics": [f"{prefix}/in/{{stream}}"],
+            "output_topic": f"{prefix}/out/{{stream}}",
+        },
+        state={"checkpoint_interval": 3600, **state},
+    )
+
+
+def serve_rounds(
+    config: Config, broker: Broker, prefix: str, publisher: Any, values: dict, rounds: range
+) -> list[dict]:
+    """Start a daemon, publish ``rounds``, wait for their forecasts, stop (a final checkpoint);
+    every forecast received while it ran (replayed ones too)."""
+    want = len(values) * len(rounds)
+    with Collector(broker, f"{prefix}/out/+") as out:
+        with RunningDaemon(config):
+            publish_rounds(publisher, prefix, values, rounds.start, rounds.stop)
+            last = {(s, rounds.stop) for s in values}
+            wait_until(
+                lambda: (
+                    last <= {(f["stream"], f["seq"]) for f in out.json()}
+                    and len(out.messages) >= want
+                ),
+                "the rounds' forecasts",
+                30,
+            )
+        return out.json()
+
+
+def test_flipped_bit_in_checkpoint_falls_back_and_replays_exactly(
+    broker: Broker, prefix: str, tmp_path: Path, publisher: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The newest checkpoint's hidden state has one sign bit flipped: the start detects it, sets
+    it aside, restores the previous checkpoint and replays the journal from there; every
+    forecast and the final state equal an uninterrupted run's."""
+    values = series(3, 30, seed=6)
+    ref = offline_reference(values)
+    state = tmp_path / "state"
+    config = integrity_config(broker, prefix, state, keep_checkpoints=2)
+    got: dict[tuple[str, int], list[float]] = {}
+
+    def record(forecasts: list[dict]) -> None:
+        for f in forecasts:
+            got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+
+    record(serve_rounds(config, broker, prefix, publisher, values, range(0, 10)))
+    record(serve_rounds(config, broker, prefix, publisher, values, range(10, 20)))
+    newest = state / "checkpoint.safetensors"
+    assert load_checkpoint(newest).manifest["info"]["journal_position"] == 60
+    assert (
+        load_checkpoint(state / "checkpoint.1.safetensors").manifest["info"]["journal_position"]
+        == 30
+    )
+    flip_bit(newest, "streams.state")
+    caplog.set_level(logging.INFO, logger="forecaster")
+    with Collector(broker, f"{prefix}/out/+") as out:
+        with RunningDaemon(config) as running:
+            replayed = {(s, k) for s in values for k in range(11, 21)}
+            wait_until(
+                lambda: replayed <= {(f["stream"], f["seq"]) for f in out.json()},
+                "the replayed forecasts",
+                30,
+            )
+            metrics = running.scrape()
+            publish_rounds(publisher, prefix, values, 20, 30)
+            last = {(s, 30) for s in values}
+            wait_until(
+                lambda: last <= {(f["stream"], f["seq"]) for f in out.json()}, "round 30", 30
+            )
+        record(out.json())
+    assert metric_value(metrics, "forecaster_checkpoint_fallbacks_total") == 1
+    assert "DAMAGED CHECKPOINT" in caplog.text and "streams.state" in caplog.text
+    assert "replayed 30 journaled samples after position 30" in caplog.text
+    assert (state / "checkpoint.safetensors.damaged").exists()
+    check_forecasts(got, values, ref)  # replayed and later forecasts equal an uninterrupted run
+    check_final_state(state, ref, 30)
+
+
+def journal_lost(state: Path, how: str, values: dict[str, list[float]], rounds: range) -> None:
+    """Journal ``rounds`` after the checkpoint (as a SIGKILL would leave them), then lose them:
+    the file truncated to 0 bytes, or the WAL file that held them gone."""
+    path = state / "journal.sqlite"
+    journal = Journal(path)
+    for k in rounds:
+        journal.append(as_batch([Sample(s, vs[k], None, k + 1) for s, vs in values.items()])[0])
+    saved = path.read_bytes()  # the main file: the new rows are in the WAL only
+    journal.close()
+    if how == "truncated":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(saved)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("how", ["truncated", "wal_lost"])
+def test_lost_journal_refuses_start_naming_positions_unless_accepted(
+    broker: Broker,
+    prefix: str,
+    tmp_path: Path,
+    publisher: Any,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+) -> None:
+    values = series(2, 20, seed=7)
+    state = tmp_path / "state"
+    config = integrity_config(broker, prefix, state)
+    serve_rounds(config, broker, prefix, publisher, values, range(0, 10))  # checkpoint: 20
+    journal_lost(state, how, values, range(10, 13))  # positions 21-26 journaled, then lost
+    with pytest.raises(
+        StateLossError, match=r"positions 21-26 .*: 6 journaled samples lost"
+    ) as err:
+        Daemon(config).start()
+    assert err.value.gaps == [(21, 26)]
+    assert "--accept-state-loss" in str(err.value)
+    # The command refuses too, with the message, and an exit status
+    path = tmp_path / "forecaster.yaml"
+    path.write_text(yaml.safe_dump(json.loads(config.model_dump_json())))
+    assert main(["run", "-c", str(path)]) == 2
+    assert "lacks positions 21-26" in capsys.readouterr().err
+    caplog.set_level(logging.INFO, logger="forecaster")
+    accepting = integrity_config(broker, prefix, state, accept_state_loss=True)
+    with RunningDaemon(accepting) as running:
+        metrics = running.scrape()
+    assert metric_value(metrics, "forecaster_state_loss_positions_total") == 6
+    assert "STATE LOSS ACCEPTED" in caplog.text and "21-26" in caplog.text
+    # Accepted once: the next start goes on without the override, from where it was
+    forecasts = serve_rounds(config, broker, prefix, publisher, values, range(13, 15))
+    assert sorted({f["seq"] for f in forecasts}) == [14, 15]
