@@ -327,6 +327,9 @@ class StateConfig(Section):
     # meanwhile intake is paused (journal) and /readyz answers 503.
     retry_interval: PositiveFloat = 1.0
     fault_log_interval: PositiveFloat = 30.0  # seconds between log lines about one ongoing fault
+    # unconfirmed: a replay publishes again only forecasts the broker had not confirmed before
+    # the crash; all: every replayed forecast (the behaviour before)
+    replay_publish: Literal["unconfirmed", "all"] = "unconfirmed"
     keep_checkpoints: int = Field(3, ge=1)  # the newest and older ones to fall back on if damaged
     # Start even though journal positions are missing (truncated, older than the checkpoint, WAL
     # lost): the loss is logged and counted instead of refusing to start.

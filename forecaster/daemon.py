@@ -473,22 +473,38 @@ class Daemon:
             self._unpublished.append((topic, payload, qos, forecasts))
             return False  # sent once the link is up
 
+        # Forecasts the broker confirmed before the crash are not published again (a crash loop
+        # would otherwise send every replayed forecast once per restart).
+        confirmed = (
+            self.journal.confirmed if self.config.state.replay_publish == "unconfirmed" else 0
+        )
+        republished = 0
         ticks = self.journal.ticks_after(position, self._damaged_row)
         for last, batch, messages in ticks:  # as ticked live
             result = self.engine.tick_batch(batch)
             for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
                 self.metrics.rejected.labels(reason).inc()
             forecasts = result.forecasts
+            self._applied = last
+            replayed += len(batch)
+            if last <= confirmed:
+                continue
+            republished += len(forecasts)
             runs = messages or [(len(batch), None)]  # None: one message per forecast
             rows = np.repeat(np.arange(len(runs)), [count for count, _ in runs])  # row -> message
             frames = [frame for _, frame in runs]
             self._publish_forecasts(forecasts, rows[forecasts.index].tolist(), frames, queue)
-            self._applied = last
-            replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
         self.metrics.journal_pending.set(replayed)
         if replayed:
-            log.info("replayed %d journaled samples after position %d", replayed, position)
+            log.info(
+                "replayed %d journaled samples after position %d (%d forecasts published again;"
+                " those up to position %d the broker had confirmed)",
+                replayed,
+                position,
+                republished,
+                confirmed,
+            )
             self._checkpoint_soon = True
 
     def _publish_unpublished(self) -> None:
@@ -580,6 +596,8 @@ class Daemon:
             return self._retry_held(timeout)
         if self._intake_held(timeout):
             return 0
+        if self.journal is not None and not self._unpublished and not self.link.outgoing:
+            self.journal.confirm(self._applied)  # every forecast so far is with the broker
         try:
             raw = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:

@@ -374,32 +374,40 @@ def _row_crc(position: int, streams: bytes, columns: bytes, messages: bytes | No
 
 
 class EndMarker:
-    """The journal's last appended position in a 12-byte file beside it (position, CRC-32),
-    overwritten in place after every append: the one record of how far the journal went that
-    survives the journal being truncated, replaced by an older copy, or losing its WAL file.
+    """Two journal positions in a 20-byte file beside it, overwritten in place: the last one
+    appended, and the last one whose forecasts the broker has confirmed (CRC-32 after them).
 
-    Written after SQLite's commit and never fsynced: it may lag the journal (harmless), and it
-    is ahead of it only when journaled rows were lost. Overwriting 12 bytes in place needs no
-    new block, so a full disk does not stop it.
+    The first is the one record of how far the journal went that survives the journal being
+    truncated, replaced by an older copy, or losing its WAL file; the second spares a replay
+    from publishing again what subscribers already have. Written after SQLite's commit (and
+    after the broker's acknowledgement) and never fsynced: both may lag (harmless: a loss not
+    seen, a forecast published twice), neither runs ahead. Overwriting 20 bytes in place needs
+    no new block, so a full disk does not stop it.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
-    def read(self) -> int | None:
+    def read(self) -> tuple[int | None, int]:
+        """(last appended position or None when unknown, last confirmed position or 0)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return None
-        if len(data) != 12 or zlib.crc32(data[:8]) != int.from_bytes(data[8:], "little"):
-            return None  # damaged marker: no claim either way
-        return int.from_bytes(data[:8], "little", signed=True)
+            return None, 0
+        if len(data) != 20 or zlib.crc32(data[:16]) != int.from_bytes(data[16:], "little"):
+            return None, 0  # damaged marker: no claim either way
+        return (
+            int.from_bytes(data[:8], "little", signed=True),
+            int.from_bytes(data[8:16], "little", signed=True),
+        )
 
-    def write(self, position: int) -> None:
+    def write(self, position: int, confirmed: int) -> None:
         """Best effort: the append it follows has committed, so a failure here (the file cannot
         be created on a full disk) must not fail that append; the marker then lags."""
-        data = position.to_bytes(8, "little", signed=True)
+        data = position.to_bytes(8, "little", signed=True) + confirmed.to_bytes(
+            8, "little", signed=True
+        )
         with contextlib.suppress(OSError):
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -451,7 +459,9 @@ class Journal:
         row = self.db.execute("SELECT MAX(pos) FROM ticks").fetchone()
         self.position = int(row[0] or 0)
         self.end = EndMarker(self.path.with_name(self.path.name + "-end"))
-        self.recorded = self.end.read()  # the last position appended, by the marker (None: none)
+        # The last position appended (None: unknown) and the last whose forecasts the broker
+        # confirmed, by the marker.
+        self.recorded, self.confirmed = self.end.read()
 
     def _convert_sample_rows(self) -> None:
         """Rows of the one-row-per-sample format become tick rows (runs of consecutive
@@ -524,12 +534,20 @@ class Journal:
         # (each SQLite call is a GIL handoff to the MQTT thread).
         self._insert(self.position + len(batch), batch, messages)
         self.position += len(batch)
-        self.end.write(self.position)
+        self.end.write(self.position, self.confirmed)
         return self.position
+
+    def confirm(self, position: int) -> None:
+        """Every forecast of the samples up to ``position`` has been confirmed by the broker: a
+        replay need not publish them again."""
+        if position > self.confirmed:
+            self.confirmed = min(position, self.position)
+            self.end.write(self.position, self.confirmed)
 
     def mark_end(self) -> None:
         """Record the current position as the last appended (after a loss was accepted)."""
-        self.end.write(self.position)
+        self.confirmed = min(self.confirmed, self.position)
+        self.end.write(self.position, self.confirmed)
         self.recorded = self.position
 
     def gaps(self, position: int) -> list[tuple[int, int | None]]:

@@ -33,11 +33,14 @@ from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
 from tests.test_persist import flip_bit
 from tests.test_recovery import (
+    DaemonProcess,
     Publisher,
     check_final_state,
     check_forecasts,
     offline_reference,
     series,
+    wait_online,
+    write_config,
 )
 
 
@@ -328,12 +331,6 @@ def test_flipped_bit_in_checkpoint_falls_back_and_replays_exactly(
     caplog.set_level(logging.INFO, logger="forecaster")
     with Collector(broker, f"{prefix}/out/+") as out:
         with RunningDaemon(config) as running:
-            replayed = {(s, k) for s in values for k in range(11, 21)}
-            wait_until(
-                lambda: replayed <= {(f["stream"], f["seq"]) for f in out.json()},
-                "the replayed forecasts",
-                30,
-            )
             metrics = running.scrape()
             publish_rounds(publisher, prefix, values, 20, 30)
             last = {(s, 30) for s in values}
@@ -343,7 +340,8 @@ def test_flipped_bit_in_checkpoint_falls_back_and_replays_exactly(
         record(out.json())
     assert metric_value(metrics, "forecaster_checkpoint_fallbacks_total") == 1
     assert "DAMAGED CHECKPOINT" in caplog.text and "streams.state" in caplog.text
-    assert "replayed 30 journaled samples after position 30" in caplog.text
+    # rounds 11-20 replayed from the journal; the broker had confirmed their forecasts
+    assert "replayed 30 journaled samples after position 30 (0 forecasts published" in caplog.text
     assert (state / "checkpoint.safetensors.damaged").exists()
     check_forecasts(got, values, ref)  # replayed and later forecasts equal an uninterrupted run
     check_final_state(state, ref, 30)
@@ -401,3 +399,62 @@ def test_lost_journal_refuses_start_naming_positions_unless_accepted(
     # Accepted once: the next start goes on without the override, from where it was
     forecasts = serve_rounds(config, broker, prefix, publisher, values, range(13, 15))
     assert sorted({f["seq"] for f in forecasts}) == [14, 15]
+
+
+# -- bounded recovery ------------------------------------------------------------------------------
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Every ``forecaster run`` process a test starts is killed at teardown."""
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+
+
+def marker(state: Path) -> tuple[int, int]:
+    """(last journaled, last confirmed) positions from the journal's end marker."""
+    data = (state / "journal.sqlite-end").read_bytes()
+    return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:16], "little")
+
+
+def test_sigkill_replay_publishes_only_unconfirmed_forecasts_then_checkpoints(
+    broker: Broker, prefix: str, tmp_path: Path, daemons: list[DaemonProcess], publisher: Any
+) -> None:
+    """After a SIGKILL the journal is replayed (the state must come back) but forecasts the
+    broker had confirmed are not sent again, and a checkpoint follows the replay at once (not
+    after checkpoint_interval): a crash loop neither floods subscribers nor replays more and
+    more."""
+    values = series(2, 11, seed=8)
+    ref = offline_reference(values)
+    config = write_config(tmp_path, broker, prefix, checkpoint_interval=3600)
+    state = tmp_path / "state"
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    with Collector(broker, f"{prefix}/status") as status:
+        daemon.start()
+        wait_online(status)
+    with Collector(broker, f"{prefix}/out/+") as out:
+        publish_rounds(publisher, prefix, values, 0, 10)
+        wait_until(lambda: len(out.messages) >= 20, "forecasts before the kill", 20)
+        wait_until(lambda: marker(state) == (20, 20), "the broker's confirmations recorded", 10)
+        before = out.json()
+    daemon.kill()
+    assert not (state / "checkpoint.safetensors").exists()  # all of it in the journal only
+    with Collector(broker, f"{prefix}/out/+") as out, Collector(broker, f"{prefix}/status") as st:
+        daemon.start()
+        wait_online(st)
+        publish_rounds(publisher, prefix, values, 10, 11)
+        wait_until(lambda: len(out.messages) >= 2, "the new round's forecasts", 20)
+        after = out.json()
+        wait_until(
+            lambda: (state / "checkpoint.safetensors").exists(), "a checkpoint after replay", 20
+        )
+    assert daemon.stop() == 0
+    assert "replayed 20 journaled samples after position 0 (0 forecasts published" in daemon.text()
+    assert sorted((f["stream"], f["seq"]) for f in after) == [("s00", 11), ("s01", 11)]
+    got: dict[tuple[str, int], list[float]] = {}
+    for f in before + after:
+        got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+    check_forecasts(got, values, ref)  # the replayed state forecast round 11 exactly
