@@ -922,7 +922,12 @@ class Daemon:
             try:
                 self.journal.trim(oldest.position)
             except sqlite3.Error as exc:  # kept rows are only replayed again: try at the next
-                self.journal_fault.failed(exc, "journal not trimmed; retried after the next one")
+                self.metrics.storage_errors.labels("journal").inc()
+                self.rate_limited.warning(
+                    "journal_trim",
+                    "journal not trimmed (%s); retried after the next checkpoint",
+                    exc,
+                )
             self.metrics.journal_pending.set(self._applied - written.position)
         if self.store is not None:
             self.store.compact(oldest.generation, oldest.names)
