@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import random
 import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -458,3 +460,61 @@ def test_sigkill_replay_publishes_only_unconfirmed_forecasts_then_checkpoints(
     for f in before + after:
         got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
     check_forecasts(got, values, ref)  # the replayed state forecast round 11 exactly
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("replay_publish", ["unconfirmed", "all"])
+def test_crash_loop_republishes_little(
+    broker: Broker,
+    prefix: str,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+    replay_publish: str,
+) -> None:
+    """10 SIGKILLs while 20 QoS 1 streams publish 12,000 samples: every forecast exact, and with
+    the default (``unconfirmed``) at most 1.2 forecasts received per sample sent. ``all`` (the
+    behaviour before) is run beside it for the figure (pytest -s prints both)."""
+
+    streams, rounds, rate, kills = 20, 600, 400, 10
+    values = series(streams, rounds, seed=9)
+    ref = offline_reference(values)
+    config = write_config(
+        tmp_path, broker, prefix, checkpoint_interval=60, replay_publish=replay_publish
+    )
+    out = Collector(broker, f"{prefix}/out/+")
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    with Collector(broker, f"{prefix}/status") as status:
+        daemon.start()
+        wait_online(status)
+    publisher = Publisher(broker, prefix, values, rate).start()
+    rng = random.Random(11)
+    duration = streams * rounds / rate
+    moments = sorted(rng.uniform(0.05, 0.85) * duration for _ in range(kills))
+    for i in range(1, kills):
+        moments[i] = max(moments[i], moments[i - 1] + 1.5)
+    began = time.monotonic()
+    for moment in moments:
+        time.sleep(max(0.0, began + moment - time.monotonic()))  # the fault's schedule
+        daemon.kill()
+        daemon.start()
+    assert publisher.thread.is_alive(), "every kill must land while samples are arriving"
+    publisher.wait_accepted(timeout=duration + 60)
+    want = {(s, k) for s in values for k in range(1, rounds + 1)}
+    wait_until(lambda: want <= {(f["stream"], f["seq"]) for f in out.json()}, "every forecast", 120)
+    assert daemon.stop() == 0
+    forecasts = out.json()
+    out.close()
+    publisher.close()
+    got: dict[tuple[str, int], list[float]] = {}
+    for f in forecasts:
+        got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+    check_forecasts(got, values, ref)
+    ratio = len(forecasts) / (streams * rounds)
+    print(
+        f"replay_publish={replay_publish}: {len(forecasts)} forecasts for {streams * rounds}"
+        f" samples, {ratio:.2f} per sample, {kills} SIGKILLs"
+    )
+    if replay_publish == "unconfirmed":
+        assert ratio <= 1.2, ratio
