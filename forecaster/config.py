@@ -268,6 +268,11 @@ class EngineConfig(Section):
     # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
     # in the state folder (evicted.sqlite) and restored exactly when it sends again.
     max_streams: int = Field(0, ge=0)
+    # A parked stream silent this long is forgotten (starts afresh if it sends again); and past
+    # max_parked parked streams (0: no bound) the longest parked go first. Checked after each
+    # checkpoint; evicted.sqlite takes ~1.4 KB per parked stream.
+    park_expiry: PositiveFloat = 7 * 86400.0
+    max_parked: int = Field(1_000_000, ge=0)
     gaps: GapConfig = GapConfig()
     horizon: int = Field(1, ge=1, le=1000)  # forecasts published per sample: t+1 ... t+horizon
 

@@ -305,6 +305,7 @@ class Daemon:
         # A replay (or an accepted loss) is followed by a checkpoint as soon as its forecasts
         # have left, retried every retry_interval: a crash loop then replays only new work.
         self._checkpoint_soon = False
+        self._next_expiry = 0.0  # monotonic time of the next parked-stream expiry
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -931,8 +932,32 @@ class Daemon:
             self.metrics.journal_pending.set(self._applied - written.position)
         if self.store is not None:
             self.store.compact(oldest.generation, oldest.names)
+            self._expire_parked()
         self.metrics.checkpointed(True)
         log.debug("checkpoint: %d streams -> %s", len(pending.names), self.state_path)
+
+    def _expire_parked(self) -> None:
+        """Bound the parked-stream store (engine.park_expiry, engine.max_parked); after a
+        durable checkpoint, so no kept checkpoint's replay needs what goes (``store.expire``)."""
+        assert self.store is not None and self.engine is not None
+        self.metrics.parked_bytes.set(self.store.size())
+        now = time.monotonic()
+        if now < self._next_expiry:  # 70-100 ms at 200,000 parked streams: not every checkpoint
+            return
+        engine = self.config.engine
+        self._next_expiry = now + min(3600.0, engine.park_expiry / 10)
+        try:
+            expired, parked = self.store.expire(
+                time.time() - engine.park_expiry, set(self.engine.streams.names), engine.max_parked
+            )
+        except sqlite3.Error as exc:
+            self.metrics.storage_errors.labels("checkpoint").inc()
+            self.rate_limited.warning("park_expiry", "parked streams not expired (%s)", exc)
+            return
+        if expired:
+            log.info("forgot %d parked streams (engine.park_expiry, engine.max_parked)", expired)
+        self.metrics.streams_expired.inc(expired)
+        self.metrics.streams_parked.set(parked)
 
     # -- health -------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:

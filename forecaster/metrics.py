@@ -187,6 +187,19 @@ class Metrics(LinkEvents):
             "Parked streams brought back, exactly, when they sent again",
             registry=r,
         )
+        self.streams_parked = Gauge(
+            "forecaster_streams_parked",
+            "Streams parked in the state store (engine.max_streams), after the last expiry",
+            registry=r,
+        )
+        self.parked_bytes = Gauge(
+            "forecaster_parked_bytes", "Bytes of the parked-stream store on disk", registry=r
+        )
+        self.streams_expired = Counter(
+            "forecaster_streams_expired_total",
+            "Parked streams forgotten (engine.park_expiry, engine.max_parked)",
+            registry=r,
+        )
         self.gap_resets = Counter(
             "forecaster_gap_resets_total",
             "Hidden states reset after a gap in a stream's timestamps (engine.gaps)",
