@@ -518,3 +518,10 @@ def test_crash_loop_republishes_little(
     )
     if replay_publish == "unconfirmed":
         assert ratio <= 1.2, ratio
+
+
+def test_run_takes_accept_state_loss_on_the_command_line() -> None:
+    from forecaster.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--accept-state-loss"]).accept_state_loss
+    assert not build_parser().parse_args(["run"]).accept_state_loss
