@@ -298,6 +298,10 @@ class Daemon:
         interval = config.state.fault_log_interval
         self.journal_fault = StorageFault("journal", self.metrics, interval)
         self.checkpoint_fault = StorageFault("checkpoint", self.metrics, interval)
+        self.park_fault = StorageFault("park_store", self.metrics, interval)
+        # A tick journaled and acknowledged whose parking of other streams failed (the park
+        # store cannot be written): applied first, before any other input, once it can be.
+        self._unapplied: HeldTick | None = None
         self._held: HeldTick | None = None  # a tick waiting for the journal (storage fault)
         self._retry_at = 0.0  # monotonic time of the next journal retry
         self._restored = False  # a checkpoint of the state folder was loaded
@@ -595,6 +599,8 @@ class Daemon:
         self._heartbeat = time.monotonic()
         if self._held is not None:
             return self._retry_held(timeout)
+        if self._unapplied is not None:
+            return self._retry_unapplied(timeout)
         if self._intake_held(timeout):
             return 0
         if self.journal is not None and not self._unpublished and not self.link.outgoing:
@@ -664,10 +670,44 @@ class Daemon:
         self.metrics.storage_held.set(0)
         self.link.ack(held.batch)  # one ack per message, once every sample of it is journaled
         if len(held.admission.batch):
-            self._tick(held.admission, held.origins, held.batch, held.frames)
+            self._apply(held)
         if self.learner is not None:
             self.learner.after_tick()
         return True
+
+    def _apply(self, held: HeldTick) -> bool:
+        """Tick a journaled tick; when the park store cannot take the streams it must park
+        first (nothing has changed then), keep it and take no other input until it can."""
+        try:
+            self._tick(held.admission, held.origins, held.batch, held.frames)
+        except (OSError, sqlite3.Error) as exc:
+            self._unapplied = held
+            self._retry_at = time.monotonic() + self.config.state.retry_interval
+            self.metrics.storage_held.set(len(held.admission.batch))
+            self.park_fault.failed(
+                exc,
+                f"intake paused, {len(held.admission.batch)} journaled samples wait to be"
+                f" applied, retried every {self.config.state.retry_interval:g} s",
+            )
+            return False
+        self._unapplied = None
+        self.metrics.storage_held.set(0)
+        assert self.engine is not None
+        if self.engine.park_error is not None:  # parking after a wide tick: the next one retries
+            self.park_fault.failed(self.engine.park_error, "retried at the next tick")
+        else:
+            self.park_fault.succeeded()
+        return True
+
+    def _retry_unapplied(self, timeout: float) -> int:
+        """Apply the tick the park store refused when its retry is due (else wait for it)."""
+        assert self._unapplied is not None
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, max(timeout, 0.0)))
+            return 0
+        held = self._unapplied
+        return len(held.batch) if self._apply(held) else 0
 
     def _retry_held(self, timeout: float) -> int:
         """Try the held tick's journal write again when its retry is due (else wait for it);
@@ -743,6 +783,8 @@ class Daemon:
         started = time.perf_counter()
         try:
             result = self.engine.tick_batch(admission)
+        except (OSError, sqlite3.Error):
+            raise  # the park store: the caller holds the tick (no state has changed)
         except Exception:
             log.exception("engine tick failed on %d samples", size)
             self.metrics.rejected.labels("internal_error").inc(size)
@@ -972,6 +1014,9 @@ class Daemon:
         if self.journal_fault.active:
             held = 0 if self._held is None else len(self._held.admission.batch)
             return False, f"{self.journal_fault.describe()}; intake paused, {held} samples held"
+        if self.park_fault.active:
+            held = 0 if self._unapplied is None else len(self._unapplied.admission.batch)
+            return False, f"{self.park_fault.describe()}; intake paused, {held} samples held"
         if self.checkpoint_fault.active:
             return False, self.checkpoint_fault.describe()
         if not self.link.is_connected.is_set():

@@ -330,6 +330,9 @@ class Engine:
         self.store: StreamStore = store if store is not None else MemoryStore()
         self.evictions = 0  # streams parked so far (the daemon's counter reads it)
         self.restores = 0  # streams brought back so far
+        # The last failure to park streams after a tick wider than the bound (the store could
+        # not be written): the tick's forecasts stand, the next tick parks them; None: none.
+        self.park_error: Exception | None = None
         self.ticks = 0  # LRU clock: ticks applied so far
         # Told (gone slots, moved src slots, their dst slots) when eviction compacts the slots.
         self.slot_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
@@ -458,15 +461,17 @@ class Engine:
         admission = batch if isinstance(batch, Admission) else self.admit(batch)
         if admission.tick != self.ticks:
             raise ValueError("an admission is valid for the engine's next tick only")
-        self.ticks += 1
         table = self.streams
         rows = admission.batch
         names = rows.streams
         if self.max_streams:  # parked streams come back, others may move: slots looked up again
+            # Before the tick counts: should the store fail here, no state has changed and the
+            # same admission can be ticked again once it can be written.
             self._make_room(set(names))
             slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
         else:
             slots = admission.slots.copy()
+        self.ticks += 1
         for i in np.flatnonzero(slots < 0).tolist():
             slots[i] = table.slot(names[i])  # a new stream: fresh state
         if self.max_streams:
@@ -490,7 +495,11 @@ class Engine:
                         seq[round_rows],
                     )
         if self.max_streams:  # a tick wider than the bound: back under it before the next one
-            self._evict(len(table) - self.max_streams, set())
+            try:
+                self._evict(len(table) - self.max_streams, set())
+                self.park_error = None
+            except Exception as exc:  # the store cannot be written: the next tick tries again
+                self.park_error = exc
         return BatchResult(out, admission.rejected_index, admission.rejected_reason)
 
     def _value_reasons(self, values: np.ndarray) -> np.ndarray:
@@ -551,8 +560,10 @@ class Engine:
         if not len(chosen):
             return
         names = [table.names[i] for i in chosen.tolist()]
-        arrays, src, dst = table.take(names)
+        arrays = table.arrays(chosen)
+        # Parked first, then removed: a store that cannot be written leaves the table as it was.
         self.store.put({name: _row(arrays, i) for i, name in enumerate(names)})
+        _, src, dst = table.take(names)
         self.evictions += len(names)
         if self.slot_listener is not None:
             self.slot_listener(chosen, src, dst)

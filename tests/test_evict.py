@@ -200,3 +200,37 @@ def test_parked_streams_expire_and_the_store_is_bounded(tmp_path: Path) -> None:
     reopened = SqliteStore(tmp_path / "evicted.sqlite")
     assert reopened.expire(0.0, resident=set(), max_parked=0) == (0, 3)  # kept across a reopen
     reopened.close()
+
+
+class FullStore(MemoryStore):
+    """A park store that refuses writes while ``full`` (a disk that cannot be written)."""
+
+    full = False
+
+    def put(self, rows: dict[str, dict[str, np.ndarray]]) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().put(rows)
+
+
+def test_a_park_store_that_cannot_be_written_changes_nothing(tiny_model: Forecaster) -> None:
+    """The tick that must park a stream first fails before touching any state, and the same
+    admission ticks afterwards exactly as it would have."""
+    store, twin_store = FullStore(), MemoryStore()
+    engine = Engine(tiny_model, NORM, max_streams=2, store=store)
+    twin = Engine(tiny_model, NORM, max_streams=2, store=twin_store)
+    for e in (engine, twin):
+        e.tick_batch(Batch.of(["a", "b"], [1.0, 2.0]))
+    before = engine.streams.arrays()
+    admission = engine.admit(Batch.of(["c"], [3.0]))
+    store.full = True
+    with pytest.raises(OSError):
+        engine.tick_batch(admission)
+    assert sorted(engine.streams.names) == ["a", "b"] and engine.evictions == 0
+    for key, array in engine.streams.arrays().items():
+        np.testing.assert_array_equal(array, before[key])
+    store.full = False
+    got = engine.tick_batch(admission).forecasts.prediction
+    want = twin.tick_batch(Batch.of(["c"], [3.0])).forecasts.prediction
+    np.testing.assert_array_equal(got, want)
+    assert engine.evictions == twin.evictions == 1

@@ -525,3 +525,95 @@ def test_run_takes_accept_state_loss_on_the_command_line() -> None:
 
     assert build_parser().parse_args(["run", "--accept-state-loss"]).accept_state_loss
     assert not build_parser().parse_args(["run"]).accept_state_loss
+
+
+class FailingStore:
+    """The park store's SQLite connection whose inserts fail as on a full disk while ``full``
+    (the journal's WAL may still have room to reuse while evicted.sqlite must grow)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.full = False
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        if self.full and sql.lstrip().upper().startswith("INSERT"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.executemany(sql, rows)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        return self.db.execute(sql, *args)
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db.__enter__()
+
+    def __exit__(self, *exc: object) -> bool | None:
+        return self.db.__exit__(*exc)
+
+
+def test_park_store_full_holds_the_tick_and_resumes_in_order(
+    broker: Broker, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under ``engine.max_streams`` every tick parks a stream; while the park store refuses
+    writes, the tick that needs it waits (journaled, nothing changed) and nothing else is taken;
+    afterwards every sample has one forecast, in order, equal to an unbounded run's."""
+    values = series(4, 60, seed=10)
+    ref = offline_reference(values)
+    config = daemon_config(
+        broker,
+        prefix,
+        tmp_path / "state",
+        mqtt={
+            "qos_out": 1,
+            "input_topics": [f"{prefix}/in/{{stream}}"],
+            "output_topic": f"{prefix}/out/{{stream}}",
+        },
+        engine={"max_streams": 2},
+        state={"retry_interval": 0.2, "fault_log_interval": 3600},
+    )
+    caplog.set_level(logging.INFO, logger="forecaster")
+    with Collector(broker, f"{prefix}/out/+") as out, RunningDaemon(config) as running:
+        daemon = running.daemon
+        assert daemon.store is not None
+        store = FailingStore(daemon.store.db)
+        daemon.store.db = store  # type: ignore[assignment]
+        publisher = Publisher(broker, prefix, values, rate=40).start()
+        try:
+            wait_until(lambda: len(out.messages) >= 20, "forecasts before the fault", 20)
+            store.full = True
+            wait_until(
+                lambda: "storage fault: park_store" in readyz(running)[1],
+                "/readyz naming the park store",
+                20,
+            )
+            assert readyz(running)[0] == 503
+            sent = len(publisher.infos)
+            wait_until(lambda: len(publisher.infos) >= sent + 40, "samples during the fault", 20)
+            held = running.scrape()
+            store.full = False
+            wait_until(lambda: readyz(running)[0] == 200, "/readyz 200 again", 20)
+            publisher.wait_accepted(timeout=60)
+            want = {(s, k) for s in values for k in range(1, 61)}
+            wait_until(
+                lambda: {(f["stream"], f["seq"]) for f in out.json()} >= want,
+                "a forecast for every sample",
+                60,
+            )
+        finally:
+            running.stop(check=False)
+            publisher.close()
+    assert metric_value(held, "forecaster_storage_fault", part="park_store") == 1
+    assert metric_value(held, "forecaster_storage_held_samples") > 0
+    forecasts = out.json()
+    for stream in values:
+        assert [f["seq"] for f in forecasts if f["stream"] == stream] == list(range(1, 61))
+    got: dict[tuple[str, int], list[float]] = {}
+    for f in forecasts:
+        got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+    check_forecasts(got, values, ref)
+    assert "storage recovered: the park_store" in caplog.text
