@@ -908,6 +908,7 @@ class Daemon:
                 )  # the wait paused forecasting too
                 return
             info["journal_position"] = self._applied
+            self.journal.confirm(self._applied)  # flushed: the broker has every forecast so far
         table = self.engine.streams
         learner = self.learner
         # With learning on, hold the trainer's lock for a consistent optimizer state (one step).
