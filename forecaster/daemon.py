@@ -10,7 +10,14 @@ their messages are acknowledged, then applied. A checkpoint is written only once
 it includes has left for the broker and records the journal position; the engine thread copies the
 state, a background thread writes it, and the journal is trimmed once the file is durable. On start
 the checkpoint is restored, the journal rows after its position are replayed through the engine
-(their forecasts published again, with the same ``seq``), and then the broker's queue is taken.
+(their forecasts published again, with the same ``seq``, where the broker had not confirmed them),
+and then the broker's queue is taken.
+
+A write to the state folder that fails is a state (``StorageFault``, /readyz says why): a journal
+or park-store failure holds its tick and takes no other input until the write succeeds; a failed
+checkpoint is retried sooner while the journal keeps every sample. A damaged checkpoint falls back
+to an older kept one; a journal missing positions refuses the start unless the loss is accepted
+(docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ A checkpoint is a single ``.safetensors`` file (tensors cannot execute code when
 pickle) whose header carries a JSON manifest: ``model_args`` (the architecture travels with the
 weights, as in nanoGPT), the normaliser, the training recipe, the model version and the stream ids.
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the old file, so a
-crash leaves either the old checkpoint or the new one, never half of one.
+crash leaves either the old checkpoint or the new one, never half of one. Every tensor and the
+manifest carry a CRC-32 checked at load, and the last few checkpoints are kept (``name.1.ext``, ...)
+so a damaged one can fall back to the one before (docs/reliability.md).
 
 The sample journal (``Journal``) is an SQLite database in WAL mode beside the checkpoint: every
 accepted sample is appended (one row and one transaction per tick) before its MQTT message is
 acknowledged. A checkpoint records the journal position it includes; on start the samples after it
-are replayed through the engine, so a SIGKILL loses no sample and steps no state twice.
+are replayed through the engine, so a SIGKILL loses no sample and steps no state twice. Rows carry
+a CRC-32, and an end marker beside the file records how far the journal went (and how far the
+broker has confirmed its forecasts), so a journal that lost rows is found at start, not replayed over.
 """
 
 from __future__ import annotations
