@@ -936,7 +936,7 @@ class Daemon:
                     info=info,
                 )
         except (OSError, sqlite3.Error) as exc:
-            self.checkpoint_fault.failed(exc, "the journal keeps every sample meanwhile")
+            self.checkpoint_fault.failed(exc, self._checkpoint_effect)
             self.metrics.checkpointed(False)
             return
         future = self._writer.submit(
@@ -948,6 +948,14 @@ class Daemon:
             future.exception()
             self._finish_checkpoint()
 
+    @property
+    def _checkpoint_effect(self) -> str:
+        """What a failed checkpoint means for the samples, for its log line."""
+        retry = f"retried every {self.config.state.retry_interval:g} s"
+        if self.journal is None:
+            return f"{retry}; without a journal a crash now loses what came since the last one"
+        return f"{retry}; the journal keeps every sample meanwhile"
+
     def _finish_checkpoint(self) -> None:
         """Once a background write has ended: count it; if it is durable, trim what it includes."""
         pending = self._writing
@@ -956,7 +964,7 @@ class Daemon:
         self._writing = None
         error = pending.future.exception()
         if error is not None:
-            self.checkpoint_fault.failed(error, "the journal keeps every sample meanwhile")
+            self.checkpoint_fault.failed(error, self._checkpoint_effect)
             self.metrics.checkpointed(False)
             return
         self.checkpoint_fault.succeeded()
