@@ -31,7 +31,7 @@ from forecaster.daemon import Daemon
 from forecaster.engine import Sample, as_batch
 from forecaster.errors import StateLossError
 from forecaster.persist import Journal, load_checkpoint
-from tests.conftest import Broker, Collector
+from tests.conftest import Broker, Collector, Relay
 from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
 from tests.test_persist import flip_bit
 from tests.test_recovery import (
@@ -617,3 +617,61 @@ def test_park_store_full_holds_the_tick_and_resumes_in_order(
         got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
     check_forecasts(got, values, ref)
     assert "storage recovered: the park_store" in caplog.text
+
+
+def test_link_cut_while_samples_are_held_applies_each_once(
+    broker: Broker, prefix: str, tmp_path: Path
+) -> None:
+    """The journal refuses writes, so a tick is held unacknowledged; then the link is cut and
+    comes back, and the broker resends what was unacknowledged (the held tick's messages too).
+    Once the journal takes writes, the held tick is applied, its resent copies are refused as
+    what they are (duplicates of applied samples), and every sample has one forecast, in order."""
+    values = series(3, 100, seed=12)
+    ref = offline_reference(values)
+    relay = Relay(broker)
+    config = daemon_config(
+        relay,
+        prefix,
+        tmp_path / "state",
+        mqtt={
+            "qos_out": 1,
+            "input_topics": [f"{prefix}/in/{{stream}}"],
+            "output_topic": f"{prefix}/out/{{stream}}",
+        },
+        state={"retry_interval": 0.2, "fault_log_interval": 3600},
+    )
+    disk = InjectedDisk(tmp_path / "state")
+    with Collector(broker, f"{prefix}/out/+") as out, RunningDaemon(config) as running:
+        daemon = running.daemon
+        disk.attach(daemon)
+        publisher = Publisher(broker, prefix, values, rate=50).start()
+        try:
+            wait_until(lambda: len(out.messages) >= 30, "forecasts before the fault", 20)
+            disk.fill()
+            wait_until(lambda: daemon._held is not None, "a tick held for the journal", 10)
+            relay.cut(down_for=0.5)
+            wait_until(lambda: daemon.link.connects == 2, "the reconnect", 15)
+            sent = len(publisher.infos)
+            wait_until(lambda: len(publisher.infos) >= sent + 30, "samples after it", 20)
+            disk.free()
+            publisher.wait_accepted(timeout=60)
+            want = {(s, k) for s in values for k in range(1, 101)}
+            wait_until(
+                lambda: {(f["stream"], f["seq"]) for f in out.json()} >= want,
+                "a forecast for every sample",
+                60,
+            )
+            metrics = running.scrape()
+        finally:
+            running.stop(check=False)
+            publisher.close()
+            relay.close()
+    # the held tick's messages came again on the new connection, and were not applied twice
+    assert metric_value(metrics, "forecaster_samples_rejected_total", reason="duplicate") >= 1
+    forecasts = out.json()
+    for stream in values:
+        assert [f["seq"] for f in forecasts if f["stream"] == stream] == list(range(1, 101))
+    got: dict[tuple[str, int], list[float]] = {}
+    for f in forecasts:
+        got.setdefault((f["stream"], f["seq"]), []).append(f["prediction"])
+    check_forecasts(got, values, ref)
