@@ -121,6 +121,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from forecaster.streams import return_freed_arrays
 
     config = load_config(args.config)
+    if args.accept_state_loss:
+        state = config.state.model_copy(update={"accept_state_loss": True})
+        config = config.model_copy(update={"state": state})
     logging.getLogger().setLevel(config.logging.level if not args.verbose else logging.DEBUG)
     return_freed_arrays()
     daemon = Daemon(config)
@@ -280,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon: MQTT in, forecasts out, /metrics")
     run.add_argument("-c", "--config", type=Path, help="YAML config (default: built-in defaults)")
+    run.add_argument(
+        "--accept-state-loss",
+        action="store_true",
+        help="start even when journaled samples are missing (logged and counted; as"
+        " state.accept_state_loss: true)",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="broker + simulator + daemon + live view, one command")

@@ -283,6 +283,11 @@ class EngineConfig(Section):
     # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
     # in the state folder (evicted.sqlite) and restored exactly when it sends again.
     max_streams: int = Field(0, ge=0)
+    # A parked stream silent this long is forgotten (starts afresh if it sends again); and past
+    # max_parked parked streams (0: no bound) the longest parked go first. Checked after each
+    # checkpoint; evicted.sqlite takes ~1.4 KB per parked stream.
+    park_expiry: PositiveFloat = 7 * 86400.0
+    max_parked: int = Field(1_000_000, ge=0)
     gaps: GapConfig = GapConfig()
     horizon: int = Field(1, ge=1, le=1000)  # forecasts published per sample: t+1 ... t+horizon
     combine: CombineConfig = CombineConfig()
@@ -339,6 +344,17 @@ class StateConfig(Section):
     journal: bool = True  # journal every sample (SQLite, WAL) before acknowledging it
     # normal: a commit survives a crash of the daemon; full: fsync per commit, survives power loss
     journal_sync: Literal["full", "normal"] = "normal"
+    # A journal or checkpoint write that failed (disk full, I/O error) is tried again this often;
+    # meanwhile intake is paused (journal) and /readyz answers 503.
+    retry_interval: PositiveFloat = 1.0
+    fault_log_interval: PositiveFloat = 30.0  # seconds between log lines about one ongoing fault
+    # unconfirmed: a replay publishes again only forecasts the broker had not confirmed before
+    # the crash; all: every replayed forecast (the behaviour before)
+    replay_publish: Literal["unconfirmed", "all"] = "unconfirmed"
+    keep_checkpoints: int = Field(3, ge=1)  # the newest and older ones to fall back on if damaged
+    # Start even though journal positions are missing (truncated, older than the checkpoint, WAL
+    # lost): the loss is logged and counted instead of refusing to start.
+    accept_state_loss: bool = False
 
 
 class MetricsConfig(Section):

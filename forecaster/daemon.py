@@ -10,13 +10,21 @@ their messages are acknowledged, then applied. A checkpoint is written only once
 it includes has left for the broker and records the journal position; the engine thread copies the
 state, a background thread writes it, and the journal is trimmed once the file is durable. On start
 the checkpoint is restored, the journal rows after its position are replayed through the engine
-(their forecasts published again, with the same ``seq``), and then the broker's queue is taken.
+(their forecasts published again, with the same ``seq``, where the broker had not confirmed them),
+and then the broker's queue is taken.
+
+A write to the state folder that fails is a state (``StorageFault``, /readyz says why): a journal
+or park-store failure holds its tick and takes no other input until the write succeeds; a failed
+checkpoint is retried sooner while the journal keeps every sample. A damaged checkpoint falls back
+to an older kept one; a journal missing positions refuses the start unless the loss is accepted
+(docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -41,7 +49,7 @@ from forecaster.engine import (
     ForecastColumns,
     GapPolicy,
 )
-from forecaster.errors import ConfigError, PayloadError
+from forecaster.errors import CheckpointError, ConfigError, PayloadError, StateLossError
 from forecaster.hass import Discovery
 from forecaster.learner import Learner
 from forecaster.live import LiveView
@@ -53,7 +61,9 @@ from forecaster.persist import (
     Journal,
     Messages,
     journal_position,
+    kept_paths,
     load_checkpoint,
+    read_manifest,
     snapshot,
 )
 from forecaster.store import SqliteStore
@@ -147,6 +157,100 @@ def timed(call: Callable[..., object], *args: object) -> float:
     return time.monotonic() - started
 
 
+class StorageFault:
+    """One part of the state folder (journal, checkpoint) that cannot be written, as a state:
+    since when and why, reported by a gauge, a counter and one log line per interval (a full
+    disk failed every tick: 320 tracebacks a second before), and cleared by the next success."""
+
+    def __init__(self, part: str, metrics: Metrics, log_interval: float) -> None:
+        self.part = part
+        self.metrics = metrics
+        self.log_interval = log_interval
+        self.since: float | None = None  # monotonic time of the first failure of this fault
+        self.reason = ""
+        self.errors = 0  # failed writes during this fault
+        self._logged = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def failed(self, error: BaseException, effect: str) -> None:
+        """Count a failed write; log it when the fault begins and once per interval after."""
+        now = time.monotonic()
+        self.reason = f"{type(error).__name__}: {error}"[:200]
+        self.errors += 1
+        self.metrics.storage_errors.labels(self.part).inc()
+        if self.since is None:
+            self.since = self._logged = now
+            self.metrics.storage_fault.labels(self.part).set(1)
+            log.error(
+                "storage fault: the %s cannot be written (%s); %s", self.part, self.reason, effect
+            )
+        elif now - self._logged >= self.log_interval:
+            self._logged = now
+            log.error(
+                "storage fault: the %s still cannot be written after %.0f s, %d failed writes (%s); %s",
+                self.part,
+                now - self.since,
+                self.errors,
+                self.reason,
+                effect,
+            )
+
+    def succeeded(self) -> None:
+        if self.since is None:
+            return
+        log.warning(
+            "storage recovered: the %s is written again after %.1f s and %d failed writes",
+            self.part,
+            time.monotonic() - self.since,
+            self.errors,
+        )
+        self.since, self.errors, self.reason = None, 0, ""
+        self.metrics.storage_fault.labels(self.part).set(0)
+
+    def describe(self) -> str:
+        assert self.since is not None
+        return (
+            f"storage fault: {self.part} not written for {time.monotonic() - self.since:.0f}s"
+            f" ({self.reason})"
+        )
+
+
+@dataclass(slots=True)
+class HeldTick:
+    """A tick admitted but not journaled (the journal write failed): kept, unacknowledged, and
+    journaled, acknowledged and applied first once the journal takes writes again. Nothing else
+    is taken meanwhile, so no newer sample of a stream overtakes it; no tick runs, so its
+    admission stays valid."""
+
+    admission: Admission
+    messages: Messages | None
+    origins: np.ndarray  # each input row's message in ``batch``
+    batch: list[RawMessage]
+    frames: list[str | None]
+
+
+@dataclass(slots=True)
+class KeptCheckpoint:
+    """A durable checkpoint kept on disk (``state.keep_checkpoints``): what the journal and the
+    evicted-stream store must still hold so that a start can fall back to it exactly."""
+
+    position: int  # journal position it includes
+    generation: int  # evicted-store generation it saw
+    names: list[str]  # streams resident in it
+
+    @classmethod
+    def of(cls, manifest: dict) -> KeptCheckpoint:
+        info = manifest.get("info", {})
+        return cls(
+            int(info.get("journal_position", 0)),
+            int(info.get("evicted_generation", 0)),
+            [str(n) for n in manifest.get("streams", [])],
+        )
+
+
 @dataclass(slots=True)
 class PendingCheckpoint:
     """A checkpoint being written in the background, and what to trim once it is durable."""
@@ -215,6 +319,21 @@ class Daemon:
         self._last_checkpoint = time.monotonic()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._writing: PendingCheckpoint | None = None
+        interval = config.state.fault_log_interval
+        self.journal_fault = StorageFault("journal", self.metrics, interval)
+        self.checkpoint_fault = StorageFault("checkpoint", self.metrics, interval)
+        self.park_fault = StorageFault("park_store", self.metrics, interval)
+        # A tick journaled and acknowledged whose parking of other streams failed (the park
+        # store cannot be written): applied first, before any other input, once it can be.
+        self._unapplied: HeldTick | None = None
+        self._held: HeldTick | None = None  # a tick waiting for the journal (storage fault)
+        self._retry_at = 0.0  # monotonic time of the next journal retry
+        self._restored = False  # a checkpoint of the state folder was loaded
+        self._kept: list[KeptCheckpoint] = []  # durable checkpoints on disk, newest first
+        # A replay (or an accepted loss) is followed by a checkpoint as soon as its forecasts
+        # have left, retried every retry_interval: a crash loop then replays only new work.
+        self._checkpoint_soon = False
+        self._next_expiry = 0.0  # monotonic time of the next parked-stream expiry
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -257,14 +376,9 @@ class Daemon:
 
     def _build_engine(self) -> tuple[Engine, Checkpoint]:
         device = self.config.model.device
-        if self.state_path.exists():
-            checkpoint = load_checkpoint(self.state_path, device)
-            log.info(
-                "restored %s: %d streams, model version %d",
-                self.state_path,
-                len(checkpoint.stream_names),
-                checkpoint.model_version,
-            )
+        restored = self._restore(device)
+        if restored is not None:
+            checkpoint = restored
         else:
             checkpoint = load_checkpoint(self.config.model.checkpoint, device)
             log.info(
@@ -300,13 +414,105 @@ class Daemon:
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
         return engine, checkpoint
 
+    def _restore(self, device: str) -> Checkpoint | None:
+        """The newest good checkpoint of the state folder (None: there is none yet).
+
+        A damaged one (checksum, header, shape) is set aside as ``*.damaged`` and the next
+        older one kept (``state.keep_checkpoints``) restored instead, loudly; the journal goes
+        back to the oldest kept one, so the replay from there is exact. None good: refused.
+        """
+        paths = kept_paths(self.state_path)
+        damaged: list[tuple[Path, CheckpointError]] = []
+        for index, path in enumerate(paths):
+            try:
+                checkpoint = load_checkpoint(path, device)
+            except CheckpointError as exc:
+                damaged.append((path, exc))
+                continue
+            for bad, error in damaged:
+                aside = bad.with_name(bad.name + ".damaged")
+                os.replace(bad, aside)
+                self.metrics.checkpoint_fallbacks.inc()
+                log.error(
+                    "DAMAGED CHECKPOINT %s (%s: %s): set aside as %s; falling back to the older"
+                    " %s and replaying the journal from its position %d",
+                    bad,
+                    error.field,
+                    error.detail,
+                    aside.name,
+                    path.name,
+                    journal_position(checkpoint),
+                )
+            log.info(
+                "restored %s: %d streams, model version %d",
+                path,
+                len(checkpoint.stream_names),
+                checkpoint.model_version,
+            )
+            self._restored = True
+            self._kept = [KeptCheckpoint.of(checkpoint.manifest)]
+            for older in paths[index + 1 :]:
+                manifest = read_manifest(older)
+                if manifest:
+                    self._kept.append(KeptCheckpoint.of(manifest))
+            return checkpoint
+        if damaged:
+            raise CheckpointError(
+                self.state_path,
+                "file",
+                "every kept checkpoint is damaged: "
+                + "; ".join(f"{p.name}: {e.field}: {e.detail}" for p, e in damaged),
+            )
+        return None
+
+    def _check_journal(self, position: int) -> None:
+        """Refuse to start over a journal that lacks positions after the checkpoint's (or, with
+        ``state.accept_state_loss``, log and count them and go on)."""
+        assert self.journal is not None
+        gaps = self.journal.gaps(position)
+        if not gaps:
+            return
+        named = ", ".join(
+            f"{first}-{last}" if last is not None else f"{first} onward (how many unknown)"
+            for first, last in gaps
+        )
+        lost = sum(last - first + 1 for first, last in gaps if last is not None)
+        message = (
+            f"journal {self.journal_path} lacks positions {named} after the checkpoint's position"
+            f" {position}: {lost} journaled samples lost (the journal was truncated, replaced by"
+            " an older copy, or lost its WAL file)"
+        )
+        if not self.config.state.accept_state_loss:
+            raise StateLossError(
+                f"{message}; start refused: restore the journal, or start with"
+                " --accept-state-loss (state.accept_state_loss: true) to go on without them",
+                gaps,
+            )
+        log.error("STATE LOSS ACCEPTED (state.accept_state_loss): %s", message)
+        self.metrics.state_loss.inc(lost)
+        self._checkpoint_soon = True
+
+    def _damaged_row(self, first: int, last: int) -> None:
+        """A journal row failed its checksum: refused, unless a loss is accepted (then skipped)."""
+        if not self.config.state.accept_state_loss:
+            raise StateLossError(
+                f"journal {self.journal_path}: positions {first}-{last} are damaged (checksum);"
+                " start refused: start with --accept-state-loss to go on without them",
+                [(first, last)],
+            )
+        log.error("STATE LOSS ACCEPTED: journal positions %d-%d damaged, skipped", first, last)
+        self.metrics.state_loss.inc(last - first + 1)
+        self._checkpoint_soon = True
+
     def _replay_journal(self, checkpoint: Checkpoint) -> None:
         """Apply the journaled samples the restored checkpoint does not include, in order."""
         assert self.engine is not None
-        restored = self.state_path.exists()
-        position = journal_position(checkpoint) if restored else 0
+        position = journal_position(checkpoint) if self._restored else 0
         self.journal = Journal(self.journal_path, self.config.state.journal_sync)
+        self._check_journal(position)
         self.journal.start_at(position)
+        if self._checkpoint_soon:  # a loss accepted: the end marker starts again from here
+            self.journal.mark_end()
         self._applied = position
         replayed = 0
         qos = self.config.mqtt.qos_out
@@ -315,21 +521,39 @@ class Daemon:
             self._unpublished.append((topic, payload, qos, forecasts))
             return False  # sent once the link is up
 
-        for last, batch, messages in self.journal.ticks_after(position):  # as ticked live
+        # Forecasts the broker confirmed before the crash are not published again (a crash loop
+        # would otherwise send every replayed forecast once per restart).
+        confirmed = (
+            self.journal.confirmed if self.config.state.replay_publish == "unconfirmed" else 0
+        )
+        republished = 0
+        ticks = self.journal.ticks_after(position, self._damaged_row)
+        for last, batch, messages in ticks:  # as ticked live
             result = self.engine.tick_batch(batch)
             for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
                 self.metrics.rejected.labels(reason).inc()
             forecasts = result.forecasts
+            self._applied = last
+            replayed += len(batch)
+            if last <= confirmed:
+                continue
+            republished += len(forecasts)
             runs = messages or [(len(batch), None)]  # None: one message per forecast
             rows = np.repeat(np.arange(len(runs)), [count for count, _ in runs])  # row -> message
             frames = [frame for _, frame in runs]
             self._publish_forecasts(forecasts, rows[forecasts.index].tolist(), frames, queue)
-            self._applied = last
-            replayed += len(batch)
         self.metrics.journal_replayed.inc(replayed)
         self.metrics.journal_pending.set(replayed)
         if replayed:
-            log.info("replayed %d journaled samples after position %d", replayed, position)
+            log.info(
+                "replayed %d journaled samples after position %d (%d forecasts published again;"
+                " those up to position %d the broker had confirmed)",
+                replayed,
+                position,
+                republished,
+                confirmed,
+            )
+            self._checkpoint_soon = True
 
     def _publish_unpublished(self) -> None:
         lost = [(topic, payload, qos, 0) for topic, payload, qos in self.link.settle()]
@@ -416,8 +640,14 @@ class Daemon:
         """One tick over whatever is queued (messages up to ``max_batch`` samples); returns the
         number of messages handled. A frame is never split: all its samples go into this tick."""
         self._heartbeat = time.monotonic()
+        if self._held is not None:
+            return self._retry_held(timeout)
+        if self._unapplied is not None:
+            return self._retry_unapplied(timeout)
         if self._intake_held(timeout):
             return 0
+        if self.journal is not None and not self._unpublished and not self.link.outgoing:
+            self.journal.confirm(self._applied)  # every forecast so far is with the broker
         try:
             raw = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
         except queue.Empty:
@@ -468,14 +698,70 @@ class Daemon:
         self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
         row_origins = np.asarray(origins, dtype=np.int64)
         messages = self._messages(row_origins, admission.index, frames)
-        if not self._journal(admission.batch, messages):
-            return len(batch)  # not acknowledged: the broker redelivers them
-        self.link.ack(batch)  # one ack per message, once every sample of it is journaled
-        if len(admission.batch):
-            self._tick(admission, row_origins, batch, frames)
+        self._commit(HeldTick(admission, messages, row_origins, batch, frames))
+        return len(batch)
+
+    def _commit(self, held: HeldTick) -> bool:
+        """Journal, acknowledge, apply and publish one admitted tick; when the journal cannot
+        take it, hold it (unacknowledged) and take nothing else until it can."""
+        if not self._journal(held.admission.batch, held.messages):
+            self._held = held
+            self._retry_at = time.monotonic() + self.config.state.retry_interval
+            self.metrics.storage_held.set(len(held.admission.batch))
+            return False
+        self._held = None
+        self.metrics.storage_held.set(0)
+        self.link.ack(held.batch)  # one ack per message, once every sample of it is journaled
+        if len(held.admission.batch):
+            self._apply(held)
         if self.learner is not None:
             self.learner.after_tick()
-        return len(batch)
+        return True
+
+    def _apply(self, held: HeldTick) -> bool:
+        """Tick a journaled tick; when the park store cannot take the streams it must park
+        first (nothing has changed then), keep it and take no other input until it can."""
+        try:
+            self._tick(held.admission, held.origins, held.batch, held.frames)
+        except (OSError, sqlite3.Error) as exc:
+            self._unapplied = held
+            self._retry_at = time.monotonic() + self.config.state.retry_interval
+            self.metrics.storage_held.set(len(held.admission.batch))
+            self.park_fault.failed(
+                exc,
+                f"intake paused, {len(held.admission.batch)} journaled samples wait to be"
+                f" applied, retried every {self.config.state.retry_interval:g} s",
+            )
+            return False
+        self._unapplied = None
+        self.metrics.storage_held.set(0)
+        assert self.engine is not None
+        if self.engine.park_error is not None:  # parking after a wide tick: the next one retries
+            self.park_fault.failed(self.engine.park_error, "retried at the next tick")
+        else:
+            self.park_fault.succeeded()
+        return True
+
+    def _retry_unapplied(self, timeout: float) -> int:
+        """Apply the tick the park store refused when its retry is due (else wait for it)."""
+        assert self._unapplied is not None
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, max(timeout, 0.0)))
+            return 0
+        held = self._unapplied
+        return len(held.batch) if self._apply(held) else 0
+
+    def _retry_held(self, timeout: float) -> int:
+        """Try the held tick's journal write again when its retry is due (else wait for it);
+        the messages handled, 0 while the journal still refuses."""
+        assert self._held is not None
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, max(timeout, 0.0)))
+            return 0
+        held = self._held
+        return len(held.batch) if self._commit(held) else 0
 
     def _parse(self, raw: RawMessage) -> Parsed | None:
         """The message's readings; every refusal counted (whole message or one element)."""
@@ -515,10 +801,14 @@ class Daemon:
             return True
         try:
             position = self.journal.append(admitted, messages)
-        except Exception:
-            log.exception("journal append failed; %d samples left with the broker", len(admitted))
-            self.metrics.rejected.labels("internal_error").inc(len(admitted))
+        except Exception as exc:  # disk full, I/O error, a damaged file: a state, not a crash
+            self.journal_fault.failed(
+                exc,
+                f"intake paused, {len(admitted)} samples held unacknowledged, retried every"
+                f" {self.config.state.retry_interval:g} s",
+            )
             return False
+        self.journal_fault.succeeded()
         self._applied = position
         self.metrics.journal_pending.inc(len(admitted))
         return True
@@ -536,6 +826,8 @@ class Daemon:
         started = time.perf_counter()
         try:
             result = self.engine.tick_batch(admission)
+        except (OSError, sqlite3.Error):
+            raise  # the park store: the caller holds the tick (no state has changed)
         except Exception:
             log.exception("engine tick failed on %d samples", size)
             self.metrics.rejected.labels("internal_error").inc(size)
@@ -629,7 +921,10 @@ class Daemon:
             self.metrics.observe_learner(self.learner.stats)
             self.metrics.model_version.set(self.learner.version)
         self._finish_checkpoint()
-        if time.monotonic() - self._last_checkpoint >= self.config.state.checkpoint_interval:
+        state = self.config.state
+        soon = self.checkpoint_fault.active or self._checkpoint_soon
+        interval = state.retry_interval if soon else state.checkpoint_interval
+        if time.monotonic() - self._last_checkpoint >= interval:
             self.checkpoint()
 
     def checkpoint(self, wait: bool = False) -> None:
@@ -662,6 +957,7 @@ class Daemon:
                 )  # the wait paused forecasting too
                 return
             info["journal_position"] = self._applied
+            self.journal.confirm(self._applied)  # flushed: the broker has every forecast so far
         table = self.engine.streams
         learner = self.learner
         # With learning on, hold the trainer's lock for a consistent optimizer state (one step).
@@ -681,16 +977,26 @@ class Daemon:
                     extra=learner.state_tensors() if learner is not None else None,
                     info=info,
                 )
-        except (OSError, sqlite3.Error):
-            log.exception("checkpoint to %s failed", self.state_path)
+        except (OSError, sqlite3.Error) as exc:
+            self.checkpoint_fault.failed(exc, self._checkpoint_effect)
             self.metrics.checkpointed(False)
             return
-        future = self._writer.submit(timed, data.write, self.state_path)
+        future = self._writer.submit(
+            timed, data.write, self.state_path, self.config.state.keep_checkpoints
+        )
         self._writing = PendingCheckpoint(future, info, names)
         self.metrics.checkpoint_duration.labels("engine_thread").observe(time.monotonic() - started)
         if wait:
             future.exception()
             self._finish_checkpoint()
+
+    @property
+    def _checkpoint_effect(self) -> str:
+        """What a failed checkpoint means for the samples, for its log line."""
+        retry = f"retried every {self.config.state.retry_interval:g} s"
+        if self.journal is None:
+            return f"{retry}; without a journal a crash now loses what came since the last one"
+        return f"{retry}; the journal keeps every sample meanwhile"
 
     def _finish_checkpoint(self) -> None:
         """Once a background write has ended: count it; if it is durable, trim what it includes."""
@@ -700,18 +1006,58 @@ class Daemon:
         self._writing = None
         error = pending.future.exception()
         if error is not None:
-            log.error("checkpoint to %s failed: %s", self.state_path, error)
+            self.checkpoint_fault.failed(error, self._checkpoint_effect)
             self.metrics.checkpointed(False)
             return
+        self.checkpoint_fault.succeeded()
+        self._checkpoint_soon = False
         self.metrics.checkpoint_duration.labels("write").observe(pending.future.result())
+        written = KeptCheckpoint(
+            pending.info.get("journal_position", 0),
+            pending.info.get("evicted_generation", 0),
+            pending.names,
+        )
+        self._kept = [written, *self._kept][: self.config.state.keep_checkpoints]
+        oldest = self._kept[-1]  # what a fall back to the oldest kept checkpoint needs stays
         if self.journal is not None:
-            position = pending.info["journal_position"]
-            self.journal.trim(position)
-            self.metrics.journal_pending.set(self._applied - position)
+            try:
+                self.journal.trim(oldest.position)
+            except sqlite3.Error as exc:  # kept rows are only replayed again: try at the next
+                self.metrics.storage_errors.labels("journal").inc()
+                self.rate_limited.warning(
+                    "journal_trim",
+                    "journal not trimmed (%s); retried after the next checkpoint",
+                    exc,
+                )
+            self.metrics.journal_pending.set(self._applied - written.position)
         if self.store is not None:
-            self.store.compact(pending.info["evicted_generation"], pending.names)
+            self.store.compact(oldest.generation, oldest.names)
+            self._expire_parked()
         self.metrics.checkpointed(True)
         log.debug("checkpoint: %d streams -> %s", len(pending.names), self.state_path)
+
+    def _expire_parked(self) -> None:
+        """Bound the parked-stream store (engine.park_expiry, engine.max_parked); after a
+        durable checkpoint, so no kept checkpoint's replay needs what goes (``store.expire``)."""
+        assert self.store is not None and self.engine is not None
+        self.metrics.parked_bytes.set(self.store.size())
+        now = time.monotonic()
+        if now < self._next_expiry:  # 70-100 ms at 200,000 parked streams: not every checkpoint
+            return
+        engine = self.config.engine
+        self._next_expiry = now + min(3600.0, engine.park_expiry / 10)
+        try:
+            expired, parked = self.store.expire(
+                time.time() - engine.park_expiry, set(self.engine.streams.names), engine.max_parked
+            )
+        except sqlite3.Error as exc:
+            self.metrics.storage_errors.labels("checkpoint").inc()
+            self.rate_limited.warning("park_expiry", "parked streams not expired (%s)", exc)
+            return
+        if expired:
+            log.info("forgot %d parked streams (engine.park_expiry, engine.max_parked)", expired)
+        self.metrics.streams_expired.inc(expired)
+        self.metrics.streams_parked.set(parked)
 
     # -- health -------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:
@@ -723,6 +1069,14 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if self.engine is None:
             return False, "model not loaded"
+        if self.journal_fault.active:
+            held = 0 if self._held is None else len(self._held.admission.batch)
+            return False, f"{self.journal_fault.describe()}; intake paused, {held} samples held"
+        if self.park_fault.active:
+            held = 0 if self._unapplied is None else len(self._unapplied.admission.batch)
+            return False, f"{self.park_fault.describe()}; intake paused, {held} samples held"
+        if self.checkpoint_fault.active:
+            return False, self.checkpoint_fault.describe()
         if not self.link.is_connected.is_set():
             return False, "broker not connected"
         if not self.link.is_subscribed.is_set():

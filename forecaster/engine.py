@@ -340,6 +340,9 @@ class Engine:
         self.store: StreamStore = store if store is not None else MemoryStore()
         self.evictions = 0  # streams parked so far (the daemon's counter reads it)
         self.restores = 0  # streams brought back so far
+        # The last failure to park streams after a tick wider than the bound (the store could
+        # not be written): the tick's forecasts stand, the next tick parks them; None: none.
+        self.park_error: Exception | None = None
         self.ticks = 0  # LRU clock: ticks applied so far
         # Told (gone slots, moved src slots, their dst slots) when eviction compacts the slots.
         self.slot_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
@@ -428,7 +431,8 @@ class Engine:
         return Admission(admitted, index, bad, refused, slots, level, self.ticks)
 
     def last_seq(self, stream: str) -> int:
-        """The stream's last applied sequence number, resident or parked (0: never seen)."""
+        """The stream's last applied sequence number, resident or parked (-1: never seen, so a
+        new stream's first ``seq`` is taken whatever it is, 0 included: senders count from 0 or 1)."""
         slot = self.streams.slots.get(stream)
         if slot is not None:
             return int(self.streams.seq[slot])
@@ -436,7 +440,7 @@ class Engine:
             row = self.store.get(stream)
             if row is not None:
                 return int(row["seq"][0])
-        return 0
+        return -1
 
     def tick(self, samples: Sequence[Sample]) -> TickResult:
         """Apply ``samples`` in arrival order: ``tick_batch`` for ``Sample`` objects.
@@ -467,15 +471,17 @@ class Engine:
         admission = batch if isinstance(batch, Admission) else self.admit(batch)
         if admission.tick != self.ticks:
             raise ValueError("an admission is valid for the engine's next tick only")
-        self.ticks += 1
         table = self.streams
         rows = admission.batch
         names = rows.streams
         if self.max_streams:  # parked streams come back, others may move: slots looked up again
+            # Before the tick counts: should the store fail here, no state has changed and the
+            # same admission can be ticked again once it can be written.
             self._make_room(set(names))
             slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
         else:
             slots = admission.slots.copy()
+        self.ticks += 1
         for i in np.flatnonzero(slots < 0).tolist():
             slots[i] = table.slot(names[i])  # a new stream: fresh state
         if self.max_streams:
@@ -499,7 +505,11 @@ class Engine:
                         seq[round_rows],
                     )
         if self.max_streams:  # a tick wider than the bound: back under it before the next one
-            self._evict(len(table) - self.max_streams, set())
+            try:
+                self._evict(len(table) - self.max_streams, set())
+                self.park_error = None
+            except Exception as exc:  # the store cannot be written: the next tick tries again
+                self.park_error = exc
         return BatchResult(out, admission.rejected_index, admission.rejected_reason)
 
     def _value_reasons(self, values: np.ndarray) -> np.ndarray:
@@ -561,8 +571,10 @@ class Engine:
         if not len(chosen):
             return
         names = [table.names[i] for i in chosen.tolist()]
-        arrays, src, dst = table.take(names)
+        arrays = table.arrays(chosen)
+        # Parked first, then removed: a store that cannot be written leaves the table as it was.
         self.store.put({name: _row(arrays, i) for i, name in enumerate(names)})
+        _, src, dst = table.take(names)
         self.evictions += len(names)
         if self.slot_listener is not None:
             self.slot_listener(chosen, src, dst)
@@ -756,7 +768,8 @@ def _number(
     """Sequence numbers: (accepted, seq, level) for samples of streams ``keys`` in arrival order.
 
     ``last``: each sample's stream's last applied seq; ``given``: the sender's, or NO_SEQ for the
-    stream's next. One at or below the stream's last is a duplicate. ``level`` is each sample's
+    stream's next (from 1). One at or below the stream's last is a duplicate; a stream never
+    seen has ``last`` -1, so its first ``seq`` is taken whatever it is. ``level`` is each sample's
     round in a tick (None when every stream comes once: ``distinct``, done without a Python loop).
 
     >>> ok, seq, level = _number(np.array([0, 0, 0]), np.array([4, 4, 4]), np.array([-1, 5, 9]), False)
@@ -764,7 +777,7 @@ def _number(
     ([True, False, True], [5, 9], [0, 1])
     """
     if distinct:
-        seq = np.where(given == NO_SEQ, last + 1, given)
+        seq = np.where(given == NO_SEQ, np.maximum(last + 1, 1), given)  # unnumbered: from 1
         return seq > last, seq, None
     accepted = np.zeros(len(keys), dtype=bool)
     seq = np.zeros(len(keys), dtype=np.int64)
@@ -774,7 +787,7 @@ def _number(
         zip(keys.tolist(), last.tolist(), given.tolist(), strict=True)
     ):
         prev, depth = pending.get(key, (before, 0))
-        number = prev + 1 if wanted == NO_SEQ else wanted
+        number = max(prev + 1, 1) if wanted == NO_SEQ else wanted
         if number > prev:
             accepted[i], seq[i], level[i] = True, number, depth
             pending[key] = (number, depth + 1)

@@ -28,3 +28,13 @@ class CheckpointError(ForecasterError):
         self.path = path
         self.field = field
         self.detail = detail
+
+
+class StateLossError(ForecasterError):
+    """Journaled samples a restart needs are gone (journal truncated, older than the checkpoint,
+    WAL lost); ``.gaps``: the missing positions as inclusive ranges (``(first, None)``: an unknown
+    number from ``first`` on). Start is refused unless the loss is accepted."""
+
+    def __init__(self, message: str, gaps: list[tuple[int, int | None]]) -> None:
+        super().__init__(message)
+        self.gaps = gaps

@@ -38,6 +38,7 @@ OTHER = "_other"
 # Messages the daemon lost: the receive queue was full (``queue_full``: the arriving one,
 # ``queue_full_oldest``: the oldest queued), or the broker could not take a forecast.
 DROP_REASONS = ("queue_full", "queue_full_oldest")
+STORAGE_PARTS = ("journal", "checkpoint", "park_store")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -186,6 +187,19 @@ class Metrics(LinkEvents):
             "Parked streams brought back, exactly, when they sent again",
             registry=r,
         )
+        self.streams_parked = Gauge(
+            "forecaster_streams_parked",
+            "Streams parked in the state store (engine.max_streams), after the last expiry",
+            registry=r,
+        )
+        self.parked_bytes = Gauge(
+            "forecaster_parked_bytes", "Bytes of the parked-stream store on disk", registry=r
+        )
+        self.streams_expired = Counter(
+            "forecaster_streams_expired_total",
+            "Parked streams forgotten (engine.park_expiry, engine.max_parked)",
+            registry=r,
+        )
         self.gap_resets = Counter(
             "forecaster_gap_resets_total",
             "Hidden states reset after a gap in a stream's timestamps (engine.gaps)",
@@ -203,6 +217,38 @@ class Metrics(LinkEvents):
             " to leave, copying the state), write (serialise, write, fsync; in the background)",
             ["stage"],
             buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.storage_fault = Gauge(
+            "forecaster_storage_fault",
+            "1 while a part of the state folder cannot be written (journal: intake paused,"
+            " samples held unacknowledged; checkpoint: the journal grows until one succeeds)",
+            ["part"],
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "forecaster_storage_errors_total",
+            "Failed writes to the state folder, by part (journal, checkpoint)",
+            ["part"],
+            registry=r,
+        )
+        self.storage_held = Gauge(
+            "forecaster_storage_held_samples",
+            "Samples held unacknowledged until the journal can take them again",
+            registry=r,
+        )
+        for part in STORAGE_PARTS:
+            self.storage_fault.labels(part)
+            self.storage_errors.labels(part)
+        self.checkpoint_fallbacks = Counter(
+            "forecaster_checkpoint_fallbacks_total",
+            "Damaged checkpoints set aside at start, an older good one restored instead",
+            registry=r,
+        )
+        self.state_loss = Counter(
+            "forecaster_state_loss_positions_total",
+            "Journal positions found missing at start and accepted as lost"
+            " (state.accept_state_loss or --accept-state-loss)",
             registry=r,
         )
         self.model_version = Gauge(

@@ -43,7 +43,8 @@ REASONS = (
     "queue_full",
     "internal_error",
 )
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# ASCII digits only: ``\d`` and ``float()`` also take Arabic-Indic and full-width digits.
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 MAX_STREAM_ID = 200  # characters of a refused topic or id quoted in a log line
 

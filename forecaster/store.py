@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -66,8 +68,9 @@ class SqliteStore:
     [3]
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
+        self.clock = clock  # when a row is parked (park expiry); a test's own clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -75,8 +78,13 @@ class SqliteStore:
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS evicted ("
             " stream TEXT NOT NULL, generation INTEGER NOT NULL, data BLOB NOT NULL,"
-            " PRIMARY KEY (stream, generation))"
+            " parked_at REAL, PRIMARY KEY (stream, generation))"
         )
+        if "parked_at" not in {row[1] for row in self.db.execute("PRAGMA table_info(evicted)")}:
+            self.db.execute("ALTER TABLE evicted ADD COLUMN parked_at REAL")  # a store before it
+        self.db.execute("CREATE INDEX IF NOT EXISTS evicted_parked ON evicted(stream, parked_at)")
+        # Rows of a store from before parked_at: their idle time counts from now.
+        self.db.execute("UPDATE evicted SET parked_at = ? WHERE parked_at IS NULL", (clock(),))
         self.db.commit()
         row = self.db.execute("SELECT MAX(generation) FROM evicted").fetchone()
         self.generation = int(row[0] or 0)
@@ -89,11 +97,46 @@ class SqliteStore:
         if not rows:
             return
         self.generation += 1
+        now = self.clock()
         with self.db:
             self.db.executemany(
-                "INSERT OR REPLACE INTO evicted VALUES (?, ?, ?)",
-                [(stream, self.generation, encode(arrays)) for stream, arrays in rows.items()],
+                "INSERT OR REPLACE INTO evicted(stream, generation, data, parked_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(s, self.generation, encode(arrays), now) for s, arrays in rows.items()],
             )
+
+    def expire(self, before: float, resident: set[str], max_parked: int = 0) -> tuple[int, int]:
+        """Forget streams parked since before ``before`` (unix time), and past ``max_parked``
+        (0: no bound) the longest parked ones: they start afresh if they ever send again.
+        Returns (streams forgotten, streams still parked).
+
+        Streams in memory (``resident``) are never forgotten: one restored since its last
+        parking may still need its row, should a crash replay from a checkpoint that had it
+        parked. Any other stream has not sent since it was parked, so no replay needs it. The
+        scans run in SQLite over the (stream, parked_at) index: only forgotten ids reach Python.
+        """
+        count = self.db.execute("SELECT COUNT(DISTINCT stream) FROM evicted").fetchone()[0]
+        grouped = "SELECT stream FROM evicted GROUP BY stream HAVING MAX(parked_at)"
+        old = [s for (s,) in self.db.execute(f"{grouped} < ?", (before,)) if s not in resident]
+        gone = old
+        excess = count - len(old) - max_parked
+        if max_parked and excess > 0:
+            longest = self.db.execute(
+                f"{grouped} >= ? ORDER BY MAX(parked_at) LIMIT ?", (before, excess + len(resident))
+            )
+            gone = old + [s for (s,) in longest if s not in resident][:excess]
+        if gone:
+            with self.db:
+                self.db.executemany("DELETE FROM evicted WHERE stream = ?", [(s,) for s in gone])
+        return len(gone), count - len(gone)
+
+    def size(self) -> int:
+        """Bytes the store takes on disk (its file and WAL)."""
+        return sum(
+            p.stat().st_size
+            for p in (self.path, self.path.with_name(self.path.name + "-wal"))
+            if p.exists()
+        )
 
     def get(self, stream: str) -> dict[str, np.ndarray] | None:
         row = self.db.execute(

@@ -230,3 +230,16 @@ def test_ticks_reuse_the_engine_work_blocks_and_leave_other_streams_alone(
         assert not torch.equal(engine.streams.state[:, :size], before)  # these streams stepped
     assert {name: block.data_ptr() for name, block in engine._blocks.items()} == blocks
     assert torch.equal(engine.streams.state[:, 100:300], untouched)
+
+
+def test_a_new_streams_first_seq_is_taken_whatever_it_is(tiny_model: Forecaster) -> None:
+    """Senders count from 0 or 1: a new stream's first ``seq`` 0 is a sample, not a duplicate;
+    after it the usual rule holds (0 again is a duplicate) and unnumbered samples go on from it."""
+    engine = Engine(tiny_model, NORM)
+    result = engine.tick_batch(Batch(["a", "b"], np.ones(2), np.full(2, np.nan), np.array([0, 5])))
+    assert result.forecasts.seq.tolist() == [0, 5]
+    assert (engine.last_seq("a"), engine.last_seq("b"), engine.last_seq("new")) == (0, 5, -1)
+    again = engine.tick_batch(Batch(["a", "a"], np.ones(2), np.full(2, np.nan), np.array([0, -1])))
+    assert (again.rejected_reason, again.forecasts.seq.tolist()) == (["duplicate"], [1])
+    unnumbered = engine.tick_batch(Batch.of(["c"], [1.0]))  # the first unnumbered seq is still 1
+    assert unnumbered.forecasts.seq.tolist() == [1]

@@ -179,3 +179,58 @@ def test_a_parked_stream_is_admitted_with_its_next_sequence_number(tiny_model: F
     assert admission.batch.seq.tolist() == [4, 5] and not admission.rejected_reason
     result = engine.tick_batch(admission)
     assert result.forecasts.seq.tolist() == [4, 5] and not result.rejected_reason
+
+
+def test_parked_streams_expire_and_the_store_is_bounded(tmp_path: Path) -> None:
+    """Streams parked longer than the expiry, then the longest parked past ``max_parked``, are
+    forgotten; a stream in memory never is (a replay may still need its row)."""
+    now = [1000.0]
+    store = SqliteStore(tmp_path / "evicted.sqlite", clock=lambda: now[0])
+    row = {"seq": np.array([1]), "state": np.zeros((1, 1, 4), dtype=np.float32)}
+    store.put({"old": row, "back": row})
+    for i in range(4):
+        now[0] += 1
+        store.put({f"new{i}": row})
+    assert store.expire(1000.5, resident={"back"}) == (1, 5)  # "old" goes, "back" is in memory
+    assert store.get("old") is None and store.get("back") is not None
+    assert store.expire(1000.5, resident={"back"}, max_parked=3) == (2, 3)
+    assert store.get("new0") is None and store.get("new1") is None and store.get("new3") is not None
+    assert store.size() > 0
+    store.close()
+    reopened = SqliteStore(tmp_path / "evicted.sqlite")
+    assert reopened.expire(0.0, resident=set(), max_parked=0) == (0, 3)  # kept across a reopen
+    reopened.close()
+
+
+class FullStore(MemoryStore):
+    """A park store that refuses writes while ``full`` (a disk that cannot be written)."""
+
+    full = False
+
+    def put(self, rows: dict[str, dict[str, np.ndarray]]) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().put(rows)
+
+
+def test_a_park_store_that_cannot_be_written_changes_nothing(tiny_model: Forecaster) -> None:
+    """The tick that must park a stream first fails before touching any state, and the same
+    admission ticks afterwards exactly as it would have."""
+    store, twin_store = FullStore(), MemoryStore()
+    engine = Engine(tiny_model, NORM, max_streams=2, store=store)
+    twin = Engine(tiny_model, NORM, max_streams=2, store=twin_store)
+    for e in (engine, twin):
+        e.tick_batch(Batch.of(["a", "b"], [1.0, 2.0]))
+    before = engine.streams.arrays()
+    admission = engine.admit(Batch.of(["c"], [3.0]))
+    store.full = True
+    with pytest.raises(OSError):
+        engine.tick_batch(admission)
+    assert sorted(engine.streams.names) == ["a", "b"] and engine.evictions == 0
+    for key, array in engine.streams.arrays().items():
+        np.testing.assert_array_equal(array, before[key])
+    store.full = False
+    got = engine.tick_batch(admission).forecasts.prediction
+    want = twin.tick_batch(Batch.of(["c"], [3.0])).forecasts.prediction
+    np.testing.assert_array_equal(got, want)
+    assert engine.evictions == twin.evictions == 1

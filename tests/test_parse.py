@@ -15,6 +15,10 @@ PARSER = PayloadParser(["sensors/{stream}/value", "plant/{stream}"], max_bytes=6
     ("topic", "payload", "reason"),
     [
         ("sensors/a/value", b"abc", "not_a_number"),
+        ("sensors/a/value", "١٢٣".encode(), "not_a_number"),  # Arabic-Indic digits
+        ("sensors/a/value", "１２３".encode(), "not_a_number"),  # full-width digits
+        ("sensors/a/value", '{"value": "١٢٣"}'.encode(), "not_a_number"),
+        ("sensors/a/value", "1e٣".encode(), "not_a_number"),
         ("sensors/a/value", b"nan", "non_finite"),
         ("sensors/a/value", b"-Infinity", "non_finite"),
         ("sensors/a/value", b'{"value": Infinity}', "non_finite"),

@@ -17,8 +17,10 @@ from forecaster.persist import (
     DEFAULT_CHECKPOINT,
     FORMAT,
     Journal,
+    kept_paths,
     load_checkpoint,
     save_checkpoint,
+    snapshot,
 )
 
 
@@ -215,3 +217,134 @@ def test_journal_corrupt_tick_row_is_refused_with_its_position(tmp_path: Path) -
     with pytest.raises(CheckpointError, match="journal row 2"):
         list(journal.after(0))
     journal.close()
+
+
+def flip_bit(path: Path, tensor: str, byte: int = 3, bit: int = 7) -> None:
+    """Flip one bit inside ``tensor``'s data in a safetensors file (default: the sign bit of its
+    first float32), as a disk or a copy would damage it."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    start = 8 + size + header[tensor]["data_offsets"][0]
+    data[start + byte] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _with_streams(model: Forecaster) -> dict:
+    width = model.state_width
+    return {
+        "stream_names": ["a", "b"],
+        "stream_arrays": {
+            "state": np.full((model.config.num_layers, 2, width), 0.5, dtype=np.float32),
+            "seq": np.array([100, 7], dtype=np.int64),
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("tensor", "byte"), [("streams.state", 3), ("streams.seq", 1), ("model.rnn.weight_hh_l0", 0)]
+)
+def test_one_flipped_bit_in_tensor_data_is_found_at_load(
+    tiny_model: Forecaster, tmp_path: Path, tensor: str, byte: int
+) -> None:
+    """The sign of one hidden-state value, a bit of a ``seq`` (100 -> 356), a weight: each loaded
+    silently before checksums."""
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, tiny_model, NormalizerConfig(), **_with_streams(tiny_model))
+    load_checkpoint(path)
+    flip_bit(path, tensor, byte, 0 if tensor == "streams.seq" else 7)
+    with pytest.raises(CheckpointError, match="checksum mismatch") as caught:
+        load_checkpoint(path)
+    assert caught.value.field == tensor
+
+
+def test_a_flipped_bit_in_the_manifest_is_found(tiny_model: Forecaster, tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, tiny_model, NormalizerConfig(), **_with_streams(tiny_model))
+    data = path.read_bytes()
+    at = data.index(b'\\"a\\"')  # stream id "a" inside the manifest (JSON in JSON)
+    path.write_bytes(data[: at + 2] + b"c" + data[at + 3 :])  # "a" -> "c": still valid JSON
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_checkpoint(path)
+
+
+def test_the_last_n_checkpoints_are_kept_newest_first(
+    tiny_model: Forecaster, tmp_path: Path
+) -> None:
+    path = tmp_path / "checkpoint.safetensors"
+    for version in range(5):
+        snapshot(tiny_model, NormalizerConfig(), model_version=version).write(path, keep=3)
+    kept = kept_paths(path)
+    assert [p.name for p in kept] == [
+        "checkpoint.safetensors",
+        "checkpoint.1.safetensors",
+        "checkpoint.2.safetensors",
+    ]
+    assert [load_checkpoint(p).model_version for p in kept] == [4, 3, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
+
+
+def test_journal_row_checksum_names_the_damaged_positions(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.append(as_batch([Sample("a", 1.0, None, 1), Sample("b", 2.0, None, 1)])[0])
+    journal.append(as_batch([Sample("a", 3.0, None, 2)])[0])
+    row = journal.db.execute("SELECT columns FROM ticks WHERE pos = 2").fetchone()[0]
+    damaged = bytearray(row)
+    damaged[7] ^= 0x80  # the sign of the first value: still a well-formed row
+    journal.db.execute("UPDATE ticks SET columns = ? WHERE pos = 2", (bytes(damaged),))
+    with pytest.raises(CheckpointError, match="positions 1-2 damaged"):
+        list(journal.ticks_after(0))
+    skipped: list[tuple[int, int]] = []
+    ticks = list(journal.ticks_after(0, lambda first, last: skipped.append((first, last))))
+    assert skipped == [(1, 2)] and [t.last for t in ticks] == [3]
+    journal.close()
+
+
+def _journal_to(path: Path, rows: int) -> None:
+    journal = Journal(path)
+    for i in range(rows):
+        journal.append(as_batch([Sample("a", float(i), None, i + 1)])[0])
+    journal.close()
+
+
+def gaps_of(path: Path, position: int) -> list[tuple[int, int | None]]:
+    journal = Journal(path)
+    try:
+        return journal.gaps(position)
+    finally:
+        journal.close()
+
+
+def test_journal_gaps_truncated_file_names_the_missing_positions(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    _journal_to(path, 30)  # positions 1-30; a checkpoint includes 1-20
+    assert gaps_of(path, 20) == []
+    path.write_bytes(b"")  # truncated to 0 bytes
+    assert gaps_of(path, 20) == [(21, 30)]
+
+
+def test_journal_gaps_lost_wal_names_the_missing_positions(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    _journal_to(path, 20)  # closed: checkpointed into the main file
+    journal = Journal(path)
+    for i in range(20, 26):
+        journal.append(as_batch([Sample("a", float(i), None, i + 1)])[0])
+    saved = path.read_bytes()  # the main file alone: rows 21-26 are only in the WAL
+    journal.close()
+    path.write_bytes(saved)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    assert gaps_of(path, 20) == [(21, 26)]
+    assert gaps_of(path, 10) == [(21, 26)]  # an older checkpoint: the same rows missing
+
+
+def test_journal_gaps_hole_and_unknown_tail(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    _journal_to(path, 10)
+    journal = Journal(path)
+    journal.db.execute("DELETE FROM ticks WHERE pos IN (4, 5)")
+    assert journal.gaps(2) == [(4, 5)]
+    journal.close()
+    Path(f"{path}-end").unlink()  # no end marker (a journal from before it): tail unknown
+    path.write_bytes(b"")
+    assert gaps_of(path, 8) == [(9, None)]

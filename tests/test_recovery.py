@@ -509,7 +509,11 @@ def test_replay_after_sigkill_publishes_output_frames_as_the_live_run_did(
     """Frames journaled but never checkpointed come back after a SIGKILL as the same output
     frames (a consumer of the frame topics would miss them as one message per forecast)."""
     mqtt = {"frame_topics": [f"{prefix}/devices/{{device}}/state"], "output_frames": True}
-    config = write_config(tmp_path, broker, prefix, mqtt, checkpoint_interval=3600)
+    # replay_publish all: the broker confirmed these forecasts before the kill, and by default
+    # a replay does not publish confirmed ones again
+    config = write_config(
+        tmp_path, broker, prefix, mqtt, checkpoint_interval=3600, replay_publish="all"
+    )
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     daemons.append(daemon)
     with Collector(broker, f"{prefix}/status") as status:
