@@ -79,7 +79,9 @@ def test_simulator_to_daemon_to_subscriber(
                 "anomaly",
                 "model_version",
                 "warm",
+                "weights",
             }
+            assert set(got[-1]["weights"]) == {"naive", "rnn", "ar"}
         metrics = running.scrape()
         assert metric_value(metrics, "forecaster_forecasts_published_total") == sent
 
