@@ -99,6 +99,7 @@ class Combiner:
         self.lags = np.zeros((capacity, self.config.memory), dtype=np.float32)
         self.level = np.zeros(capacity)  # the level's z when the last forecast was made
         self.smooth = np.zeros((capacity, len(self.config.smooths)))  # EWMs of the values
+        self._smooth_rates = np.array([self.config.alpha(h) for h in self.config.smooths])
         self.day = np.full((capacity, self.config.day_bins), np.nan, dtype=np.float32)
         self.last_ts = np.full(capacity, np.nan)
         self.day_next = np.zeros(capacity)  # the next sample's bin's EWM when last forecast
@@ -107,6 +108,7 @@ class Combiner:
         # The AR path's exponentially weighted normal equations: the mean of phi phi^T (only
         # its upper triangle: it is symmetric) and of phi times the change that followed.
         upper = np.triu_indices(k)
+        self._rows, self._cols = upper  # the feature pair of each kept entry
         self._pack_index = np.arange(len(upper[0]))
         ends = np.cumsum(np.arange(k, 0, -1)).tolist()
         self._row_spans = list(zip([0, *ends[:-1]], ends, strict=True))  # entries of row i
@@ -168,8 +170,8 @@ class Combiner:
         a11, a12, a22 = (self.sxx[slots] + [self.config.ridge, 0.0, self.config.ridge]).T
         b1, b2 = self.sxy[slots].T
         det = a11 * a22 - a12 * a12  # > 0: the moments are a Gram matrix, plus the ridge
-        rnn = np.clip((a22 * b1 - a12 * b2) / det, 0.0, 1.0)
-        ar = np.clip((a11 * b2 - a12 * b1) / det, 0.0, 1.0)
+        rnn = _clip((a22 * b1 - a12 * b2) / det, 0.0, 1.0)
+        ar = _clip((a11 * b2 - a12 * b1) / det, 0.0, 1.0)
         over = np.maximum(rnn + ar, 1.0)  # together at most all of the forecast
         rnn, ar = rnn / over, ar / over
         return np.stack([1.0 - rnn - ar, rnn, ar], axis=1)
@@ -210,7 +212,7 @@ class Combiner:
         self.lags[slots] = lags
         self.last[slots] = x
         if config.smooths:
-            rates = np.array([config.alpha(h) for h in config.smooths])
+            rates = self._smooth_rates
             # a plain average of the values so far, then the half-life's EWM
             w = np.maximum(1.0 / count[:, None], rates[None, :])
             smooth = self.smooth[slots]
@@ -222,7 +224,7 @@ class Combiner:
             self._day(slots, x, ts)
         features = self._features(lags, level, scale, self._anchors(slots), x)  # (k, B)
         ar_change = np.einsum("bk,kb->b", self.coef[slots], features)
-        np.clip(ar_change, -config.clip, config.clip, out=ar_change)
+        _clip(ar_change, -config.clip, config.clip)
         pred = np.stack([x, rnn, x + scale * ar_change], axis=1)  # (B, components)
         self.pred[slots] = pred
         weights = self.weights(slots)
@@ -278,16 +280,17 @@ class Combiner:
         out[2 + n_lags : 2 + n_lags + n_seasons] = -(lags @ self._season_sums).T
         out[2 + n_lags + n_seasons :] = (smooth - last[:, None]).T
         out[2:] *= inverse
-        return np.clip(out[1:], -config.clip, config.clip, out=out[1:]).base  # out, clipped
+        _clip(out[1:], -config.clip, config.clip)
+        return out
 
     def _learn(self, slots: np.ndarray, change: np.ndarray, scale: np.ndarray) -> None:
         """The change that followed the last forecasts, in the frame they were made in: one
         step of the stack's moments and of the AR path's normal equations."""
         config = self.config
         k = config.features
-        target = np.clip(change / scale, -config.clip, config.clip)  # (B,)
+        target = _clip(change / scale, -config.clip, config.clip)  # (B,)
         predicted = (self.pred[slots][:, 1:] - self.last[slots][:, None]) / scale[:, None]
-        u = np.clip(predicted, -config.clip, config.clip)  # (B, 2): rnn, ar
+        u = _clip(predicted, -config.clip, config.clip)  # (B, 2): rnn, ar
         # A running average (after ``prior_count`` zeros) until the half-life's weight takes
         # over: a short series decides fast, a long one keeps a steady mix.
         weight = np.maximum(
@@ -313,8 +316,11 @@ class Combiner:
         # In float32 (as stored): the products feature-major (whole rows), the update slot-major.
         pairs = np.empty((len(self._pack_index), len(slots)), dtype=np.float32)
         phi32 = phi.astype(np.float32)
-        for i, (start, end) in enumerate(self._row_spans):  # phi_i phi_j for j >= i
-            np.multiply(phi32[i], phi32[i:], out=pairs[start:end])
+        if len(slots) < 256:  # few streams: one gather beats a call per row
+            np.multiply(phi32[self._rows], phi32[self._cols], out=pairs)
+        else:
+            for i, (start, end) in enumerate(self._row_spans):  # phi_i phi_j for j >= i
+                np.multiply(phi32[i], phi32[i:], out=pairs[start:end])
         gram = pairs.T  # (B, k (k + 1) / 2)
         old = np.take(self.gram, slots, axis=0)
         gram -= old
@@ -326,7 +332,11 @@ class Combiner:
         self.cross[slots] = cross
         # Solve them now and then (after every update while a stream is young): a solve costs
         # what ~k updates do. The prior (zero weights: the last value) is worth 1 / prior samples.
-        due = (count <= young) | (count % config.refit_every == 0)
+        due = (
+            (count <= young // 4)
+            | ((count <= young) & (count % 4 == 0))
+            | (count % config.refit_every == 0)
+        )
         if due.any():
             a = np.take(gram[due], self._unpack, axis=1).astype(np.float64).reshape(-1, k, k)
             a += (rate[due] / config.prior)[:, None, None] * np.eye(k)
@@ -340,3 +350,9 @@ def _bin(stamp: np.ndarray, bins: int) -> np.ndarray:
     [0, 12, 23]
     """
     return np.minimum((stamp % 86_400.0 * (bins / 86_400.0)).astype(np.int64), bins - 1)
+
+
+def _clip(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``np.clip(x, low, high)`` in place (``np.clip``'s own overhead shows on small ticks)."""
+    np.maximum(x, low, out=x)
+    return np.minimum(x, high, out=x)
