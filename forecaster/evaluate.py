@@ -27,11 +27,12 @@ if TYPE_CHECKING:
 
 from forecaster.combine import CombinerConfig
 from forecaster.config import OnlineLearningConfig
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.errors import ForecasterError
 from forecaster.learner import Learner
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
+from forecaster.records import Sample
 
 
 @dataclass

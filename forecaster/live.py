@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 
 from forecaster import __version__
-from forecaster.engine import ForecastColumns
+from forecaster.records import ForecastColumns
 from forecaster.web import WsgiApp
 
 # Ring fields, per sample (float32: display only). ``covered`` is NaN where there was no error
@@ -52,7 +52,7 @@ class LiveView:
     """Recent samples and rolling numbers of the first ``max_streams`` streams.
 
     >>> import numpy as np
-    >>> from forecaster.engine import ForecastColumns
+    >>> from forecaster.records import ForecastColumns
     >>> view = LiveView(max_streams=1, history=2)
     >>> ones = np.ones(3)
     >>> cols = ForecastColumns(["a", "b", "a"], np.arange(3), np.arange(3), np.full(3, np.nan),

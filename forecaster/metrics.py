@@ -29,15 +29,12 @@ from prometheus_client.utils import floatToGoString
 
 from forecaster import __version__
 from forecaster.combine import COMPONENTS
-from forecaster.engine import Forecast, ForecastColumns
 from forecaster.mqtt import LinkEvents
-from forecaster.parse import REASONS
+from forecaster.reasons import DROP_REASONS, REASONS
+from forecaster.records import Forecast, ForecastColumns
 from forecaster.web import PooledWSGIServer, WsgiApp, router
 
 OTHER = "_other"
-# Messages the daemon lost: the receive queue was full (``queue_full``: the arriving one,
-# ``queue_full_oldest``: the oldest queued), or the broker could not take a forecast.
-DROP_REASONS = ("queue_full", "queue_full_oldest")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)

@@ -17,8 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from forecaster.config import Config, MqttConfig
 from forecaster.daemon import Daemon
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.persist import load_checkpoint
+from forecaster.records import Sample
 
 
 def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -> Config:

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from forecaster.engine import Forecast
 from forecaster.metrics import OTHER, Metrics, _fold
+from forecaster.records import Forecast
 
 ROOT = Path(__file__).resolve().parents[1]
 

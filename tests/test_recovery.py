@@ -29,8 +29,9 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.persist import load_checkpoint
+from forecaster.records import Sample
 from tests.conftest import Broker, Collector, Relay
 from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
 
