@@ -20,6 +20,7 @@ from forecaster.engine import Forecast
 from forecaster.errors import ForecasterError
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.progress import progress_bar
+from forecaster.runtime import tune_process
 
 
 def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict[str, float]:
@@ -380,10 +381,9 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
     from forecaster.engine import Batch, Engine, Sample
     from forecaster.persist import load_checkpoint
 
-    # The daemon's thread count. glibc's mmap threshold stays dynamic (``forecaster run`` fixes
-    # it): the engine's figure is the same either way, the bare call's is best this way (fixed,
-    # it maps and faults in fresh blocks every call: ~3.5x slower at 10,000 streams here).
-    torch.set_num_threads(1)
+    # The daemon's thread count; glibc's mmap threshold stays dynamic: the engine's figure is the
+    # same either way, the bare call's is best this way (see ``runtime.tune_process``).
+    tune_process(1, allocator=False)
     checkpoint = load_checkpoint()
     model = checkpoint.model.eval()
     rows = []
@@ -443,8 +443,8 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
     # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over fork and exec, so a child
     # of a big bench process would report the parent's peak.
     code = (
-        "import numpy as np, torch; torch.set_num_threads(1)\n"
-        "from forecaster.streams import return_freed_arrays; return_freed_arrays()  # as run does\n"
+        "import numpy as np\n"
+        "from forecaster.runtime import tune_process; tune_process()  # as run does\n"
         "from forecaster.engine import Batch, Engine\n"
         "from forecaster.persist import load_checkpoint\n"
         "def kb(key='VmHWM'):\n"
@@ -548,8 +548,6 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
     import pstats
     import tempfile
 
-    import torch
-
     from forecaster.config import Config
     from forecaster.daemon import Daemon
     from forecaster.mqtt import RawMessage
@@ -560,7 +558,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
         {"mqtt": mqtt, "state": {"dir": folder}, "metrics": {"enabled": False}}
     )
     daemon = Daemon(config)
-    torch.set_num_threads(1)
+    tune_process(1)
     daemon.engine, checkpoint = daemon._build_engine()
     daemon._replay_journal(checkpoint)
     daemon.link.publish = lambda *args, **kwargs: True  # type: ignore[method-assign]
@@ -1092,7 +1090,6 @@ def bench_accuracy(
 ) -> dict[str, object]:
     """Every model on every CSV under ``data``, one protocol: each series in units of its warm-up
     block (``warmup_zscore``), progressive validation, the warm-up not scored."""
-    import torch
 
     from forecaster.evaluate import (
         EngineModel,
@@ -1103,7 +1100,7 @@ def bench_accuracy(
         warmup_zscore,
     )
 
-    torch.set_num_threads(1)
+    tune_process(1)
     paths = sorted(data.rglob("*.csv"))
     if not paths:
         raise ForecasterError(f"{data}: no CSV files")
@@ -1439,6 +1436,7 @@ def bench_journal(
     from forecaster.engine import Engine, Sample, as_batch
     from forecaster.persist import Journal, load_checkpoint
 
+    tune_process(1)  # the daemon's setting, under which the engine tick beside it runs
     checkpoint = load_checkpoint()
     engine = Engine(checkpoint.model, checkpoint.normalizer)
     rows = []

@@ -14,12 +14,12 @@ log = logging.getLogger("forecaster")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
 
     from forecaster.model import ModelConfig
+    from forecaster.runtime import tune_process
     from forecaster.train import Recipe, plot_training, save_result, train_default, train_seed
 
-    torch.set_num_threads(args.threads)
+    tune_process(args.threads)
     if args.recipe == "seed":
         if args.episodes is not None:
             raise ForecasterError("--episodes is for the default recipe; the seed's takes --steps")
@@ -41,14 +41,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from forecaster.evaluate import read_csv, read_timestamps, run_series, score
     from forecaster.persist import load_checkpoint
     from forecaster.plots import plot_run
+    from forecaster.runtime import tune_process
     from simulators.signals import sine_wave
 
-    torch.set_num_threads(1)
+    tune_process(1)
     checkpoint = load_checkpoint(args.checkpoint, device=args.device)
     timestamps = None
     if args.csv:
@@ -113,16 +113,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import gc
     import signal
 
+    from forecaster import runtime
     from forecaster.config import load_config
     from forecaster.daemon import Daemon
-    from forecaster.streams import return_freed_arrays
 
     config = load_config(args.config)
     logging.getLogger().setLevel(config.logging.level if not args.verbose else logging.DEBUG)
-    return_freed_arrays()
+    runtime.tune_process(config.model.threads)
     daemon = Daemon(config)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -132,18 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     daemon.start()
-    # Everything built so far (torch, the model, the restored streams: ~180k objects) lives as
-    # long as the service. Frozen, a full garbage collection no longer walks it; one took 250 ms
-    # here, and one such pause sets the p99 latency of a whole run.
-    gc.freeze()
-    if config.online_learning.enabled:
-        # A thread asking for the GIL gets it at most 1 ms later (CPython's default: 5 ms). The
-        # learner's trainer holds the GIL between its torch calls at the lowest CPU priority; on
-        # a busy machine it can be taken off the CPU holding it, and the forecasting thread then
-        # waited for the whole interval and more (docs/decisions/switch-interval.md). Not without the
-        # trainer: between the engine and the MQTT thread alone, 1 ms cost 12 % of the
-        # saturated rate (3,468 vs 3,959 messages/s, three runs each, 100 streams).
-        sys.setswitchinterval(0.001)
+    runtime.settle(learner=config.online_learning.enabled)
     daemon.run()
     return 0
 
