@@ -16,7 +16,9 @@ from itertools import repeat
 import numpy as np
 import torch
 
+from forecaster import ewm
 from forecaster.combine import COMPONENTS, CombinerConfig
+from forecaster.config import GapConfig
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
 from forecaster.reasons import ENGINE_REASONS as REJECT_REASONS
@@ -36,6 +38,8 @@ from forecaster.scoring import ScoringConfig
 from forecaster.store import MemoryStore, StreamStore
 from forecaster.streams import StreamTable
 
+_GAPS = GapConfig()
+
 
 @dataclass(frozen=True, slots=True)
 class GapPolicy:
@@ -48,14 +52,14 @@ class GapPolicy:
     into the usual interval; neither are zero or negative intervals (same or older ``ts``).
     """
 
-    factor: float = 10.0
-    halflife: float = 20.0
-    min_intervals: int = 5
-    rewarm_samples: int = 20
+    factor: float = _GAPS.factor  # defaults: the ``engine.gaps`` config section's
+    halflife: float = _GAPS.halflife
+    min_intervals: int = _GAPS.min_intervals
+    rewarm_samples: int = _GAPS.rewarm_samples
 
     @property
     def alpha(self) -> float:
-        return 1.0 - math.pow(0.5, 1.0 / self.halflife)
+        return ewm.alpha(self.halflife)
 
 
 @dataclass(frozen=True, slots=True)
