@@ -163,41 +163,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from forecaster import bench
+    from forecaster.bench import PARTS
 
-    if args.part == "scrape":
-        bench.print_scrape(bench.bench_scrape(args.streams, args.cap), args.json)
-    elif args.part == "drift":
-        bench.print_drift(bench.bench_drift(live=not args.offline), args.json)
-    elif args.part == "engine":
-        bench.print_engine(bench.bench_engine(), bench.bench_memory(), args.json)
-    elif args.part == "throughput":
-        sizes = tuple(int(n) for n in args.sizes.split(",") if n)  # "": the frames figure only
-        result = bench.bench_throughput(sizes, args.count, repeats=args.repeats)
-        bench.print_throughput(result, args.json)
-    elif args.part == "accuracy":
-        if args.data is None:
-            raise ForecasterError(
-                "bench accuracy needs --data DIR (a folder of timestamp,value CSVs)"
-            )
-        if not bench.river_available():
-            print(
-                "river is not installed: skipping river_snarimax and river_holtwinters "
-                "(pip install 'forecaster[bench]')",
-                file=sys.stderr,
-            )
-        only = [m for m in args.models.split(",") if m] if args.models else None
-        result = bench.bench_accuracy(args.data, args.seed, plot_dir=args.plot, only=only)
-        bench.print_accuracy(result, args.json)
-        if args.plot and not args.json:
-            print(f"plots: {args.plot}/")
-    elif args.part == "anomaly":
-        if args.data is None:
-            raise ForecasterError("bench anomaly needs --data DIR (a NAB data folder)")
-        result = bench.bench_anomaly(args.data, args.out, args.threshold)
-        bench.print_anomaly(result, args.json)
-    elif args.part == "journal":
-        bench.print_journal(bench.bench_journal(), args.json)
+    PARTS[args.part](args)
     return 0
 
 
@@ -215,6 +183,8 @@ def add_progress(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from forecaster.bench import PARTS  # light: each bench module loads when its part runs
+
     parser = argparse.ArgumentParser(prog="forecaster", description=DESCRIPTION)
     parser.add_argument(
         "-v",
@@ -305,13 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift", "engine", "throughput", "accuracy", "anomaly", "journal"],
+        choices=list(PARTS),
         help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
         " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams;"
         " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS);"
         " accuracy: one-step-ahead error against peers on every CSV under --data;"
         " anomaly: interval coverage and anomaly alarms on labelled NAB files;"
-        " journal: cost of journaling a tick beside the tick, and of a checkpoint",
+        " journal: cost of journaling a tick beside the tick, and of a checkpoint;"
+        " profile: where the engine thread's time goes on device frames (cProfile, no broker)",
     )
     bench.add_argument(
         "--out", type=Path, help="anomaly: write NAB-format results files under this folder"

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from forecaster.bench import bench_memory
+from forecaster.bench.engine import bench_memory
 
 
 def test_memory_bench_serves_every_stream_and_splits_out_mapped_library_pages() -> None:

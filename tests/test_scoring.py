@@ -14,7 +14,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from forecaster.bench import alarm_starts, bench_anomaly
+from forecaster.bench.anomaly import alarm_starts, bench_anomaly
 from forecaster.daemon import forecast_bodies
 from forecaster.engine import Engine
 from forecaster.metrics import OTHER, Metrics
