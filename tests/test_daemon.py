@@ -235,7 +235,7 @@ def test_metrics_and_health_endpoints(broker: Broker, prefix: str, tmp_path: Pat
             assert r.status == 200 and b"subscribed" in r.read()
         assert metric_value(running.scrape(), "forecaster_broker_connected") == 1
         broker.stop()
-        time.sleep(0.5)
+        wait_until(lambda: not running.daemon.ready()[0], "the daemon to notice the broker gone")
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"{running.metrics_url}/readyz")
         assert info.value.code == 503
