@@ -210,6 +210,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
     sample spent in each stage (cumulative, profiler overhead included) and in all of ``step``."""
     import cProfile
     import pstats
+    import shutil
     import tempfile
 
     from forecaster.config import Config
@@ -257,6 +258,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
         for (file, _, name), (_, _, _, ct, _) in pstats.Stats(profile).stats.items()  # type: ignore[attr-defined]
     }
     daemon.journal.close()  # type: ignore[union-attr]
+    shutil.rmtree(folder, ignore_errors=True)  # the state it wrote is of no further use
     samples = frames * size
     return {label: 1e6 * cumulative.get(key, 0.0) / samples for label, key in stages.items()}
 
