@@ -435,7 +435,11 @@ def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(
         assert len(collector.wait_for(45)) == 45
         wait_until(
             lambda: (
-                metric_value(running.scrape(), "forecaster_checkpoints_total", result="error") >= 1
+                # the label appears with the first failure: absent = none yet
+                metric_value(
+                    running.scrape(), "forecaster_checkpoints_total", default=0.0, result="error"
+                )
+                >= 1
             ),
             "a failed checkpoint counted",
         )
