@@ -14,12 +14,12 @@ log = logging.getLogger("forecaster")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
 
     from forecaster.model import ModelConfig
+    from forecaster.runtime import tune_process
     from forecaster.train import Recipe, plot_training, save_result, train_default, train_seed
 
-    torch.set_num_threads(args.threads)
+    tune_process(args.threads)
     if args.recipe == "seed":
         if args.episodes is not None:
             raise ForecasterError("--episodes is for the default recipe; the seed's takes --steps")
@@ -41,14 +41,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from forecaster.evaluate import read_csv, read_timestamps, run_series, score
     from forecaster.persist import load_checkpoint
     from forecaster.plots import plot_run
+    from forecaster.runtime import tune_process
     from simulators.signals import sine_wave
 
-    torch.set_num_threads(1)
+    tune_process(1)
     checkpoint = load_checkpoint(args.checkpoint, device=args.device)
     timestamps = None
     if args.csv:
@@ -113,19 +113,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import gc
     import signal
 
+    from forecaster import runtime
     from forecaster.config import load_config
     from forecaster.daemon import Daemon
-    from forecaster.streams import return_freed_arrays
 
     config = load_config(args.config)
     if args.accept_state_loss:
         state = config.state.model_copy(update={"accept_state_loss": True})
         config = config.model_copy(update={"state": state})
     logging.getLogger().setLevel(config.logging.level if not args.verbose else logging.DEBUG)
-    return_freed_arrays()
+    runtime.tune_process(config.model.threads)
     daemon = Daemon(config)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -135,18 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     daemon.start()
-    # Everything built so far (torch, the model, the restored streams: ~180k objects) lives as
-    # long as the service. Frozen, a full garbage collection no longer walks it; one took 250 ms
-    # here, and one such pause sets the p99 latency of a whole run.
-    gc.freeze()
-    if config.online_learning.enabled:
-        # A thread asking for the GIL gets it at most 1 ms later (CPython's default: 5 ms). The
-        # learner's trainer holds the GIL between its torch calls at the lowest CPU priority; on
-        # a busy machine it can be taken off the CPU holding it, and the forecasting thread then
-        # waited for the whole interval and more (docs/decisions/switch-interval.md). Not without the
-        # trainer: between the engine and the MQTT thread alone, 1 ms cost 12 % of the
-        # saturated rate (3,468 vs 3,959 messages/s, three runs each, 100 streams).
-        sys.setswitchinterval(0.001)
+    runtime.settle(learner=config.online_learning.enabled)
     daemon.run()
     return 0
 
@@ -178,41 +166,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from forecaster import bench
+    from forecaster.bench import PARTS
 
-    if args.part == "scrape":
-        bench.print_scrape(bench.bench_scrape(args.streams, args.cap), args.json)
-    elif args.part == "drift":
-        bench.print_drift(bench.bench_drift(live=not args.offline), args.json)
-    elif args.part == "engine":
-        bench.print_engine(bench.bench_engine(), bench.bench_memory(), args.json)
-    elif args.part == "throughput":
-        sizes = tuple(int(n) for n in args.sizes.split(",") if n)  # "": the frames figure only
-        result = bench.bench_throughput(sizes, args.count, repeats=args.repeats)
-        bench.print_throughput(result, args.json)
-    elif args.part == "accuracy":
-        if args.data is None:
-            raise ForecasterError(
-                "bench accuracy needs --data DIR (a folder of timestamp,value CSVs)"
-            )
-        if not bench.river_available():
-            print(
-                "river is not installed: skipping river_snarimax and river_holtwinters "
-                "(pip install 'forecaster[bench]')",
-                file=sys.stderr,
-            )
-        only = [m for m in args.models.split(",") if m] if args.models else None
-        result = bench.bench_accuracy(args.data, args.seed, plot_dir=args.plot, only=only)
-        bench.print_accuracy(result, args.json)
-        if args.plot and not args.json:
-            print(f"plots: {args.plot}/")
-    elif args.part == "anomaly":
-        if args.data is None:
-            raise ForecasterError("bench anomaly needs --data DIR (a NAB data folder)")
-        result = bench.bench_anomaly(args.data, args.out, args.threshold)
-        bench.print_anomaly(result, args.json)
-    elif args.part == "journal":
-        bench.print_journal(bench.bench_journal(), args.json)
+    PARTS[args.part](args)
     return 0
 
 
@@ -230,6 +186,8 @@ def add_progress(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from forecaster.bench import PARTS  # light: each bench module loads when its part runs
+
     parser = argparse.ArgumentParser(prog="forecaster", description=DESCRIPTION)
     parser.add_argument(
         "-v",
@@ -326,13 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (figures, not tests)")
     bench.add_argument(
         "part",
-        choices=["scrape", "drift", "engine", "throughput", "accuracy", "anomaly", "journal"],
+        choices=list(PARTS),
         help="scrape: /metrics size and latency; drift: learning off vs on across a regime change;"
         " engine: ns per stream-step of a tick vs a bare nn.RNN call, and RSS at 100k streams;"
         " throughput: the daemon vs a no-model relay over Mosquitto (rate, latency, CPU, RSS);"
         " accuracy: one-step-ahead error against peers on every CSV under --data;"
         " anomaly: interval coverage and anomaly alarms on labelled NAB files;"
-        " journal: cost of journaling a tick beside the tick, and of a checkpoint",
+        " journal: cost of journaling a tick beside the tick, and of a checkpoint;"
+        " profile: where the engine thread's time goes on device frames (cProfile, no broker)",
     )
     bench.add_argument(
         "--out", type=Path, help="anomaly: write NAB-format results files under this folder"

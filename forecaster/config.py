@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -25,7 +25,9 @@ from pydantic import (
 
 from forecaster.combine import CombinerConfig
 from forecaster.errors import ConfigError
-from forecaster.scoring import ScoringConfig
+
+if TYPE_CHECKING:  # scoring loads torch; check-config and parse must not
+    from forecaster.scoring import ScoringConfig
 
 ENV_PREFIX = "FORECASTER_"
 # Keys whose values are never shown in errors or logs, nor parsed as YAML from the environment.
@@ -425,6 +427,8 @@ class Config(Section):
 
 def scoring_config(config: Config) -> ScoringConfig:
     """The engine's scoring stage settings from the ``intervals`` and ``anomaly`` sections."""
+    from forecaster.scoring import ScoringConfig  # here: scoring loads torch
+
     i, a = config.intervals, config.anomaly
     return ScoringConfig(
         coverage=i.coverage,

@@ -27,6 +27,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from forecaster import runtime
 from forecaster.config import load_config
 from forecaster.daemon import Daemon
 from simulators.client import connected_client
@@ -284,8 +285,10 @@ def run_demo(
                     "FORECASTER_METRICS__PORT": str(choose_metrics_port(metrics_port)),
                 }
                 config = load_config(DEMO_CONFIG, environ=overrides)
+                runtime.tune_process(config.model.threads)  # as ``forecaster run``
                 daemon = Daemon(config)
                 daemon.start()
+                runtime.settle(learner=config.online_learning.enabled)
                 metrics_url = None
                 if daemon.http is not None:
                     metrics_url = f"http://127.0.0.1:{daemon.http.port}/metrics"

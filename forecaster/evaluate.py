@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from forecaster import ewm
 from forecaster.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -27,11 +28,12 @@ if TYPE_CHECKING:
 
 from forecaster.combine import CombinerConfig
 from forecaster.config import OnlineLearningConfig
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.errors import ForecasterError
 from forecaster.learner import Learner
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
+from forecaster.records import Sample
 
 
 @dataclass
@@ -101,7 +103,7 @@ def run_series(
 def rolling_mse(run: SeriesRun, halflife: float = 100.0) -> np.ndarray:
     """EWMA of the squared error; element ``t`` scores the forecast of ``values[t]`` (t >= 1)."""
     error = run.values[1:] - run.predictions[:-1]
-    alpha = 1.0 - 0.5 ** (1.0 / halflife)
+    alpha = ewm.alpha(halflife)
     out = np.empty(len(error))
     level = error[0] ** 2
     for t, e in enumerate(error):

@@ -24,11 +24,9 @@ last good weights and the learning rate is cut; when training falls behind, upda
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -41,6 +39,7 @@ from torch import nn
 
 from forecaster.config import OnlineLearningConfig
 from forecaster.engine import Engine, StepRecord
+from forecaster.runtime import tune_learner_thread
 
 log = logging.getLogger(__name__)
 
@@ -359,13 +358,7 @@ class Learner:
             self._handover = (_copy_weights(self.model), *losses)
 
     def _work(self) -> None:
-        # One intra-op thread, set on this thread too (OpenMP settings are per thread): the
-        # trainer must never take the second core away from the forecasting thread and broker.
-        torch.set_num_threads(1)
-        # Lowest CPU priority for this thread only (Linux schedules threads by their own nice
-        # value): the forecasting thread, paho and the broker always run first.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        tune_learner_thread()  # one intra-op thread, nice 19: the forecasting thread goes first
         while True:
             batch = self._jobs.get()
             if batch is None:

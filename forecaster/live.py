@@ -32,9 +32,12 @@ import numpy as np
 import orjson
 
 from forecaster import __version__
-from forecaster.engine import ForecastColumns
+from forecaster.config import AnomalyConfig, IntervalsConfig, LiveConfig
+from forecaster.records import ForecastColumns
 from forecaster.web import WsgiApp
 
+# Defaults: the config models' (one source; the daemon passes the configured values).
+_LIVE, _ANOMALY, _INTERVALS = LiveConfig(), AnomalyConfig(), IntervalsConfig()
 # Ring fields, per sample (float32: display only). ``covered`` is NaN where there was no error
 # (the stream's first sample) and so nothing to cover.
 FIELDS = ("value", "prediction", "lower", "upper", "anomaly", "error", "naive_error", "covered")
@@ -52,7 +55,7 @@ class LiveView:
     """Recent samples and rolling numbers of the first ``max_streams`` streams.
 
     >>> import numpy as np
-    >>> from forecaster.engine import ForecastColumns
+    >>> from forecaster.records import ForecastColumns
     >>> view = LiveView(max_streams=1, history=2)
     >>> ones = np.ones(3)
     >>> cols = ForecastColumns(["a", "b", "a"], np.arange(3), np.arange(3), np.full(3, np.nan),
@@ -65,10 +68,10 @@ class LiveView:
     def __init__(
         self,
         *,
-        max_streams: int = 1000,
-        history: int = 300,
-        anomaly_threshold: float = 0.9995,
-        coverage_target: float = 0.9,
+        max_streams: int = _LIVE.max_streams,
+        history: int = _LIVE.history,
+        anomaly_threshold: float = _ANOMALY.threshold,
+        coverage_target: float = _INTERVALS.coverage,
     ) -> None:
         self.max_streams = max_streams
         self.history = history

@@ -27,18 +27,18 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from forecaster import __version__
+from forecaster import __version__, ewm
 from forecaster.combine import COMPONENTS
-from forecaster.engine import Forecast, ForecastColumns
+from forecaster.config import AnomalyConfig, MetricsConfig
 from forecaster.mqtt import LinkEvents
-from forecaster.parse import REASONS
+from forecaster.reasons import DROP_REASONS, REASONS
+from forecaster.records import Forecast, ForecastColumns
 from forecaster.web import PooledWSGIServer, WsgiApp, router
 
 OTHER = "_other"
-# Messages the daemon lost: the receive queue was full (``queue_full``: the arriving one,
-# ``queue_full_oldest``: the oldest queued), or the broker could not take a forecast.
-DROP_REASONS = ("queue_full", "queue_full_oldest")
 STORAGE_PARTS = ("journal", "checkpoint", "park_store")
+# Defaults: the config models' (one source; the daemon passes the configured values).
+_METRICS, _ANOMALY = MetricsConfig(), AnomalyConfig()
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -72,15 +72,15 @@ class Metrics(LinkEvents):
         self,
         registry: CollectorRegistry,
         *,
-        stream_label_cap: int = 100,
-        error_halflife: float = 100.0,
-        coverage_halflife: float = 1000.0,
-        anomaly_threshold: float = 0.999,
+        stream_label_cap: int = _METRICS.stream_label_cap,
+        error_halflife: float = _METRICS.error_halflife,
+        coverage_halflife: float = _METRICS.coverage_halflife,
+        anomaly_threshold: float = _ANOMALY.threshold,
     ) -> None:
         self.registry = registry
         self.stream_label_cap = stream_label_cap
-        self.alpha = 1.0 - 0.5 ** (1.0 / error_halflife)
-        self.coverage_alpha = 1.0 - 0.5 ** (1.0 / coverage_halflife)
+        self.alpha = ewm.alpha(error_halflife)
+        self.coverage_alpha = ewm.alpha(coverage_halflife)
         self.anomaly_threshold = anomaly_threshold
         # Per label (at most the cap, plus _other): the numbers behind its per-stream series.
         self._labels = _LabelTable(stream_label_cap + 1)

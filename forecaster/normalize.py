@@ -19,11 +19,12 @@ far it went), the forecast is the last value, and that step is left out of the g
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from forecaster import ewm
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class NormalizerConfig:
 
     @property
     def alpha(self) -> float:
-        return 1.0 - math.pow(0.5, 1.0 / self.halflife)
+        return ewm.alpha(self.halflife)
 
 
 class Normalizer:
@@ -111,10 +112,7 @@ class Normalizer:
             self.count[slots] = count
             return np.asarray(x, dtype=np.float64).copy()
         weight = np.maximum(1.0 / count, self.config.alpha)
-        mean = self.mean[slots]
-        delta = x - mean
-        mean = mean + weight * delta
-        var = (1.0 - weight) * (self.var[slots] + weight * delta * delta)
+        mean, var = ewm.mean_var(self.mean[slots], self.var[slots], x, weight)
         self.count[slots] = count
         self.mean[slots] = mean
         self.var[slots] = var
@@ -143,7 +141,7 @@ class Normalizer:
             return
         known = np.isfinite(self.change[slots])
         if known.any():
-            alpha = 1.0 - math.pow(0.5, 1.0 / halflife)
+            alpha = ewm.alpha(halflife)
             at = slots[known]
             predicted = self.change[at]
             actual = x[known] - self.last[at]

@@ -7,7 +7,7 @@ object (``{"value": 0.42, "ts": 1700000000.25, "seq": 17}``; field names configu
 (``devices/{device}/state``) a device frame carries one reading per key: ``{"temp": 21.5, "hum":
 40.1, "ts": 5}`` gives streams ``device.temp`` and ``device.hum`` (``ts``/``seq`` keys apply to every
 reading; a reading may also be a sample object). Every refusal carries one of the bounded
-``REASONS`` so it can be counted by label; a bad element of a frame is refused alone, the good ones
+``reasons.REASONS`` so it can be counted by label; a bad element of a frame is refused alone, the good ones
 are kept. ``NaN``/``Infinity`` are refused even though ``json.loads`` and ``float`` accept them: a
 non-finite number must never reach a hidden state.
 """
@@ -23,26 +23,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from forecaster.engine import NO_SEQ, STREAM_ID, Sample, samples_of
 from forecaster.errors import PayloadError
+from forecaster.records import NO_SEQ, STREAM_ID, Sample, samples_of
 
-REASONS = (
-    "too_large",
-    "empty",
-    "not_utf8",
-    "invalid_json",
-    "missing_value",
-    "not_a_number",
-    "non_finite",
-    "out_of_range",
-    "bad_timestamp",
-    "bad_seq",
-    "unknown_topic",
-    "bad_stream",
-    "duplicate",
-    "queue_full",
-    "internal_error",
-)
 # ASCII digits only: ``\d`` and ``float()`` also take Arabic-Indic and full-width digits.
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
@@ -84,7 +67,7 @@ class TopicTemplate:
 # raise, so they never enter the cache.
 @functools.lru_cache(maxsize=1 << 16)
 def check_stream_id(stream: str) -> str:
-    """A stream id matches ``engine.STREAM_ID`` (it becomes a topic level and a metric label).
+    """A stream id matches ``records.STREAM_ID`` (it becomes a topic level and a metric label).
 
     >>> check_stream_id("boiler-1.temp_2")
     'boiler-1.temp_2'

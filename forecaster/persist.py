@@ -39,10 +39,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from forecaster import __version__
-from forecaster.engine import Batch, Sample
 from forecaster.errors import CheckpointError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
+from forecaster.records import Batch, Sample
 
 FORMAT = "forecaster-checkpoint/1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "default.safetensors"

@@ -34,6 +34,8 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from forecaster import ewm
+from forecaster.config import AnomalyConfig, IntervalsConfig
 from forecaster.normalize import spread
 
 # q never shrinks below a thousandth of the stream's spread. Without a floor, a stretch of exact
@@ -47,21 +49,25 @@ S_CAP = 1e6  # residuals above this (normaliser warm-up) are capped before enter
 COLUMNS = ("tracked", "log_q", "seen", "mean", "var", "short", "level_mean", "level_var", "level")
 
 
+_INTERVALS, _ANOMALY = IntervalsConfig(), AnomalyConfig()  # the one source of the defaults
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Hyper-parameters of both scorers, stored verbatim (see ``configs/default.yaml``)."""
+    """Hyper-parameters of both scorers, stored verbatim; defaults from the ``intervals`` and
+    ``anomaly`` config sections (``config.scoring_config`` builds one from a loaded config)."""
 
-    coverage: float = 0.9  # target share of values inside [lower, upper]
-    step: float = 0.05  # log-step of the quantile tracker
-    warmup: int = 10  # normaliser samples before residuals are tracked (its scale is unsettled)
-    anomaly_halflife: float = 10000.0  # samples; the "recent error distribution"
-    anomaly_smoothing: float = 0.4  # weight of the newest residual in the short average
-    level_smoothing: float = 0.2  # weight of the newest value in the short average of values
-    anomaly_warmup: int = 100  # tracked residuals before the score leaves 0.5
+    coverage: float = _INTERVALS.coverage  # target share of values inside [lower, upper]
+    step: float = _INTERVALS.step  # log-step of the quantile tracker
+    warmup: int = _INTERVALS.warmup  # normaliser samples before residuals are tracked
+    anomaly_halflife: float = _ANOMALY.halflife  # samples; the "recent error distribution"
+    anomaly_smoothing: float = _ANOMALY.smoothing  # weight of the newest residual, short average
+    level_smoothing: float = _ANOMALY.level_smoothing  # weight of the newest value, its average
+    anomaly_warmup: int = _ANOMALY.warmup  # tracked residuals before the score leaves 0.5
 
     @property
     def alpha(self) -> float:
-        return 1.0 - math.pow(0.5, 1.0 / self.anomaly_halflife)
+        return ewm.alpha(self.anomaly_halflife)
 
     @property
     def initial_log_q(self) -> float:
@@ -179,13 +185,11 @@ class Scorer:
         ready = seen >= cfg.anomaly_warmup
         score[scored] = np.where(ready, np.maximum(error_score, level_score), 0.5)
         weight = np.maximum(1.0 / (seen + 1), cfg.alpha)
-        delta = s - mean
-        self.mean[slots] = mean + weight * delta
-        self.var[slots] = (1.0 - weight) * (var + weight * delta * delta)
+        self.mean[slots], self.var[slots] = ewm.mean_var(mean, var, s, weight)
         self.short[slots] = short
-        delta = values - level_mean
-        self.level_mean[slots] = level_mean + weight * delta
-        self.level_var[slots] = (1.0 - weight) * (level_var + weight * delta * delta)
+        self.level_mean[slots], self.level_var[slots] = ewm.mean_var(
+            level_mean, level_var, values, weight
+        )
         self.level[slots] = level
         self.seen[slots] = seen + 1
         return score

@@ -8,8 +8,6 @@ forecast and its interval, sequence number) live in NumPy arrays indexed by the 
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import torch
 
@@ -23,25 +21,6 @@ FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "last_lower", "last
 # last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
 # times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap.
 INT_COLUMNS = ("seq", "last_used", "intervals", "cold")
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 128 * 1024  # glibc's own default, made fixed
-
-
-def return_freed_arrays() -> None:
-    """Give large freed arrays back to the OS at once (glibc only; elsewhere nothing changes).
-
-    glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, after which
-    freed arrays below it stay in the heap: the slot arrays regrown on the way to 100,000
-    streams kept ~9 MB of peak RSS that way (``forecaster bench engine``, memory row). A fixed
-    threshold turns that off. Process-wide, so ``forecaster run`` calls it, not the table.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
 
 
 class StreamTable:

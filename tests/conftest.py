@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from forecaster.model import Forecaster, ModelConfig
+from forecaster.runtime import tune_process
 
-torch.set_num_threads(1)
+tune_process(1)  # the settings ``forecaster run`` serves under (allocator, one torch thread)
 
 
 @pytest.fixture

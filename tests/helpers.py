@@ -13,22 +13,28 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as paho
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.config import Config, MqttConfig
 from forecaster.daemon import Daemon
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.persist import load_checkpoint
+from forecaster.records import Sample
 
 
-def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -> Config:
+def config_data(broker: Any, prefix: str, state_dir: Path, **sections: dict) -> dict[str, Any]:
+    """A daemon's config as YAML data on the test's own topics (``{prefix}/in/{stream}`` ->
+    ``{prefix}/out/{stream}``), state folder and a free metrics port; each of ``sections`` is
+    merged over its section key by key. The one config writer of the suite."""
     data: dict[str, Any] = {
         "mqtt": {
             "host": broker.host,
             "port": broker.port,
-            "client_id": f"{prefix}-forecaster",
-            "input_topics": [f"{prefix}/sensors/{{stream}}/value"],
-            "output_topic": f"{prefix}/forecasts/{{stream}}",
+            "client_id": f"{prefix}-fc",
+            "input_topics": [f"{prefix}/in/{{stream}}"],
+            "output_topic": f"{prefix}/out/{{stream}}",
             "status_topic": f"{prefix}/status",
             "reconnect_min_delay": 1,
             "reconnect_max_delay": 2,
@@ -38,7 +44,24 @@ def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
-    return Config.model_validate(data)
+    return data
+
+
+def write_config(path: Path, broker: Any, prefix: str, state_dir: Path, **sections: dict) -> Path:
+    """``config_data`` as a YAML file at ``path``, for ``forecaster run -c``."""
+    path.write_text(yaml.safe_dump(config_data(broker, prefix, state_dir, **sections)))
+    return path
+
+
+def daemon_config(broker: Any, prefix: str, state_dir: Path, **sections: dict) -> Config:
+    """``config_data`` as a ``Config``, samples on ``{prefix}/sensors/{stream}/value``."""
+    mqtt = {
+        "client_id": f"{prefix}-forecaster",
+        "input_topics": [f"{prefix}/sensors/{{stream}}/value"],
+        "output_topic": f"{prefix}/forecasts/{{stream}}",
+        **sections.pop("mqtt", {}),
+    }
+    return Config.model_validate(config_data(broker, prefix, state_dir, mqtt=mqtt, **sections))
 
 
 def link_config(target: Any, prefix: str, **overrides: Any) -> MqttConfig:
@@ -122,16 +145,22 @@ class RunningDaemon:
             assert not self.thread.is_alive(), "daemon thread still running 15 s after stop"
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == name or key == f"{name}{{{want}}}":
-            return float(value)
-    return 0.0
+_MISSING = object()
+
+
+def metric_value(text: str, name: str, default: Any = _MISSING, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition, parsed by prometheus_client.
+
+    A missing series fails the test (a renamed metric must not read as 0); pass ``default`` only
+    where absent means a value (``default=0.0``: "never counted").
+    """
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    if default is _MISSING:
+        raise AssertionError(f"no series {name}{labels or ''} in the scrape")
+    return float(default)
 
 
 def offline_predictions(values: list[float], stream: str = "s") -> list[float]:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
-from forecaster.bench import bench_memory
+import pytest
+
+from forecaster.bench.engine import bench_memory
 
 
+@pytest.mark.slow  # a 20,000-stream run in a fresh process: a benchmark's size, not a unit's
 def test_memory_bench_serves_every_stream_and_splits_out_mapped_library_pages() -> None:
     memory = bench_memory(streams=20_000)
     assert memory["streams"] == 20_000

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forecaster.bench import FORECASTER_MODELS, RIVER_MODELS, bench_accuracy, river_available
+from forecaster.bench.accuracy import (
+    FORECASTER_MODELS,
+    RIVER_MODELS,
+    bench_accuracy,
+    river_available,
+)
 from forecaster.evaluate import SeasonalPeriod, progressive, score
 
 

@@ -8,9 +8,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.combine import COMPONENTS, Combiner, CombinerConfig
 from forecaster.daemon import forecast_bodies
-from forecaster.engine import Batch, Engine
+from forecaster.engine import Engine
 from forecaster.metrics import Metrics
 from forecaster.model import Forecaster
+from forecaster.records import Batch
 
 
 def run(values: np.ndarray, rnn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from forecaster.combine import CombinerConfig
-from forecaster.engine import Batch, Engine, Sample, TickResult, as_batch
+from forecaster.engine import Engine, TickResult
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig, normalize_series
+from forecaster.records import Batch, Sample, as_batch
 
 NORM = NormalizerConfig(halflife=40.0)
 
@@ -153,7 +154,7 @@ def _mixed_tick() -> list[Sample]:
 
 def test_tick_batch_columns_equal_tick_objects(tiny_model: Forecaster) -> None:
     """The columnar entry point and the ``Sample`` one give the same forecasts and refusals."""
-    from forecaster.engine import NO_SEQ, Batch
+    from forecaster.records import NO_SEQ, Batch
 
     objects, columns = Engine(tiny_model, NORM), Engine(tiny_model, NORM)
     for _ in range(3):

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forecaster.engine import Batch, Engine, Sample
+from forecaster.engine import Engine
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
+from forecaster.records import Batch, Sample
 from forecaster.store import MemoryStore, SqliteStore
 from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, metric_value, offline_predictions

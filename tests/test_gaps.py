@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from forecaster.combine import CombinerConfig
-from forecaster.engine import Engine, GapPolicy, Sample
+from forecaster.engine import Engine, GapPolicy
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
 from forecaster.persist import load_checkpoint, save_checkpoint
+from forecaster.records import Sample
 from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, metric_value
 

@@ -9,11 +9,12 @@ import torch
 
 from forecaster.combine import CombinerConfig
 from forecaster.config import OnlineLearningConfig
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.evaluate import SeriesRun, rolling_mse, run_series, score
 from forecaster.learner import Learner
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
+from forecaster.records import Sample
 from forecaster.train import train_seed
 from simulators.signals import sine_wave
 

@@ -11,30 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from tests.conftest import Broker, Collector
-from tests.helpers import offline_predictions
+from tests.helpers import offline_predictions, write_config
 
-
-def write_config(path: Path, broker: Broker, prefix: str, state: Path) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "mqtt": {
-                    "host": broker.host,
-                    "port": broker.port,
-                    "client_id": f"{prefix}-fc",
-                    "input_topics": [f"{prefix}/in/{{stream}}"],
-                    "output_topic": f"{prefix}/out/{{stream}}",
-                    "status_topic": f"{prefix}/status",
-                },
-                "state": {"dir": str(state)},
-                "metrics": {"port": 0},
-            }
-        )
-    )
-    return path
+DEFAULT_STATE = {"checkpoint_interval": 60}  # the shipped default: the periodic checkpoint on
 
 
 def start(config: Path) -> subprocess.Popen:
@@ -58,7 +39,9 @@ def wait_status(collector: Collector, status: bytes, timeout: float = 20) -> Non
 def test_sigterm_restart_continue_equals_uninterrupted(
     broker: Broker, prefix: str, tmp_path: Path, publisher
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", broker, prefix, tmp_path / "state")
+    config = write_config(
+        tmp_path / "c.yaml", broker, prefix, tmp_path / "state", state=DEFAULT_STATE
+    )
     status = Collector(broker, f"{prefix}/status")
     forecasts = Collector(broker, f"{prefix}/out/+")
     rng = np.random.default_rng(5)
@@ -103,7 +86,9 @@ def test_sigterm_restart_continue_equals_uninterrupted(
 
 
 def test_sigkill_leaves_offline_last_will(broker: Broker, prefix: str, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", broker, prefix, tmp_path / "state")
+    config = write_config(
+        tmp_path / "c.yaml", broker, prefix, tmp_path / "state", state=DEFAULT_STATE
+    )
     status = Collector(broker, f"{prefix}/status")
     proc = start(config)
     wait_status(status, b"online")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forecaster.engine import ForecastColumns
 from forecaster.live import LiveView
+from forecaster.records import ForecastColumns
 from tests.conftest import Broker, Collector
 from tests.helpers import RunningDaemon, daemon_config, mqtt_client, wait_until
 

@@ -32,7 +32,6 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 import torch
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
@@ -42,7 +41,7 @@ from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.normalize import NormalizerConfig
 from forecaster.persist import save_checkpoint
 from tests.conftest import Broker, free_port
-from tests.helpers import link_config, metric_value, mqtt_client
+from tests.helpers import link_config, metric_value, mqtt_client, wait_until, write_config
 
 CALIBRATION_BURST = 600
 MAX_OFFERED_RATE = 1500.0
@@ -143,30 +142,19 @@ def overload_run(
     model = Forecaster(ModelConfig("lstm", 384, 2)).eval()
     save_checkpoint(model_path, model, NormalizerConfig())
     port = free_port()
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "mqtt": {
-                    "host": broker.host,
-                    "port": broker.port,
-                    "client_id": f"{prefix}-fc",
-                    "input_topics": [f"{prefix}/in/{{stream}}"],
-                    "output_topic": f"{prefix}/out/{{stream}}",
-                    "status_topic": f"{prefix}/status",
-                },
-                "model": {"checkpoint": str(model_path)},
-                "engine": {"queue_size": 200, "overload": policy},
-                # No periodic checkpoint in the run: this model's is 7 MB, written and fsynced on
-                # the engine thread (25-37 ms for the write and fsync alone on this disk); every
-                # 5 s in the 12 s probe window after a 60 s overload, that most likely read as
-                # "not recovered" (12.1 s in a fresh-clone CI run). Checkpoints under load are
-                # tested in tests/test_recovery.py.
-                "state": {"dir": str(tmp_path / "state"), "checkpoint_interval": 3600},
-                "metrics": {"port": port},
-                "logging": {"level": "WARNING"},
-            }
-        )
+    config = write_config(
+        tmp_path / "c.yaml",
+        broker,
+        prefix,
+        tmp_path / "state",
+        model={"checkpoint": str(model_path)},
+        engine={"queue_size": 200, "overload": policy},
+        # No periodic checkpoint in the run (the helper's 3600 s): this model's is 7 MB, written
+        # and fsynced on the engine thread (25-37 ms for the write and fsync alone on this disk);
+        # every 5 s in the 12 s probe window after a 60 s overload, that most likely read as "not
+        # recovered" (12.1 s in a fresh-clone CI run). Checkpoints under load: test_recovery.py.
+        metrics={"port": port},
+        logging={"level": "WARNING"},
     )
     out = TimedCollector(broker, f"{prefix}/out/+")
     proc = subprocess.Popen(
@@ -346,6 +334,7 @@ def check(run: Run, policy: str) -> None:
     assert run.recovered_after < 10.0, f"probes still slow: {run.late_probes}"
 
 
+@pytest.mark.slow  # its recovery, drain and offered-rate bounds are timings: not in ``make test``
 @pytest.mark.parametrize("policy", ["drop_oldest", "backpressure"])
 def test_overload_short(broker: Broker, tmp_path: Path, prefix: str, policy: str) -> None:
     check(overload_run(broker, tmp_path, prefix, policy, seconds=5, factor=FACTOR[policy]), policy)
@@ -378,10 +367,17 @@ def test_full_queue_policy(broker: Broker, prefix: str, policy: str, protocol: s
     with mqtt_client(broker) as pub:
         for k in range(10):
             pub.publish(f"{prefix}/in/s", str(k), qos=1).wait_for_publish(5)
-    time.sleep(0.5)
 
     def dropped(reason: str) -> float:
         return registry.get_sample_value("forecaster_messages_dropped_total", {"reason": reason})
+
+    if policy != "backpressure":  # all ten reached the link: three queued, the rest dropped
+        wait_until(
+            lambda: (
+                inbox.qsize() == 3 and dropped("queue_full") + dropped("queue_full_oldest") == 7
+            ),
+            "the link to take all ten messages",
+        )
 
     first = [inbox.get_nowait() for _ in range(3 if policy != "backpressure" else 0)]
     kept = [int(raw.payload) for raw in first]

@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forecaster.engine import Sample
 from forecaster.errors import PayloadError
-from forecaster.parse import REASONS, PayloadParser
+from forecaster.parse import PayloadParser
+from forecaster.reasons import REASONS
+from forecaster.records import Sample
 
 PARSER = PayloadParser(["sensors/{stream}/value", "plant/{stream}"], max_bytes=64)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from forecaster.engine import Engine, Sample, as_batch
+from forecaster.engine import Engine
 from forecaster.errors import CheckpointError
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
@@ -22,6 +22,7 @@ from forecaster.persist import (
     save_checkpoint,
     snapshot,
 )
+from forecaster.records import Sample, as_batch
 
 
 def _predictions(model: Forecaster, norm: NormalizerConfig, values: np.ndarray) -> list[float]:

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from forecaster.engine import Engine, Sample
+from forecaster.engine import Engine
 from forecaster.persist import load_checkpoint
+from forecaster.records import Sample
 from tests.conftest import Broker, Collector, Relay
-from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
+from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until, write_config
 
 
 def series(streams: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
@@ -70,31 +70,18 @@ def offline_reference(values: dict[str, list[float]]) -> Reference:
     return ref
 
 
-def write_config(
+def recovery_config(
     tmp_path: Path, broker: Broker, prefix: str, mqtt: dict | None = None, **state: object
 ) -> Path:
-    path = tmp_path / "forecaster.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "mqtt": {
-                    **(mqtt or {}),
-                    "host": broker.host,
-                    "port": broker.port,
-                    "client_id": f"{prefix}-fc",
-                    "qos_out": 1,
-                    "input_topics": [f"{prefix}/in/{{stream}}"],
-                    "output_topic": f"{prefix}/out/{{stream}}",
-                    "status_topic": f"{prefix}/status",
-                    "reconnect_min_delay": 0.5,
-                    "reconnect_max_delay": 1,
-                },
-                "state": {"dir": str(tmp_path / "state"), "checkpoint_interval": 1, **state},
-                "metrics": {"port": 0},
-            }
-        )
+    """QoS 1 out, a fast reconnect and a checkpoint every second (``state`` overrides)."""
+    return write_config(
+        tmp_path / "forecaster.yaml",
+        broker,
+        prefix,
+        tmp_path / "state",
+        mqtt={**(mqtt or {}), "qos_out": 1, "reconnect_min_delay": 0.5, "reconnect_max_delay": 1},
+        state={"checkpoint_interval": 1, **state},
     )
-    return path
 
 
 class DaemonProcess:
@@ -267,7 +254,7 @@ def sigkill_run(
 ) -> None:
     values = series(streams, rounds)
     ref = offline_reference(values)
-    config = write_config(tmp_path, broker, prefix)
+    config = recovery_config(tmp_path, broker, prefix)
     status = Collector(broker, f"{prefix}/status")
     out = Collector(broker, f"{prefix}/out/+")
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
@@ -329,7 +316,7 @@ def down_while_publishing(
     """SIGTERM, stay down ``down_for`` s while samples keep coming, restart: all applied once."""
     values = series(10, rounds, seed=1)
     ref = offline_reference(values)
-    config = write_config(tmp_path, broker, prefix)
+    config = recovery_config(tmp_path, broker, prefix)
     status = Collector(broker, f"{prefix}/status")
     out = Collector(broker, f"{prefix}/out/+")
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
@@ -402,7 +389,7 @@ def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
         rounds, rate = 150, 300
         values = series(20, rounds, seed=2)
         ref = offline_reference(values)
-        config = write_config(tmp_path, broker, prefix)
+        config = recovery_config(tmp_path, broker, prefix)
         status = Collector(broker, f"{prefix}/status")
         daemon = DaemonProcess(config, tmp_path / "daemon.log")
         daemons.append(daemon)
@@ -511,7 +498,7 @@ def test_replay_after_sigkill_publishes_output_frames_as_the_live_run_did(
     mqtt = {"frame_topics": [f"{prefix}/devices/{{device}}/state"], "output_frames": True}
     # replay_publish all: the broker confirmed these forecasts before the kill, and by default
     # a replay does not publish confirmed ones again
-    config = write_config(
+    config = recovery_config(
         tmp_path, broker, prefix, mqtt, checkpoint_interval=3600, replay_publish="all"
     )
     daemon = DaemonProcess(config, tmp_path / "daemon.log")

@@ -21,10 +21,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from forecaster.config import Config, load_config
 from forecaster.daemon import Daemon
-from forecaster.engine import STREAM_ID, Batch, Engine, Sample
+from forecaster.engine import Engine
 from forecaster.errors import CheckpointError, ConfigError, PayloadError
 from forecaster.parse import PayloadParser
 from forecaster.persist import load_checkpoint
+from forecaster.records import STREAM_ID, Batch, Sample
 from tests.conftest import Broker, free_port
 from tests.helpers import RunningDaemon, daemon_config
 

@@ -1,0 +1,145 @@
+"""``forecaster bench engine``: ns per stream-step of a tick beside a bare nn.RNN call, and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from forecaster.progress import progress_bar
+from forecaster.runtime import tune_process
+
+
+def _timed(call: object, repeats: int) -> float:
+    """Median seconds of ``call()`` over ``repeats`` runs (after one warm-up run)."""
+    call()  # type: ignore[operator]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()  # type: ignore[operator]
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -> dict[str, object]:
+    """ns per stream-step of ``Engine.tick_batch`` (columns in and out: validation, gather,
+    normalise, step, scatter, scoring) and of ``Engine.tick`` (``Sample`` objects in, ``Forecast``
+    objects out) for ticks of ``n`` distinct streams, beside a plain ``nn.RNN`` + ``Linear`` call
+    over the same batch, so the engine's own overhead is visible."""
+    import torch
+
+    from forecaster.engine import Batch, Engine, Sample
+    from forecaster.persist import load_checkpoint
+
+    # The daemon's thread count; glibc's mmap threshold stays dynamic: the engine's figure is the
+    # same either way, the bare call's is best this way (see ``runtime.tune_process``).
+    tune_process(1, allocator=False)
+    checkpoint = load_checkpoint()
+    model = checkpoint.model.eval()
+    rows = []
+    for n in progress_bar(sizes, desc="engine sizes", leave=False):
+        rng = np.random.default_rng(0)
+        names = [f"s{i}" for i in range(n)]
+        repeats = max(3, min(200, 200_000 // n))
+        # Inputs are built beforehand: the figure is the engine's, not the driver's.
+        values = [rng.standard_normal(n) for _ in range(repeats + 1)]
+        batches = iter([Batch.of(names, v) for v in values])
+        samples = iter(
+            [[Sample(s, x) for s, x in zip(names, v.tolist(), strict=True)] for v in values]
+        )
+        columns, objects = (
+            Engine(model, checkpoint.normalizer),
+            Engine(model, checkpoint.normalizer),
+        )
+
+        def tick_batch(engine: Engine = columns, batches: Iterator[Batch] = batches) -> None:
+            engine.tick_batch(next(batches))
+
+        def tick(engine: Engine = objects, samples: Iterator[list[Sample]] = samples) -> None:
+            _ = engine.tick(next(samples)).forecasts
+
+        state = model.init_state(n)
+        x = torch.randn(n, 1, 1)
+
+        def plain(state: torch.Tensor = state, x: torch.Tensor = x) -> None:
+            with torch.inference_mode():
+                model(x, state)  # nn.RNN + Linear, nothing else
+
+        batch_s, plain_s = _timed(tick_batch, repeats), _timed(plain, repeats)
+        objects_s = _timed(tick, repeats)
+        rows.append(
+            {
+                "streams": n,
+                "engine_ns_per_step": 1e9 * batch_s / n,
+                "plain_rnn_ns_per_step": 1e9 * plain_s / n,
+                "overhead": batch_s / plain_s,
+                "stream_steps_per_s": n / batch_s,
+                "objects_ns_per_step": 1e9 * objects_s / n,
+            }
+        )
+    return {"cell": model.config.cell, "hidden_size": model.config.hidden_size, "sizes": rows}
+
+
+def bench_memory(streams: int = 100_000) -> dict[str, float]:
+    """Peak RSS of a fresh process that serves ``streams`` active streams through the Engine,
+    in ticks of the daemon's largest size (``engine.max_batch``)."""
+    import subprocess
+    import sys
+
+    from forecaster.config import EngineConfig
+
+    tick = EngineConfig().max_batch
+
+    # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss over fork and exec, so a child
+    # of a big bench process would report the parent's peak.
+    code = (
+        "import numpy as np\n"
+        "from forecaster.runtime import tune_process; tune_process()  # as run does\n"
+        "from forecaster.engine import Batch, Engine\n"
+        "from forecaster.persist import load_checkpoint\n"
+        "def kb(key='VmHWM'):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+        "ck = load_checkpoint(); base = kb()\n"
+        "e = Engine(ck.model, ck.normalizer)\n"
+        f"names = [f's{{i}}' for i in range({streams})]\n"
+        "for t in range(3):\n"
+        f"    for lo in range(0, len(names), {tick}):\n"
+        f"        chunk = names[lo:lo + {tick}]\n"
+        "        e.tick_batch(Batch.of(chunk, np.full(len(chunk), float(t))))\n"
+        "print(base / 1024, kb() / 1024, len(e.streams), kb('RssFile') / 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {
+        "streams": int(out[2]),
+        "rss_mb_idle": float(out[0]),
+        "rss_mb_peak": float(out[1]),
+        "rss_mb_file": float(out[3]),  # mapped library pages: clean, shared with the page cache
+        "tick": tick,
+    }
+
+
+def print_engine(result: dict[str, object], memory: dict[str, float], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"engine": result, "memory": memory}))
+        return
+    print(f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread:")
+    print(
+        f"  {'streams':>8} {'engine ns/step':>15} {'nn.RNN ns/step':>15} {'overhead':>9}"
+        f" {'steps/s':>12} {'objects ns/step':>16}"
+    )
+    for row in result["sizes"]:  # type: ignore[attr-defined]
+        print(
+            f"  {row['streams']:>8} {row['engine_ns_per_step']:>15.0f} {row['plain_rnn_ns_per_step']:>15.0f}"
+            f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f} {row['objects_ns_per_step']:>16.0f}"
+        )
+    print(
+        f"memory: {memory['streams']} active streams in ticks of {memory['tick']},"
+        f" peak RSS {memory['rss_mb_peak']:.0f} MB"
+        f" (after loading the model: {memory['rss_mb_idle']:.0f} MB; at the end, mapped library"
+        f" files: {memory['rss_mb_file']:.0f} MB)"
+    )
