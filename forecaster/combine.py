@@ -90,6 +90,8 @@ class Combiner:
 
     def __init__(self, config: CombinerConfig | None = None, capacity: int = 0) -> None:
         self.config = config or CombinerConfig()
+        if not self.config.enabled:  # the RNN alone: no per-stream state at all
+            capacity = 0
         k = self.config.features
         self.count = np.zeros(capacity, dtype=np.int64)  # values seen
         self.last = np.full(capacity, np.nan)  # the last value
@@ -132,6 +134,9 @@ class Combiner:
         return len(self.count)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
+        """Per-slot arrays for checkpoints and eviction (none when combination is off)."""
+        if not self.config.enabled:
+            return {}
         return {
             "count": self.count,
             "last": self.last,
@@ -154,11 +159,14 @@ class Combiner:
     def grow(self, capacity: int) -> None:
         """Make room for at least ``capacity`` slots; new slots start empty."""
         extra = capacity - self.capacity
-        if extra <= 0:
+        if extra <= 0 or not self.config.enabled:
             return
-        fresh = Combiner(self.config, extra)
-        for key, column in self.state_arrays().items():
-            setattr(self, key, np.concatenate([column, getattr(fresh, key)]))
+        fresh = Combiner(self.config, 1).state_arrays()  # one empty slot, copied into the new
+        for key, column in self.state_arrays().items():  # one array at a time: at most one old
+            grown = np.empty((capacity, *column.shape[1:]), dtype=column.dtype)  # and one new
+            grown[: len(column)] = column
+            grown[len(column) :] = fresh[key]
+            setattr(self, key, grown)
 
     def reset(self, slots: np.ndarray) -> None:
         fresh = Combiner(self.config, 1)

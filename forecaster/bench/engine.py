@@ -31,6 +31,7 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
     over the same batch, so the engine's own overhead is visible."""
     import torch
 
+    from forecaster.combine import CombinerConfig
     from forecaster.engine import Batch, Engine, Sample
     from forecaster.persist import load_checkpoint
 
@@ -47,6 +48,7 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
         # Inputs are built beforehand: the figure is the engine's, not the driver's.
         values = [rng.standard_normal(n) for _ in range(repeats + 1)]
         batches = iter([Batch.of(names, v) for v in values])
+        batches_rnn = iter([Batch.of(names, v) for v in values])
         samples = iter(
             [[Sample(s, x) for s, x in zip(names, v.tolist(), strict=True)] for v in values]
         )
@@ -61,6 +63,13 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
         def tick(engine: Engine = objects, samples: Iterator[list[Sample]] = samples) -> None:
             _ = engine.tick(next(samples)).forecasts
 
+        # The same ticks with the RNN alone (engine.combine.enabled: false): what the readers
+        # beside it (forecaster.combine) cost, side by side.
+        rnn_only = Engine(model, checkpoint.normalizer, combine=CombinerConfig(enabled=False))
+
+        def tick_rnn(engine: Engine = rnn_only, batches: Iterator[Batch] = batches_rnn) -> None:
+            engine.tick_batch(next(batches))
+
         state = model.init_state(n)
         x = torch.randn(n, 1, 1)
 
@@ -69,7 +78,7 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
                 model(x, state)  # nn.RNN + Linear, nothing else
 
         batch_s, plain_s = _timed(tick_batch, repeats), _timed(plain, repeats)
-        objects_s = _timed(tick, repeats)
+        objects_s, rnn_s = _timed(tick, repeats), _timed(tick_rnn, repeats)
         rows.append(
             {
                 "streams": n,
@@ -78,6 +87,8 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
                 "overhead": batch_s / plain_s,
                 "stream_steps_per_s": n / batch_s,
                 "objects_ns_per_step": 1e9 * objects_s / n,
+                "rnn_only_ns_per_step": 1e9 * rnn_s / n,
+                "combine_cost": batch_s / rnn_s,
             }
         )
     return {"cell": model.config.cell, "hidden_size": model.config.hidden_size, "sizes": rows}
@@ -85,7 +96,14 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
 
 def bench_memory(streams: int = 100_000) -> dict[str, float]:
     """Peak RSS of a fresh process that serves ``streams`` active streams through the Engine,
-    in ticks of the daemon's largest size (``engine.max_batch``)."""
+    in ticks of the daemon's largest size (``engine.max_batch``); also that of the RNN alone
+    (``engine.combine.enabled: false``), what the readers beside it cost."""
+    memory = _memory(streams, combine=True)
+    memory["rss_mb_peak_rnn_only"] = _memory(streams, combine=False)["rss_mb_peak"]
+    return memory
+
+
+def _memory(streams: int, combine: bool) -> dict[str, float]:
     import subprocess
     import sys
 
@@ -103,7 +121,8 @@ def bench_memory(streams: int = 100_000) -> dict[str, float]:
         "def kb(key='VmHWM'):\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
         "ck = load_checkpoint(); base = kb()\n"
-        "e = Engine(ck.model, ck.normalizer)\n"
+        "from forecaster.combine import CombinerConfig\n"
+        f"e = Engine(ck.model, ck.normalizer, combine=CombinerConfig(enabled={combine}))\n"
         f"names = [f's{{i}}' for i in range({streams})]\n"
         "for t in range(3):\n"
         f"    for lo in range(0, len(names), {tick}):\n"
@@ -130,16 +149,17 @@ def print_engine(result: dict[str, object], memory: dict[str, float], as_json: b
     print(f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread:")
     print(
         f"  {'streams':>8} {'engine ns/step':>15} {'nn.RNN ns/step':>15} {'overhead':>9}"
-        f" {'steps/s':>12} {'objects ns/step':>16}"
+        f" {'steps/s':>12} {'objects ns/step':>16} {'RNN-only ns/step':>17} {'readers':>8}"
     )
     for row in result["sizes"]:  # type: ignore[attr-defined]
         print(
             f"  {row['streams']:>8} {row['engine_ns_per_step']:>15.0f} {row['plain_rnn_ns_per_step']:>15.0f}"
             f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f} {row['objects_ns_per_step']:>16.0f}"
+            f" {row['rnn_only_ns_per_step']:>17.0f} {row['combine_cost']:>7.1f}x"
         )
     print(
         f"memory: {memory['streams']} active streams in ticks of {memory['tick']},"
         f" peak RSS {memory['rss_mb_peak']:.0f} MB"
         f" (after loading the model: {memory['rss_mb_idle']:.0f} MB; at the end, mapped library"
-        f" files: {memory['rss_mb_file']:.0f} MB)"
+        f" files: {memory['rss_mb_file']:.0f} MB); the RNN alone: {memory['rss_mb_peak_rnn_only']:.0f} MB"
     )
