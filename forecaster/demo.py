@@ -292,6 +292,8 @@ def run_demo(
                 metrics_url = None
                 if daemon.http is not None:
                     metrics_url = f"http://127.0.0.1:{daemon.http.port}/metrics"
+                    if config.live.enabled:  # the page people without Grafana look at
+                        console.say(f"live page: http://127.0.0.1:{daemon.http.port}/live/")
                 engine = threading.Thread(target=daemon.run, name="engine", daemon=True)
                 engine.start()
                 view = LiveView("127.0.0.1", port, "demo/forecasts/+")
