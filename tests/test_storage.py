@@ -40,9 +40,9 @@ from tests.test_recovery import (
     check_final_state,
     check_forecasts,
     offline_reference,
+    recovery_config,
     series,
     wait_online,
-    write_config,
 )
 
 
@@ -430,7 +430,7 @@ def test_sigkill_replay_publishes_only_unconfirmed_forecasts_then_checkpoints(
     more."""
     values = series(2, 11, seed=8)
     ref = offline_reference(values)
-    config = write_config(tmp_path, broker, prefix, checkpoint_interval=3600)
+    config = recovery_config(tmp_path, broker, prefix, checkpoint_interval=3600)
     state = tmp_path / "state"
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     daemons.append(daemon)
@@ -479,7 +479,7 @@ def test_crash_loop_republishes_little(
     streams, rounds, rate, kills = 20, 600, 400, 10
     values = series(streams, rounds, seed=9)
     ref = offline_reference(values)
-    config = write_config(
+    config = recovery_config(
         tmp_path, broker, prefix, checkpoint_interval=60, replay_publish=replay_publish
     )
     out = Collector(broker, f"{prefix}/out/+")
