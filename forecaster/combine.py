@@ -174,14 +174,36 @@ class Combiner:
             column[slots] = getattr(fresh, key)[0]
 
     def weights(self, slots: np.ndarray) -> np.ndarray:
-        """``(B, components)``: each component's share of the forecast (summing to 1)."""
+        """``(B, components)``: each component's share of the forecast (summing to 1).
+
+        The least-squares weights of the RNN and the AR path within the simplex (each >= 0,
+        together <= 1; the last value takes the rest): the unconstrained solution where it lies
+        inside, else the best point on the simplex's three edges. (Clipping the unconstrained
+        weights instead keeps the other weight's value from a fit it no longer belongs to: on
+        the macro-economic set that cost 5 % in ``geo_rel_mse``.)"""
         a11, a12, a22 = (self.sxx[slots] + [self.config.ridge, 0.0, self.config.ridge]).T
         b1, b2 = self.sxy[slots].T
         det = a11 * a22 - a12 * a12  # > 0: the moments are a Gram matrix, plus the ridge
-        rnn = _clip((a22 * b1 - a12 * b2) / det, 0.0, 1.0)
-        ar = _clip((a11 * b2 - a12 * b1) / det, 0.0, 1.0)
-        over = np.maximum(rnn + ar, 1.0)  # together at most all of the forecast
-        rnn, ar = rnn / over, ar / over
+        inner_rnn = (a22 * b1 - a12 * b2) / det
+        inner_ar = (a11 * b2 - a12 * b1) / det
+        inside = (inner_rnn >= 0.0) & (inner_ar >= 0.0) & (inner_rnn + inner_ar <= 1.0)
+        zero = np.zeros_like(b1)
+        # edges: the AR path alone, the RNN alone, and the two sharing all of the forecast
+        share = _clip((a22 - a12 + b1 - b2) / (a11 - 2.0 * a12 + a22), 0.0, 1.0)
+        candidates = np.array(
+            [
+                [np.where(inside, inner_rnn, 0.0), np.where(inside, inner_ar, 0.0)],
+                [zero, _clip(b2 / a22, 0.0, 1.0)],
+                [_clip(b1 / a11, 0.0, 1.0), zero],
+                [share, 1.0 - share],
+            ]
+        )  # (4, 2, B)
+        rnn, ar = candidates[:, 0], candidates[:, 1]
+        loss = rnn * rnn * a11 + 2.0 * rnn * ar * a12 + ar * ar * a22 - 2.0 * (rnn * b1 + ar * b2)
+        loss[0] = np.where(inside, loss[0], np.inf)
+        best = np.argmin(loss, axis=0)[None]
+        rnn = np.take_along_axis(rnn, best, axis=0)[0]
+        ar = np.take_along_axis(ar, best, axis=0)[0]
         return np.stack([1.0 - rnn - ar, rnn, ar], axis=1)
 
     def step(

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from forecaster.combine import CombinerConfig
 from forecaster.evaluate import run_series, score
 from forecaster.model import ModelConfig
 from forecaster.persist import load_checkpoint
@@ -95,14 +96,27 @@ def test_training_is_deterministic_for_a_seed() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_default_recipe_reproduces_the_shipped_model() -> None:
-    """`forecaster train --seed 1` retrains the shipped model (~6 min) to the figures in docs/accuracy.md."""
+def test_default_recipe_trains_a_model_that_meets_the_sine_goals() -> None:
+    """`forecaster train --seed 1` (~6 min) trains a model that, served alone (no readers beside
+    it), meets the sine goals the shipped one meets (docs/accuracy.md). It checks quality, not
+    bytes: the shipped weights came from an earlier version of the training code, and seed 1
+    no longer reproduces them (clean 9.5e-5 against the shipped 4.2e-5, noisy 0.01192 against
+    0.01194)."""
     result = train_default(Recipe(seed=1), progress=False)
     shipped = load_checkpoint()
     assert shipped.manifest["recipe"] == result.recipe
-    clean = score(run_series(sine_wave(2000), result.model, result.normalizer, progress=False))
+    alone = CombinerConfig(enabled=False)
+    clean = score(
+        run_series(sine_wave(2000), result.model, result.normalizer, progress=False, combine=alone)
+    )
     noisy = score(
-        run_series(sine_wave(2000, noise=0.1), result.model, result.normalizer, progress=False)
+        run_series(
+            sine_wave(2000, noise=0.1),
+            result.model,
+            result.normalizer,
+            progress=False,
+            combine=alone,
+        )
     )
     assert clean.mse <= 1e-4
     assert noisy.mse <= 0.012
