@@ -187,23 +187,22 @@ class Combiner:
         inner_rnn = (a22 * b1 - a12 * b2) / det
         inner_ar = (a11 * b2 - a12 * b1) / det
         inside = (inner_rnn >= 0.0) & (inner_ar >= 0.0) & (inner_rnn + inner_ar <= 1.0)
-        zero = np.zeros_like(b1)
-        # edges: the AR path alone, the RNN alone, and the two sharing all of the forecast
-        share = _clip((a22 - a12 + b1 - b2) / (a11 - 2.0 * a12 + a22), 0.0, 1.0)
-        candidates = np.array(
-            [
-                [np.where(inside, inner_rnn, 0.0), np.where(inside, inner_ar, 0.0)],
-                [zero, _clip(b2 / a22, 0.0, 1.0)],
-                [_clip(b1 / a11, 0.0, 1.0), zero],
-                [share, 1.0 - share],
-            ]
-        )  # (4, 2, B)
-        rnn, ar = candidates[:, 0], candidates[:, 1]
-        loss = rnn * rnn * a11 + 2.0 * rnn * ar * a12 + ar * ar * a22 - 2.0 * (rnn * b1 + ar * b2)
-        loss[0] = np.where(inside, loss[0], np.inf)
-        best = np.argmin(loss, axis=0)[None]
-        rnn = np.take_along_axis(rnn, best, axis=0)[0]
-        ar = np.take_along_axis(ar, best, axis=0)[0]
+        # Outside, the best of the three edges (the loss is convex: inside, the inner point is
+        # the best of all): the AR path alone, the RNN alone, the two sharing all of it.
+        ar_alone = _clip(b2 / a22, 0.0, 1.0)
+        rnn_alone = _clip(b1 / a11, 0.0, 1.0)
+        share = _clip((a22 - a12 + b1 - b2) / (a11 - 2.0 * a12 + a22), 0.0, 1.0)  # the RNN's
+        loss_ar = ar_alone * (ar_alone * a22 - 2.0 * b2)
+        loss_rnn = rnn_alone * (rnn_alone * a11 - 2.0 * b1)
+        rest = 1.0 - share
+        loss_both = share * (share * a11 + 2.0 * rest * a12 - 2.0 * b1) + rest * (
+            rest * a22 - 2.0 * b2
+        )
+        rnn = np.where(loss_rnn < loss_ar, rnn_alone, 0.0)
+        ar = np.where(loss_rnn < loss_ar, 0.0, ar_alone)
+        both = loss_both < np.minimum(loss_ar, loss_rnn)
+        rnn = np.where(inside, inner_rnn, np.where(both, share, rnn))
+        ar = np.where(inside, inner_ar, np.where(both, rest, ar))
         return np.stack([1.0 - rnn - ar, rnn, ar], axis=1)
 
     def step(
