@@ -25,6 +25,7 @@ from pydantic import (
 
 from forecaster.combine import CombinerConfig
 from forecaster.errors import ConfigError
+from forecaster.limits import auto_max_streams
 
 if TYPE_CHECKING:  # scoring loads torch; check-config and parse must not
     from forecaster.scoring import ScoringConfig
@@ -272,6 +273,14 @@ class CombineConfig(Section):
     learn_every: int = Field(_COMBINE.learn_every, ge=1, le=64)  # AR path fed 1 sample in N
 
 
+class NewStreamsConfig(Section):
+    """New stream ids admitted per source (``forecaster.limits``): a burst, then a steady rate."""
+
+    per_s: float = Field(100.0, ge=0)  # new ids a second per source after the burst (0: no limit)
+    burst: int = Field(10_000, ge=1)  # new ids a source may bring at once
+    source_levels: int = Field(1, ge=1)  # a source: the first N levels of the message's topic
+
+
 class EngineConfig(Section):
     max_batch: int = Field(4096, ge=1)  # samples drained into one tick at most
     # Samples of one stream in one tick at most: each is a round of its own (stepped in turn), so
@@ -283,14 +292,22 @@ class EngineConfig(Section):
     overload: Literal["backpressure", "drop_oldest", "drop_newest"] = "backpressure"
     max_abs_value: PositiveFloat = 1e15  # larger magnitudes are rejected as out_of_range
     # Streams kept in memory at most (0: no bound); past it the least recently used one is parked
-    # in the state folder (evicted.sqlite) and restored exactly when it sends again.
-    max_streams: int = Field(0, ge=0)
+    # in the state folder (evicted.sqlite) and restored exactly when it sends again. "auto": sized
+    # to the machine (forecaster.limits: 1/16 of its memory at ~4 KB a stream).
+    max_streams: int = Field("auto", ge=0, validate_default=True)  # type: ignore[assignment]
     # A parked stream silent this long is forgotten (starts afresh if it sends again); and past
     # max_parked parked streams (0: no bound) the longest parked go first. Checked after each
     # checkpoint; evicted.sqlite takes ~1.4 KB per parked stream.
     park_expiry: PositiveFloat = 7 * 86400.0
     max_parked: int = Field(1_000_000, ge=0)
+    new_streams: NewStreamsConfig = NewStreamsConfig()
     gaps: GapConfig = GapConfig()
+
+    @field_validator("max_streams", mode="before")
+    @classmethod
+    def _size_to_machine(cls, value: object) -> object:
+        return auto_max_streams() if value == "auto" else value
+
     horizon: int = Field(1, ge=1, le=1000)  # forecasts published per sample: t+1 ... t+horizon
     combine: CombineConfig = CombineConfig()
 

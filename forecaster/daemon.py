@@ -52,6 +52,7 @@ from forecaster.engine import (
 from forecaster.errors import CheckpointError, ConfigError, PayloadError, StateLossError
 from forecaster.hass import Discovery
 from forecaster.learner import Learner
+from forecaster.limits import NewStreamLimit
 from forecaster.live import LiveView
 from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
@@ -312,6 +313,10 @@ class Daemon:
         if config.home_assistant.enabled:
             self.discovery = Discovery(config, self.link.publish_retained)
         self.rate_limited = RateLimitedLog()
+        new = config.engine.new_streams
+        self.new_streams = (
+            NewStreamLimit(new.per_s, new.burst, new.source_levels) if new.per_s > 0 else None
+        )
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -694,12 +699,31 @@ class Daemon:
             np.array(tick.seq, dtype=np.int64),
         )
         assert self.engine is not None
-        admission = self.engine.admit(columns)
+        admission = self._limit_new_streams(self.engine.admit(columns), origins, batch)
         self._reject_rows(columns, admission.rejected_index, admission.rejected_reason)
         row_origins = np.asarray(origins, dtype=np.int64)
         messages = self._messages(row_origins, admission.index, frames)
         self._commit(HeldTick(admission, messages, row_origins, batch, frames))
         return len(batch)
+
+    def _limit_new_streams(
+        self, admission: Admission, origins: list[int], batch: list[RawMessage]
+    ) -> Admission:
+        """Refuse the rows of new stream ids past their source's allowance (``engine.new_streams``);
+        a tick of resident streams only costs one comparison."""
+        outside = np.flatnonzero(admission.slots < 0)
+        if self.new_streams is None or not len(outside):
+            return admission
+        assert self.engine is not None
+        names = admission.batch.streams
+        refused = self.new_streams.refused(
+            [names[i] for i in outside.tolist()],
+            [batch[origins[row]].topic for row in admission.index[outside].tolist()],
+            lambda stream: self.engine.last_seq(stream) >= 0,  # parked: seen before
+        )
+        if not refused.any():
+            return admission
+        return admission.without(outside[refused], "new_stream_limit")
 
     def _commit(self, held: HeldTick) -> bool:
         """Journal, acknowledge, apply and publish one admitted tick; when the journal cannot

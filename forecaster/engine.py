@@ -269,7 +269,9 @@ class Engine:
         table = self.streams
         rows = admission.batch
         names = rows.streams
-        if self.max_streams:  # parked streams come back, others may move: slots looked up again
+        # Only a tick with streams not resident can park or restore any: parked streams come
+        # back, others may move, so slots are looked up again; else the admission's stand.
+        if self.max_streams and bool((admission.slots < 0).any()):
             # Before the tick counts: should the store fail here, no state has changed and the
             # same admission can be ticked again once it can be written.
             self._make_room(set(names))

@@ -37,6 +37,7 @@ REASONS = (
     "unknown_topic",
     "bad_stream",
     "duplicate",
+    "new_stream_limit",
     "internal_error",
 )
 

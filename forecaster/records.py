@@ -226,6 +226,33 @@ class Admission:
     level: np.ndarray | None  # (M,) each row's round in the tick; None: every stream once
     tick: int  # ``Engine.ticks`` when admitted
 
+    def without(self, rows: np.ndarray, reason: str) -> Admission:
+        """The admission less the admitted ``rows`` (positions in ``batch``), now refused for
+        ``reason``. Take every row of a stream or none: the others' rounds stay as they are.
+        """
+        keep = np.ones(len(self.index), dtype=bool)
+        keep[rows] = False
+        kept = np.flatnonzero(keep)
+        rows_of = self.batch
+        batch = Batch(
+            [rows_of.streams[i] for i in kept.tolist()],
+            rows_of.values[kept],
+            rows_of.ts[kept],
+            rows_of.seq[kept],
+        )
+        refused = np.concatenate([self.rejected_index, self.index[rows]])
+        order = np.argsort(refused, kind="stable")
+        reasons = [*self.rejected_reason, *[reason] * len(rows)]
+        return Admission(
+            batch,
+            self.index[kept],
+            refused[order],
+            [reasons[i] for i in order.tolist()],
+            self.slots[kept],
+            None if self.level is None else self.level[kept],
+            self.tick,
+        )
+
 
 def as_batch(samples: Sequence[Sample]) -> tuple[Batch, np.ndarray, list[tuple[int, str]]]:
     """``Sample`` objects as columns: the batch of those that can be rows, their positions in
