@@ -33,9 +33,7 @@ from forecaster.config import AnomalyConfig, MetricsConfig
 from forecaster.mqtt import LinkEvents
 from forecaster.reasons import DROP_REASONS, REASONS
 from forecaster.records import Forecast, ForecastColumns
-from forecaster.web import HttpEndpoint
-
-__all__ = ["OTHER", "HttpEndpoint", "Metrics"]  # HttpEndpoint: its old home, kept for importers
+from forecaster.web import HttpEndpoint as HttpEndpoint  # its old home, kept for importers
 
 STORAGE_PARTS = ("journal", "checkpoint", "park_store")
 # Defaults: the config models' (one source; the daemon passes the configured values).
