@@ -240,7 +240,7 @@ class LiveView:
 
     # -- HTTP -----------------------------------------------------------------------------------
     def routes(self) -> dict[str, WsgiApp]:
-        """The page's paths, for ``metrics.HttpEndpoint``."""
+        """The page's paths, for ``web.HttpEndpoint``."""
         routes: dict[str, WsgiApp] = {path: _asset(*asset) for path, asset in ASSETS.items()}
         routes["/live"] = _redirect("/live/")
         routes["/live/streams.json"] = self._streams_app

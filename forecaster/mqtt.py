@@ -3,8 +3,7 @@
 Callbacks only convert and enqueue (as aiomqtt does); all work happens in the engine thread. paho
 re-raises an exception from a callback and its network thread then dies silently (paho #894), so
 every callback is wrapped: an exception is logged, counted and swallowed, and a watchdog restarts
-the network loop if it ever stops. ``TCP_NODELAY`` is set on the socket: with Nagle on, p50 latency
-at 1k msg/s was 26 ms instead of 0.4 ms on these machines.
+the network loop if it ever stops. The socket's settings and TLS are ``transport``'s.
 
 Inputs are acknowledged by hand (paho ``manual_ack``): the engine thread acks a message only after
 its sample is journaled, so a crash leaves every unjournaled message with the broker, which
@@ -24,13 +23,11 @@ import contextlib
 import functools
 import logging
 import queue
-import socket
-import ssl
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +36,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from forecaster import transport
 from forecaster.config import MqttConfig, template_filter
-from forecaster.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +70,6 @@ class LinkEvents:
 def _is_settled(info: paho.MQTTMessageInfo) -> bool:
     """Left (QoS 0) or acknowledged (QoS > 0); paho's ``is_published()`` raises for a lost one."""
     return info._published
-
-
-def _network_thread_writes(client: paho.Client, userdata: Any, sock: Any) -> None:
-    """Registered so that paho leaves socket writes to its network thread (see ``_secure``)."""
 
 
 def _guarded(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -133,7 +126,7 @@ class MqttLink:
             manual_ack=True,
         )
         self.client.suppress_exceptions = True  # backstop behind the guards below
-        self._secure(config)
+        transport.secure(self.client, config)
         self.client.will_set(config.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         self.client.reconnect_delay_set(
             int(max(1, config.reconnect_min_delay)), int(max(1, config.reconnect_max_delay))
@@ -144,28 +137,6 @@ class MqttLink:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_socket_open = self._on_socket_open
         self.client.on_connect_fail = self._on_connect_fail
-
-    def _secure(self, config: MqttConfig) -> None:
-        """Credentials (never logged) and TLS; a bad file is a ConfigError naming the key."""
-        username, password = config.credentials()
-        if username:
-            self.client.username_pw_set(username, password)
-        tls = config.tls
-        if not tls.enabled:
-            return
-        try:
-            self.client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-            )
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"mqtt.tls: cannot load the CA, certificate or key ({exc})") from None
-        # paho writes a publish straight from the calling (engine) thread unless a write hook is
-        # registered; an SSL socket must not be written by one thread while another reads it
-        # (measured: the broker saw "unexpected eof" and the link dropped on the first forecast).
-        # With this no-op hook paho wakes its own network thread, which does every write.
-        self.client.on_socket_register_write = _network_thread_writes
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -292,28 +263,9 @@ class MqttLink:
             self._thread.join(timeout)
 
     # -- outgoing ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """Publish a burst (a tick's forecasts) as few TCP segments instead of one per message.
-
-        paho sends each publish at once, and with TCP_NODELAY every send() is a segment that the
-        broker wakes up for. Corked, the sends only fill the socket buffer; uncorking sends them
-        together (Linux's TCP_CORK; Linux also sends corked data after 200 ms). Elsewhere, or
-        with no socket, a no-op.
-        """
-        sock = self.client.socket()
-        cork = getattr(socket, "TCP_CORK", None)
-        corked = False
-        if cork is not None and isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):  # closed by a reconnect meanwhile
-                sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
-                corked = True
-        try:
-            yield
-        finally:
-            if corked:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """A tick's forecasts as few TCP segments (``transport.corked``)."""
+        return transport.corked(self.client)
 
     def publish(self, topic: str, payload: str | bytes, qos: int) -> bool:
         """Hand a forecast to paho; False: it could not take it, the caller keeps it to retry.
@@ -338,8 +290,7 @@ class MqttLink:
     # -- callbacks (convert and enqueue, nothing more) ----------------------------------------
     @_guarded("on_socket_open")
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if hasattr(sock, "setsockopt"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.no_delay(sock)
 
     @_guarded("on_connect_fail")
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:

@@ -1,4 +1,5 @@
-"""The daemon's HTTP port: a WSGI server with a fixed pool of worker threads, and its router.
+"""The daemon's HTTP port: a WSGI server with a fixed pool of worker threads, its router, and the
+``HttpEndpoint`` that serves ``/metrics``, ``/healthz`` and ``/readyz`` on it.
 
 The port serves ``/metrics``, ``/healthz``, ``/readyz`` and (opt-in) the live page; every other
 path is a 404. prometheus-client's ``ThreadingWSGIServer`` starts a thread per connection with no
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +164,52 @@ def router(routes: dict[str, WsgiApp]) -> WsgiApp:
         return routes.get(environ.get("PATH_INFO", "/"), not_found)(environ, start_response)
 
     return app
+
+
+class HttpEndpoint:
+    """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving),
+    and any extra ``routes`` (the live page); other paths 404. A fixed pool of ``workers`` threads
+    answers (``web.PooledWSGIServer``)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        healthy: Callable[[], tuple[bool, str]],
+        ready: Callable[[], tuple[bool, str]],
+        *,
+        routes: dict[str, WsgiApp] | None = None,
+        workers: int = 4,
+        timeout: float = 10.0,
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
+        def probe(check: Callable[[], tuple[bool, str]]) -> WsgiApp:
+            def app(environ: dict, start_response: Callable) -> list[bytes]:
+                ok, detail = check()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+                return [f"{'ok' if ok else 'not ok'}: {detail}\n".encode()]
+
+            return app
+
+        app = router(
+            {
+                "/metrics": make_wsgi_app(registry),
+                "/healthz": probe(healthy),
+                "/readyz": probe(ready),
+                **(routes or {}),
+            }
+        )
+        self.server = PooledWSGIServer(
+            (host, port), app, workers=workers, timeout=timeout, on_refused=on_refused
+        )
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

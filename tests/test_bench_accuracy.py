@@ -17,7 +17,8 @@ from forecaster.bench.accuracy import (
     bench_accuracy,
     river_available,
 )
-from forecaster.evaluate import SeasonalPeriod, progressive, score
+from forecaster.evaluate import progressive, score
+from forecaster.peers import SeasonalPeriod
 
 
 def write_csv(path: Path, values: np.ndarray) -> None:

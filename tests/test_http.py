@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from forecaster.metrics import HttpEndpoint, Metrics
+from forecaster.metrics import Metrics
+from forecaster.web import HttpEndpoint
 from tests.helpers import wait_until
 
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from forecaster.metrics import OTHER, Metrics, _fold
+from forecaster.collectors import fold
+from forecaster.metrics import OTHER, Metrics
 from forecaster.records import Forecast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_fold_of_a_tick_equals_one_value_at_a_time(alpha: float) -> None:
         size = int(rng.integers(1, 40))
         rows = rng.integers(0, labels, size)
         x = rng.normal(3.0, 2.0, (size, 2))
-        _fold(means, counts, rows, x, alpha)
+        fold(means, counts, rows, x, alpha)
         for row, values in zip(rows.tolist(), x, strict=True):
             history[row].append(values)
         for row in range(labels):

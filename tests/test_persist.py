@@ -11,12 +11,12 @@ from safetensors.torch import save_file
 
 from forecaster.engine import Engine
 from forecaster.errors import CheckpointError
+from forecaster.journal import Journal
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
 from forecaster.persist import (
     DEFAULT_CHECKPOINT,
     FORMAT,
-    Journal,
     kept_paths,
     load_checkpoint,
     save_checkpoint,

@@ -30,7 +30,8 @@ from forecaster.config import Config
 from forecaster.daemon import Daemon
 from forecaster.engine import Sample, as_batch
 from forecaster.errors import StateLossError
-from forecaster.persist import Journal, load_checkpoint
+from forecaster.journal import Journal
+from forecaster.persist import load_checkpoint
 from tests.conftest import Broker, Collector, Relay
 from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
 from tests.test_persist import flip_bit

@@ -51,9 +51,9 @@ def accuracy_models(seed: int = 0, models_dir: Path | None = None) -> dict[str, 
     import torch
 
     from forecaster.config import OnlineLearningConfig
-    from forecaster.evaluate import (
+    from forecaster.evaluate import EngineModel
+    from forecaster.peers import (
         DoubleExponentialSmoothing,
-        EngineModel,
         LastValue,
         OnlineAR,
         SeasonalHoltWinters,
@@ -82,7 +82,7 @@ def accuracy_models(seed: int = 0, models_dir: Path | None = None) -> dict[str, 
         "naive": LastValue,
         "ar8_rls": lambda: OnlineAR(p=8, forgetting=0.999),
         "prometheus_des": lambda: DoubleExponentialSmoothing(sf=0.9, tf=0.5),
-        # the season found causally (evaluate.SeasonalPeriod), the same way for both peers
+        # the season found causally (peers.SeasonalPeriod), the same way for both peers
         "seasonal_naive": SeasonalNaive,
         "holtwinters_seasonal": SeasonalHoltWinters,
     }

@@ -25,7 +25,8 @@ def bench_journal(
     import tempfile
 
     from forecaster.engine import Engine, Sample, as_batch
-    from forecaster.persist import Journal, load_checkpoint
+    from forecaster.journal import Journal
+    from forecaster.persist import load_checkpoint
 
     tune_process(1)  # the daemon's setting, under which the engine tick beside it runs
     checkpoint = load_checkpoint()

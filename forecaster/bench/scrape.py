@@ -10,9 +10,10 @@ import urllib.request
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from forecaster.metrics import HttpEndpoint, Metrics
+from forecaster.metrics import Metrics
 from forecaster.progress import progress_bar
 from forecaster.records import Forecast
+from forecaster.web import HttpEndpoint
 
 
 def bench_scrape(streams: int = 5000, cap: int = 100, scrapes: int = 50) -> dict[str, float]:

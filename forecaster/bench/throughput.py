@@ -248,7 +248,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
         "metrics.observe_columns": ("metrics.py", "observe_columns"),
         "engine.tick_batch": ("engine.py", "tick_batch"),
         "orjson.dumps (forecasts)": ("~", "<orjson.dumps>"),
-        "journal append (SQLite)": ("persist.py", "append"),
+        "journal append (SQLite)": ("journal.py", "append"),
         "engine.admit (journal seq)": ("engine.py", "admit"),
         "parse_message": ("parse.py", "parse_message"),
         "forecast_bodies": ("daemon.py", "forecast_bodies"),
