@@ -16,15 +16,12 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from forecaster import ewm
+from forecaster.admission import admit
 from forecaster.combine import COMPONENTS, CombinerConfig
-from forecaster.config import GapConfig
+from forecaster.gaps import GapPolicy, detect_gaps
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
-from forecaster.reasons import ENGINE_REASONS as REJECT_REASONS
 from forecaster.records import (
-    NO_SEQ,
-    STREAM_ID,
     Admission,
     Batch,
     BatchResult,
@@ -35,31 +32,8 @@ from forecaster.records import (
     as_batch,
 )
 from forecaster.scoring import ScoringConfig
-from forecaster.store import MemoryStore, StreamStore
+from forecaster.store import MemoryStore, StreamStore, stack_rows, stream_row
 from forecaster.streams import StreamTable
-
-_GAPS = GapConfig()
-
-
-@dataclass(frozen=True, slots=True)
-class GapPolicy:
-    """Re-warm a stream after a gap in its ``ts``.
-
-    A gap is an inter-arrival time above ``factor`` x the stream's usual interval (an EWM of its
-    inter-arrival times, half-life ``halflife`` intervals, trusted after ``min_intervals`` of
-    them). It resets the stream's hidden state (the normaliser keeps its level and scale), and
-    the first ``rewarm_samples`` forecasts from then on say ``warm=False``. Gaps are not folded
-    into the usual interval; neither are zero or negative intervals (same or older ``ts``).
-    """
-
-    factor: float = _GAPS.factor  # defaults: the ``engine.gaps`` config section's
-    halflife: float = _GAPS.halflife
-    min_intervals: int = _GAPS.min_intervals
-    rewarm_samples: int = _GAPS.rewarm_samples
-
-    @property
-    def alpha(self) -> float:
-        return ewm.alpha(self.halflife)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,52 +152,7 @@ class Engine:
         >>> admission.batch.seq.tolist(), admission.rejected_reason
         ([1, 7], ['duplicate'])
         """
-        names = batch.streams
-        values = np.asarray(batch.values, dtype=np.float64)
-        reason = self._value_reasons(values)
-        table = self.streams
-        slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
-        last = np.where(slots >= 0, table.seq[slots], 0)
-        # Streams not resident (new, or parked by eviction): checked, their last seq looked up
-        # once, and numbered by a key of their own below every slot (-2, -3, ...).
-        keys = slots.copy()
-        outside: dict[str, tuple[int, int]] = {}  # stream -> (key, last seq)
-        for i in np.flatnonzero((slots < 0) & (reason == 0)).tolist():
-            name = names[i]
-            known = outside.get(name)
-            if known is None:
-                if not _valid_stream(name):
-                    reason[i] = 1 + REJECT_REASONS.index("bad_stream")
-                    continue
-                known = outside[name] = (-2 - len(outside), self.last_seq(name))
-            keys[i], last[i] = known
-        candidates = np.flatnonzero(reason == 0)
-        keys = keys[candidates]
-        resident = keys[keys >= 0]
-        rank = np.arange(len(resident))
-        table.scratch[resident] = rank  # where a slot comes twice, the later position wins
-        distinct = len(keys) - len(resident) == len(outside) and bool(
-            (table.scratch[resident] == rank).all()
-        )
-        accepted, seq, level = _number(keys, last[candidates], batch.seq[candidates], distinct)
-        reason[candidates[~accepted]] = 1 + REJECT_REASONS.index("duplicate")
-        index = candidates[accepted]
-        if len(index) == len(names):  # the usual tick: every row, no copies
-            admitted, slots = Batch(names, values, batch.ts, seq), slots
-        else:
-            admitted, slots = (
-                Batch(
-                    [names[i] for i in index.tolist()],
-                    values[index],
-                    batch.ts[index],
-                    seq[accepted],
-                ),
-                slots[index],
-            )
-            level = None if level is None else level[accepted]
-        bad = np.flatnonzero(reason)
-        refused = [REJECT_REASONS[r - 1] for r in reason[bad].tolist()]
-        return Admission(admitted, index, bad, refused, slots, level, self.ticks)
+        return admit(self.streams, batch, self.last_seq, self.max_abs_value, self.ticks)
 
     def last_seq(self, stream: str) -> int:
         """The stream's last applied sequence number, resident or parked (-1: never seen, so a
@@ -309,14 +238,6 @@ class Engine:
                 self.park_error = exc
         return BatchResult(out, admission.rejected_index, admission.rejected_reason)
 
-    def _value_reasons(self, values: np.ndarray) -> np.ndarray:
-        """Per value: 0 when fine, else 1 + its index in ``REJECT_REASONS``."""
-        reason = np.zeros(len(values), dtype=np.int8)
-        with np.errstate(invalid="ignore"):
-            reason[np.abs(values) > self.max_abs_value] = 1 + REJECT_REASONS.index("out_of_range")
-            reason[~np.isfinite(values)] = 1 + REJECT_REASONS.index("non_finite")
-        return reason
-
     def _empty_columns(self, index: np.ndarray, streams: list[str]) -> ForecastColumns:
         m = len(index)
         horizon = self.horizon if self.horizon > 1 else 0
@@ -353,7 +274,7 @@ class Engine:
         self._evict(len(table) + len(new) - self.max_streams, needed)
         if parked:
             names = list(parked)
-            table.put(names, _stack([parked[name] for name in names]))
+            table.put(names, stack_rows([parked[name] for name in names]))
             self.restores += len(names)
 
     def _evict(self, excess: int, keep: set[str]) -> None:
@@ -370,33 +291,11 @@ class Engine:
         names = [table.names[i] for i in chosen.tolist()]
         arrays = table.arrays(chosen)
         # Parked first, then removed: a store that cannot be written leaves the table as it was.
-        self.store.put({name: _row(arrays, i) for i, name in enumerate(names)})
+        self.store.put({name: stream_row(arrays, i) for i, name in enumerate(names)})
         _, src, dst = table.take(names)
         self.evictions += len(names)
         if self.slot_listener is not None:
             self.slot_listener(chosen, src, dst)
-
-    def _gaps(self, slots: np.ndarray, ts: np.ndarray, before: torch.Tensor) -> np.ndarray:
-        """Detect gaps, reset those streams' state in ``before``; return each forecast's warm."""
-        policy = self.gaps
-        assert policy is not None
-        table = self.streams
-        usual = table.interval[slots]
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf only where ts is unknown
-            dt = ts - table.last_ts[slots]  # NaN where either is unknown
-            gap = (table.intervals[slots] >= policy.min_intervals) & (dt > policy.factor * usual)
-            ordinary = (dt > 0) & np.isfinite(dt) & ~gap
-            weight = np.maximum(1.0 / (table.intervals[slots] + 1), policy.alpha)
-            folded = np.where(np.isnan(usual), dt, usual + weight * (dt - usual))
-        table.interval[slots[ordinary]] = folded[ordinary]
-        table.intervals[slots[ordinary]] += 1
-        if gap.any():
-            before[:, torch.from_numpy(gap).to(before.device)] = 0.0  # a fresh state
-            table.cold[slots[gap]] = policy.rewarm_samples
-            self.gap_resets += int(gap.sum())
-        cold = table.cold[slots]
-        table.cold[slots] = np.maximum(cold - 1, 0)
-        return cold == 0
 
     def _step_round(
         self,
@@ -421,7 +320,8 @@ class Engine:
         shape = (table.state.shape[0], len(slots), table.state.shape[2])  # (num_layers, B, width)
         before = torch.index_select(table.state, 1, index, out=self._block("before", shape))
         if self.gaps is not None:
-            out.warm[rows] = self._gaps(slots, ts, before)
+            out.warm[rows], resets = detect_gaps(self.gaps, self.streams, slots, ts, before)
+            self.gap_resets += resets
         z_next, state = self.model.step(
             torch.from_numpy(z.astype(np.float32)).to(self.device),
             before,
@@ -517,51 +417,3 @@ class Engine:
         scale = table.normalizer.frame_scale(slots)
         s = np.fmax(np.abs(error), 0.0) / scale  # NaN -> 0
         return table.scorer.observe(slots, s, covered, scored, values, scale), covered
-
-
-def _number(
-    keys: np.ndarray, last: np.ndarray, given: np.ndarray, distinct: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Sequence numbers: (accepted, seq, level) for samples of streams ``keys`` in arrival order.
-
-    ``last``: each sample's stream's last applied seq; ``given``: the sender's, or NO_SEQ for the
-    stream's next (from 1). One at or below the stream's last is a duplicate; a stream never
-    seen has ``last`` -1, so its first ``seq`` is taken whatever it is. ``level`` is each sample's
-    round in a tick (None when every stream comes once: ``distinct``, done without a Python loop).
-
-    >>> ok, seq, level = _number(np.array([0, 0, 0]), np.array([4, 4, 4]), np.array([-1, 5, 9]), False)
-    >>> ok.tolist(), seq[ok].tolist(), level[ok].tolist()
-    ([True, False, True], [5, 9], [0, 1])
-    """
-    if distinct:
-        seq = np.where(given == NO_SEQ, np.maximum(last + 1, 1), given)  # unnumbered: from 1
-        return seq > last, seq, None
-    accepted = np.zeros(len(keys), dtype=bool)
-    seq = np.zeros(len(keys), dtype=np.int64)
-    level = np.zeros(len(keys), dtype=np.int64)
-    pending: dict[int, tuple[int, int]] = {}  # key -> (last seq, rounds used)
-    for i, (key, before, wanted) in enumerate(
-        zip(keys.tolist(), last.tolist(), given.tolist(), strict=True)
-    ):
-        prev, depth = pending.get(key, (before, 0))
-        number = max(prev + 1, 1) if wanted == NO_SEQ else wanted
-        if number > prev:
-            accepted[i], seq[i], level[i] = True, number, depth
-            pending[key] = (number, depth + 1)
-    return accepted, seq, level
-
-
-def _valid_stream(stream: str) -> bool:
-    return isinstance(stream, str) and STREAM_ID.fullmatch(stream) is not None
-
-
-def _row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
-    """Stream ``i`` of a ``StreamTable.arrays()`` result, keeping the axes (state: (L, 1, W))."""
-    return {k: (v[:, i : i + 1] if k == "state" else v[i : i + 1]) for k, v in arrays.items()}
-
-
-def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Inverse of ``_row`` for several streams (columns all of them have: older rows may lack
-    newer columns, which then start fresh)."""
-    keys = set(rows[0]).intersection(*rows[1:])
-    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in keys}

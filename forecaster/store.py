@@ -204,3 +204,15 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
         out[str(name)] = array.reshape(shape).copy()
         offset += array.nbytes
     return out
+
+
+def stream_row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Stream ``i`` of a ``StreamTable.arrays()`` result, keeping the axes (state: (L, 1, W))."""
+    return {k: (v[:, i : i + 1] if k == "state" else v[i : i + 1]) for k, v in arrays.items()}
+
+
+def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Inverse of ``stream_row`` for several streams (columns all of them have: older rows may lack
+    newer columns, which then start fresh)."""
+    keys = set(rows[0]).intersection(*rows[1:])
+    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in keys}
