@@ -367,6 +367,7 @@ class Daemon:
                     workers=m.http_workers,
                     timeout=m.http_timeout,
                     on_refused=self.metrics.http_refused.inc,
+                    on_rejected=lambda code: self.metrics.http_rejected.labels(str(code)).inc(),
                 )
             except OSError as exc:  # a second daemon or demo on the port: say which setting
                 raise ConfigError(

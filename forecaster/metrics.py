@@ -278,6 +278,12 @@ class Metrics(LinkEvents):
             "HTTP connections refused because every worker was busy and the queue full",
             registry=r,
         )
+        self.http_rejected = Counter(
+            "forecaster_http_rejected_total",
+            "HTTP requests answered 4xx (an unknown path, a malformed request), by status",
+            ["code"],
+            registry=r,
+        )
         self.info = Info("forecaster_build", "Build information", registry=r)
         self.info.info({"version": __version__})
         # Per-stream series are read from ``_labels`` when Prometheus scrapes (a custom

@@ -31,10 +31,17 @@ DEADLINE_TIMEOUTS = 3  # a connection is cut after this many idle timeouts in al
 
 
 class QuietHandler(WSGIRequestHandler):
-    """No access log on stderr (a scrape every few seconds would flood it)."""
+    """No access log on stderr (a scrape every few seconds would flood it); a malformed request
+    (bad request line, headers too long or too many) is answered and counted, not logged."""
 
     def log_message(self, format: str, *args: Any) -> None:
         return
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        on_rejected = getattr(self.server, "on_rejected", None)
+        if on_rejected is not None:
+            on_rejected(code)
+        super().send_error(code, message, explain)
 
 
 class PooledWSGIServer(WSGIServer):
@@ -54,9 +61,11 @@ class PooledWSGIServer(WSGIServer):
         pending: int | None = None,
         timeout: float = 10.0,
         on_refused: Callable[[], None] | None = None,
+        on_rejected: Callable[[int], None] | None = None,
     ) -> None:
         self.timeout_s = timeout
         self.on_refused = on_refused
+        self.on_rejected = on_rejected  # called with the status of each request answered 4xx
         self.refused = 0
         self._pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(
             maxsize=pending if pending is not None else 4 * workers
@@ -166,6 +175,26 @@ def router(routes: dict[str, WsgiApp]) -> WsgiApp:
     return app
 
 
+def counting_client_errors(app: WsgiApp, on_rejected: Callable[[int], None]) -> WsgiApp:
+    """``app``, calling ``on_rejected(status)`` for each answer in 4xx (an unknown path: 404).
+
+    >>> seen = []
+    >>> counted = counting_client_errors(router({}), seen.append)
+    >>> counted({"PATH_INFO": "/x"}, lambda status, headers: None), seen
+    ([b'not found\\n'], [404])
+    """
+
+    def counted(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        def start(status: str, headers: list, *args: Any) -> Any:
+            if status.startswith("4"):
+                on_rejected(int(status[:3]))
+            return start_response(status, headers, *args)
+
+        return app(environ, start)
+
+    return counted
+
+
 class HttpEndpoint:
     """``/metrics`` (prometheus-client), ``/healthz`` (alive), ``/readyz`` (connected and serving),
     and any extra ``routes`` (the live page); other paths 404. A fixed pool of ``workers`` threads
@@ -183,6 +212,7 @@ class HttpEndpoint:
         workers: int = 4,
         timeout: float = 10.0,
         on_refused: Callable[[], None] | None = None,
+        on_rejected: Callable[[int], None] | None = None,
     ) -> None:
         def probe(check: Callable[[], tuple[bool, str]]) -> WsgiApp:
             def app(environ: dict, start_response: Callable) -> list[bytes]:
@@ -201,8 +231,15 @@ class HttpEndpoint:
                 **(routes or {}),
             }
         )
+        if on_rejected is not None:
+            app = counting_client_errors(app, on_rejected)
         self.server = PooledWSGIServer(
-            (host, port), app, workers=workers, timeout=timeout, on_refused=on_refused
+            (host, port),
+            app,
+            workers=workers,
+            timeout=timeout,
+            on_refused=on_refused,
+            on_rejected=on_rejected,
         )
         self.port = self.server.server_port
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)

@@ -9,6 +9,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -30,6 +31,7 @@ def endpoint(workers: int = 2, timeout: float = 10.0) -> tuple[HttpEndpoint, Met
         workers=workers,
         timeout=timeout,
         on_refused=metrics.http_refused.inc,
+        on_rejected=lambda code: metrics.http_rejected.labels(str(code)).inc(),
     )
     http.start()
     return http, metrics
@@ -182,17 +184,40 @@ def garbage_requests(count: int, seed: int = 0) -> list[bytes]:
     "count", [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.fuzz)]
 )
 def test_fuzzed_requests_never_break_the_server(count: int) -> None:
-    http, _ = endpoint(workers=2, timeout=0.5)
+    """Whatever arrives, the server answers or closes, keeps its threads, and every request it
+    answers 4xx is counted in ``forecaster_http_rejected_total`` under its status. (A request
+    without a version is HTTP/0.9: its answer has no status line, so the client sees fewer codes
+    than the server counts.)"""
+    http, metrics = endpoint(workers=2, timeout=0.5)
     try:
         threads = threading.active_count()
+        seen: Counter[str] = Counter()  # status -> requests the client saw it for
         for payload in garbage_requests(count):
+            received = b""
             with socket.create_connection(("127.0.0.1", http.port)) as sock:
                 sock.settimeout(10)
                 with contextlib.suppress(OSError):
                     sock.sendall(payload)
                     sock.shutdown(socket.SHUT_WR)
-                    while sock.recv(65536):  # until the server closes (answer, error or timeout)
-                        pass
+                    while chunk := sock.recv(65536):  # until the server closes
+                        received += chunk
+            if received.startswith(b"HTTP/"):
+                seen[received[9:12].decode("latin-1")] += 1
+        refused = {code: n for code, n in seen.items() if code.startswith("4")}
+        assert refused, "no fuzzed request was refused: the fuzzer sent nothing malformed"
+
+        def counted() -> dict[str, float]:
+            return {
+                sample.labels["code"]: sample.value
+                for sample in metrics.http_rejected.collect()[0].samples
+                if sample.name.endswith("_total")
+            }
+
+        wait_until(
+            lambda: all(counted().get(code, 0) >= n for code, n in refused.items()),
+            "every 4xx answer counted",
+        )
+        assert sum(counted().values()) + seen["200"] <= count
         assert status(http.port, "/healthz") == 200
         assert status(http.port, "/metrics") == 200
         assert threading.active_count() == threads
