@@ -29,6 +29,7 @@ from forecaster.config_mqtt import (  # noqa: F401 (re-exported: one place to im
     PositiveFloat,
     Section,
     TlsConfig,
+    check_plain_topic,
     check_template,
     filters_overlap,
     template_filter,
@@ -205,9 +206,7 @@ class HomeAssistantConfig(Section):
     @field_validator("discovery_prefix")
     @classmethod
     def _check_prefix(cls, topic: str) -> str:
-        if not topic or any(c in topic for c in "#+{}"):
-            raise ValueError("must be a plain topic (no wildcards, no {stream})")
-        return topic
+        return check_plain_topic(topic)
 
 
 class LoggingConfig(Section):

@@ -47,6 +47,13 @@ def check_template(topic: str, name: str = "stream") -> str:
     return topic
 
 
+def check_plain_topic(topic: str) -> str:
+    """A topic to publish to as it is: not empty, no wildcards, no ``{stream}``."""
+    if not topic or any(c in topic for c in "#+{}"):
+        raise ValueError("must be a plain topic (no wildcards, no {stream})")
+    return topic
+
+
 def template_filter(template: str) -> str:
     """The subscription filter of a template: ``{stream}`` (or ``{device}``) becomes ``+``.
 
@@ -174,9 +181,7 @@ class MqttConfig(Section):
     @field_validator("status_topic")
     @classmethod
     def _check_status(cls, topic: str) -> str:
-        if not topic or any(c in topic for c in "#+{}"):
-            raise ValueError("must be a plain topic (no wildcards, no {stream})")
-        return topic
+        return check_plain_topic(topic)
 
     @model_validator(mode="after")
     def _trees_must_not_overlap(self) -> MqttConfig:
