@@ -205,7 +205,7 @@ class Daemon:
             return self._retry(timeout)
         if self.outbox.held(timeout):
             return 0
-        self.keeper.confirm_settled()  # every forecast so far is with the broker
+        self.keeper.confirm_settled()  # the journal notes when the broker has every forecast
         taken = self.intake.take(timeout)
         if taken is None or not taken.batch:
             return 0 if taken is None else taken.count
