@@ -26,8 +26,7 @@ from pydantic import (
 from forecaster.combine import CombinerConfig
 from forecaster.errors import ConfigError
 
-if TYPE_CHECKING:  # scoring and engine load torch; check-config and parse must not
-    from forecaster.engine import GapPolicy
+if TYPE_CHECKING:  # scoring loads torch; check-config and parse must not
     from forecaster.scoring import ScoringConfig
 
 ENV_PREFIX = "FORECASTER_"
@@ -453,16 +452,6 @@ def combiner_config(config: Config) -> CombinerConfig:
         day_bins=c.day_bins,
         learn_every=c.learn_every,
     )
-
-
-def gap_policy(config: Config) -> GapPolicy | None:
-    """The engine's gap handling from ``engine.gaps`` (None: off)."""
-    from forecaster.engine import GapPolicy  # here: the engine loads torch
-
-    gaps = config.engine.gaps
-    if not gaps.enabled:
-        return None
-    return GapPolicy(gaps.factor, gaps.halflife, gaps.min_intervals, gaps.rewarm_samples)
 
 
 def _line_map(node: yaml.Node, path: tuple[str | int, ...] = ()) -> dict[tuple, int]:

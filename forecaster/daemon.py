@@ -183,13 +183,13 @@ class Daemon:
         while not self.inbox.empty() and time.monotonic() < deadline:
             self.step(timeout=0.05)  # the queue is not empty: no wait unless intake is held
         self.checkpoint(wait=True)
+        self.checkpoints.close()
         if self.learner is not None:
             self.learner.close()
-        self.checkpoints.close()
         self.link.close()
-        self.keeper.close()
         if self.http is not None:
             self.http.close()
+        self.keeper.close()  # the journal and the park store, last: nothing writes them now
         self._stopped.set()
         log.info("stopped")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from forecaster.checkpoints import KeptCheckpoint
-from forecaster.config import Config, combiner_config, gap_policy, scoring_config
-from forecaster.engine import Batch, Engine
+from forecaster.config import Config, combiner_config, scoring_config
+from forecaster.engine import Batch, Engine, GapPolicy
 from forecaster.errors import CheckpointError, StateLossError
 from forecaster.faults import RateLimitedLog, StorageFault
 from forecaster.metrics import Metrics
@@ -34,6 +34,14 @@ from forecaster.persist import (
 from forecaster.store import SqliteStore
 
 log = logging.getLogger("forecaster.daemon")  # as before the split: one logger for its lines
+
+
+def gap_policy(config: Config) -> GapPolicy | None:
+    """The engine's gap handling from ``engine.gaps`` (None: off)."""
+    gaps = config.engine.gaps
+    if not gaps.enabled:
+        return None
+    return GapPolicy(gaps.factor, gaps.halflife, gaps.min_intervals, gaps.rewarm_samples)
 
 
 class StateKeeper:
