@@ -7,10 +7,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.combine import COMPONENTS, Combiner, CombinerConfig
-from forecaster.daemon import forecast_bodies
 from forecaster.engine import Engine
 from forecaster.metrics import Metrics
 from forecaster.model import Forecaster
+from forecaster.outbox import forecast_bodies
 from forecaster.records import Batch
 
 

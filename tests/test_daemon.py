@@ -400,12 +400,14 @@ def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(
 
         # Hold the writer: the next checkpoint is copied, then waits for its turn to be written.
         gate = threading.Event()
-        daemon._writer.submit(gate.wait)
+        daemon.checkpoints.writer.submit(gate.wait)
         try:
             send(21, 20)
             forecasts = collector.wait_for(40)
             assert [f["seq"] for f in forecasts] == list(range(1, 41)), "engine stalled"
-            wait_until(lambda: daemon._writing is not None, "a checkpoint waiting to be written")
+            wait_until(
+                lambda: daemon.checkpoints.writing is not None, "a checkpoint waiting to be written"
+            )
             time.sleep(0.5)  # housekeeping ran many times: none may trim for an unwritten file
             assert checkpoint_position(state) == 20
             assert journal_rows(state) == list(range(21, 41))
@@ -432,7 +434,7 @@ def test_checkpoints_are_written_in_the_background_and_trim_only_once_durable(
 
         # A write that fails is counted and trims nothing.
         (tmp_path / "not-a-folder").write_text("")
-        daemon.state_path = tmp_path / "not-a-folder" / "checkpoint.safetensors"
+        daemon.keeper.state_path = tmp_path / "not-a-folder" / "checkpoint.safetensors"
         send(41, 5)
         assert len(collector.wait_for(45)) == 45
         wait_until(

@@ -189,7 +189,8 @@ def run_live_fuzz(broker: Broker, prefix: str, state: Path, publisher: paho.Clie
     ):
         subscription = f"{prefix}/sensors/+/value"
         expected, infos = [0, 0], []  # messages, and the samples or refusals they make
-        parser = running.daemon.parser  # pure: how many outcomes a message has (frames: several)
+        # The parser is pure: how many outcomes a message has (frames: several).
+        parser = running.daemon.intake.parser
 
         def outcomes(topic: str, payload: bytes) -> int:
             try:

@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from forecaster.bench.anomaly import alarm_starts, bench_anomaly
-from forecaster.daemon import forecast_bodies
 from forecaster.engine import Engine
 from forecaster.metrics import OTHER, Metrics
+from forecaster.outbox import forecast_bodies
 from forecaster.persist import load_checkpoint, save_checkpoint
 from forecaster.records import Forecast, Sample
 from forecaster.scoring import ScoringConfig, normal_cdf

@@ -202,7 +202,7 @@ def disk_full_while_publishing(
                 "/readyz 503 naming the journal on a full disk",
                 20,
             )
-            wait_until(lambda: daemon._held is not None, "a tick held for the journal", 10)
+            wait_until(lambda: daemon.intake.held is not None, "a tick held for the journal", 10)
             sent = len(publisher.infos)
             # The fault lasts while ``full_for`` seconds of samples reach the broker.
             wait_until(
@@ -649,7 +649,7 @@ def test_link_cut_while_samples_are_held_applies_each_once(
         try:
             wait_until(lambda: len(out.messages) >= 30, "forecasts before the fault", 20)
             disk.fill()
-            wait_until(lambda: daemon._held is not None, "a tick held for the journal", 10)
+            wait_until(lambda: daemon.intake.held is not None, "a tick held for the journal", 10)
             relay.cut(down_for=0.5)
             wait_until(lambda: daemon.link.connects == 2, "the reconnect", 15)
             sent = len(publisher.infos)

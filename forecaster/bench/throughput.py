@@ -224,8 +224,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
     )
     daemon = Daemon(config)
     tune_process(1)
-    daemon.engine, checkpoint = daemon._build_engine()
-    daemon._replay_journal(checkpoint)
+    daemon.keeper.replay_journal(daemon.keeper.build_engine())
     daemon.link.publish = lambda *args, **kwargs: True  # type: ignore[method-assign]
     daemon.link.ack = lambda batch: None  # type: ignore[method-assign]
 
@@ -251,7 +250,7 @@ def profile_frames(frames: int = 1000, size: int = 100, devices: int = 100) -> d
         "journal append (SQLite)": ("journal.py", "append"),
         "engine.admit (journal seq)": ("engine.py", "admit"),
         "parse_message": ("parse.py", "parse_message"),
-        "forecast_bodies": ("daemon.py", "forecast_bodies"),
+        "forecast_bodies": ("outbox.py", "forecast_bodies"),
     }
     cumulative = {
         (Path(file).name, name): ct
