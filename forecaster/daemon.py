@@ -33,6 +33,7 @@ import queue
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -51,6 +52,7 @@ from forecaster.metrics import HttpEndpoint, Metrics
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.outbox import Outbox
 from forecaster.persist import Journal
+from forecaster.reload import reload_daemon
 from forecaster.store import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class Daemon:
         if config.home_assistant.enabled:
             self.discovery = Discovery(config, self.link.publish_retained)
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reload_from: Path | None = None
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
         self._heartbeat = time.monotonic()
@@ -163,12 +167,20 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self, path: Path | None) -> None:
+        """Re-read the config file between two ticks (SIGHUP; ``forecaster.reload``)."""
+        self._reload_from = path
+        self._reload.set()
+
     def run(self) -> None:
         """Engine loop; returns after a clean shutdown."""
         try:
             while not self._stop.is_set():
                 self.step(timeout=0.2)
                 self._housekeeping()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    reload_daemon(self, self._reload_from)
         finally:
             self.shutdown()
 

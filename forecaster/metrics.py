@@ -86,9 +86,7 @@ class Metrics(LinkEvents):
         self._lock = threading.Lock()  # the engine thread writes _labels, scrapes read it
         r = registry
         self.messages_received = Counter(
-            "forecaster_messages_received_total",
-            "MQTT messages taken off the receive queue",
-            registry=r,
+            "forecaster_messages_received_total", "MQTT messages taken off the queue", registry=r
         )
         self.samples_received = Counter(
             "forecaster_samples_received_total",
@@ -277,6 +275,9 @@ class Metrics(LinkEvents):
             "forecaster_http_refused_total",
             "HTTP connections refused because every worker was busy and the queue full",
             registry=r,
+        )
+        self.config_reloads = Counter(
+            "forecaster_config_reloads_total", "Config reloads (SIGHUP)", ["outcome"], registry=r
         )
         self.http_rejected = Counter(
             "forecaster_http_rejected_total",
