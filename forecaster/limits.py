@@ -1,8 +1,8 @@
 """Bounds that hold by default: how many streams live in memory, and how fast new ones may come.
 
 Anyone who can publish under the input topics can invent stream ids. Each resident stream costs
-about 3.5 KB (hidden state, normaliser, the combiner's AR path and time-of-day profile, the
-interval and anomaly trackers: ``forecaster bench memory``), so without a bound a stray or hostile
+about 4 KB (hidden state, normaliser, the combiner's AR path and time-of-day profile, the
+interval and anomaly trackers: the memory row of ``forecaster bench engine``), so without a bound a stray or hostile
 publisher grows the daemon until the machine swaps. ``auto_max_streams`` sizes the default bound
 to the machine; ``NewStreamLimit`` keeps one source from pushing every known stream out of memory
 (and into the park store) faster than an operator can notice.
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Resident bytes per stream, rounded up from ``forecaster bench memory``'s 3.5 KB at the defaults.
+# Resident bytes per stream at the defaults (``forecaster bench engine``, memory row: the combiner
+# adds ~3.9 KB a stream to the RNN alone's figure).
 STREAM_BYTES = 4096
 MEMORY_SHARE = 16  # resident streams take at most 1/16 of the memory the process may use
 AUTO_MIN, AUTO_MAX = 10_000, 1_000_000
@@ -38,10 +39,10 @@ def memory_limit() -> int:
 
 def auto_max_streams(memory: int | None = None) -> int:
     """The default ``engine.max_streams``: 1/16 of the memory at ~4 KB a stream, kept within
-    10,000 .. 1,000,000 (a 2 GB machine holds 10,000 in memory, a 24 GB one 393,216).
+    10,000 .. 1,000,000 (2 GB: 32,768 streams in memory; 24 GB: 393,216).
 
-    >>> auto_max_streams(24 * 2**30), auto_max_streams(2**30), auto_max_streams(2**40)
-    (393216, 10000, 1000000)
+    >>> auto_max_streams(24 * 2**30), auto_max_streams(2 * 2**30), auto_max_streams(2**29)
+    (393216, 32768, 10000)
     """
     budget = (memory_limit() if memory is None else memory) // MEMORY_SHARE
     return max(AUTO_MIN, min(AUTO_MAX, budget // STREAM_BYTES))
