@@ -102,7 +102,10 @@ class Checkpoints:
             self.writing.future.exception()  # waits; a failure is counted just below
             self._finish_checkpoint()
         started = self._last_checkpoint = time.monotonic()
-        info: dict[str, int] = {}
+        info: dict[str, int | str] = {
+            "model_source": keeper.model_source,
+            "model_epoch": engine.model_epoch,
+        }
         if store is not None:
             info["evicted_generation"] = store.generation
         if journal is not None:

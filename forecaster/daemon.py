@@ -126,11 +126,13 @@ class Daemon:
         assert engine is not None
         if self.config.state.journal:
             self.keeper.replay_journal(checkpoint)
+        deployed = self.keeper.deploy_new_model()  # another model.checkpoint than the state's
         if self.config.online_learning.enabled:
             self.learner = Learner(engine, self.config.online_learning, background=True)
-            self.learner.load_state_tensors(checkpoint.extra)
-            if checkpoint.optimizer is not None:
-                self.learner.optimizer.load_state_dict(checkpoint.optimizer)
+            if not deployed:  # the trainer's state belongs to the weights it trained
+                self.learner.load_state_tensors(checkpoint.extra)
+                if checkpoint.optimizer is not None:
+                    self.learner.optimizer.load_state_dict(checkpoint.optimizer)
             log.info("online learning on (version %d)", self.learner.version)
         self.metrics.model_version.set(engine.model_version)
         self.metrics.streams_active.set(len(engine.streams))

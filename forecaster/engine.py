@@ -116,6 +116,10 @@ class Engine:
         # Told (gone slots, moved src slots, their dst slots) when eviction compacts the slots.
         self.slot_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
         self._blocks: dict[str, torch.Tensor] = {}  # work blocks, see _block
+        # Model deployments so far (``deploy``): a stream whose ``epoch`` is older re-warms.
+        self.model_epoch = 0
+        self.rewarm_samples = 0
+        self.rewarming = False  # some stream may still owe warm=False forecasts
 
     def _block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused work tensor of ``shape`` (contents undefined), kept as large as the largest
@@ -138,6 +142,23 @@ class Engine:
             for name, tensor in self.model.state_dict().items():
                 tensor.copy_(weights[name])
         self.model_version = version
+
+    def deploy(self, weights: dict[str, torch.Tensor], version: int, rewarm: int) -> None:
+        """Serve another model's weights (same architecture) from the next tick on: hidden states
+        built under the old ones would mislead them, so each stream's starts afresh and its next
+        ``rewarm`` forecasts say ``warm=False`` (a parked one when it returns: its ``epoch`` is
+        older). The rest (normaliser, combiner, intervals, seq) does not depend on the weights."""
+        self.swap_weights(weights, version)
+        self.model_epoch += 1
+        self.rewarm_samples = rewarm
+        self._rewarm(np.arange(len(self.streams)))
+
+    def _rewarm(self, slots: np.ndarray) -> None:
+        table = self.streams
+        table.state[:, torch.from_numpy(slots).to(self.device)] = 0.0  # a fresh state
+        table.cold[slots] = self.rewarm_samples
+        table.epoch[slots] = self.model_epoch
+        self.rewarming = True
 
     def admit(self, batch: Batch) -> Admission:
         """What ``tick_batch(batch)`` would accept, with each sequence number filled in.
@@ -210,6 +231,7 @@ class Engine:
         self.ticks += 1
         for i in np.flatnonzero(slots < 0).tolist():
             slots[i] = table.slot(names[i])  # a new stream: fresh state
+            table.epoch[slots[i]] = self.model_epoch
         if self.max_streams:
             table.last_used[slots] = self.ticks
         out = self._empty_columns(admission.index, names)
@@ -276,6 +298,10 @@ class Engine:
             names = list(parked)
             table.put(names, stack_rows([parked[name] for name in names]))
             self.restores += len(names)
+            back = np.fromiter(map(table.slots.__getitem__, names), np.int64, len(names))
+            stale = back[table.epoch[back] != self.model_epoch]
+            if len(stale):  # parked before a new model: built under the old weights
+                self._rewarm(stale)
 
     def _evict(self, excess: int, keep: set[str]) -> None:
         """Park the ``excess`` least recently used streams, except those in ``keep``."""
@@ -322,6 +348,10 @@ class Engine:
         if self.gaps is not None:
             out.warm[rows], resets = detect_gaps(self.gaps, self.streams, slots, ts, before)
             self.gap_resets += resets
+        elif self.rewarming:  # after a new model: its first forecasts of each stream flagged
+            cold = table.cold[slots]
+            out.warm[rows] = cold == 0
+            table.cold[slots] = np.maximum(cold - 1, 0)
         z_next, state = self.model.step(
             torch.from_numpy(z.astype(np.float32)).to(self.device),
             before,

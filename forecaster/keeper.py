@@ -18,7 +18,7 @@ import numpy as np
 from forecaster.checkpoints import KeptCheckpoint
 from forecaster.config import Config, combiner_config, scoring_config
 from forecaster.engine import Batch, Engine, GapPolicy
-from forecaster.errors import CheckpointError, StateLossError
+from forecaster.errors import CheckpointError, ConfigError, StateLossError
 from forecaster.faults import RateLimitedLog, StorageFault
 from forecaster.metrics import Metrics
 from forecaster.outbox import Outbox
@@ -30,6 +30,7 @@ from forecaster.persist import (
     kept_paths,
     load_checkpoint,
     read_manifest,
+    source_id,
 )
 from forecaster.store import SqliteStore
 
@@ -65,6 +66,10 @@ class StateKeeper:
         self.journal_fault = StorageFault("journal", metrics, interval)
         self.park_fault = StorageFault("park_store", metrics, interval)
         self._restored = False  # a checkpoint of the state folder was loaded
+        # The configured model file's identity, and its weights when they are not the ones the
+        # restored state was built under (``deploy_new_model`` serves them after the replay).
+        self.model_source = ""
+        self.new_model: Checkpoint | None = None
         self.kept: list[KeptCheckpoint] = []  # durable checkpoints on disk, newest first
         # A replay (or an accepted loss) is followed by a checkpoint as soon as its forecasts
         # have left, retried every retry_interval: a crash loop then replays only new work.
@@ -75,8 +80,10 @@ class StateKeeper:
         """The engine (``self.engine``) from the state folder's checkpoint, else the model's."""
         device = self.config.model.device
         restored = self._restore(device)
+        self.model_source = source_id(self.config.model.checkpoint)
         if restored is not None:
             checkpoint = restored
+            self._check_model_source(restored, device)
         else:
             checkpoint = load_checkpoint(self.config.model.checkpoint, device)
             log.info(
@@ -107,11 +114,48 @@ class StateKeeper:
             horizon=self.config.engine.horizon,
             combine=combiner_config(self.config),
         )
+        engine.model_epoch = int(checkpoint.manifest.get("info", {}).get("model_epoch", 0))
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
         self.engine = engine
         return checkpoint
+
+    def _check_model_source(self, restored: Checkpoint, device: str) -> None:
+        """A restart with another ``model.checkpoint`` deploys it (same architecture) instead of
+        silently serving the state folder's weights; another architecture is refused."""
+        recorded = restored.manifest.get("info", {}).get("model_source")
+        if recorded is None or recorded == self.model_source:
+            return  # the same file (or a state from before sources were recorded)
+        new = load_checkpoint(self.config.model.checkpoint, device)
+        old_args, new_args = restored.model.config.to_dict(), new.model.config.to_dict()
+        if old_args != new_args:
+            raise ConfigError(
+                f"model.checkpoint is another architecture ({new_args}) than the one the state in"
+                f" {self.state_path.parent} was built with ({old_args}): start with an empty"
+                " state.dir, or with the model it was built with"
+            )
+        self.new_model = new
+
+    def deploy_new_model(self) -> bool:
+        """After the replay (under the old weights, exactly as served): serve the configured
+        model's weights; every hidden state re-warms (``Engine.deploy``). True when it did."""
+        new, engine = self.new_model, self.engine
+        if new is None or engine is None:
+            return False
+        rewarm = self.config.engine.gaps.rewarm_samples
+        engine.deploy(new.model.state_dict(), engine.model_version + 1, rewarm)
+        self.new_model = None
+        self.checkpoint_soon = True  # the next checkpoint records the new source
+        log.warning(
+            "model.checkpoint %s is not the model the saved state was built with: serving it"
+            " (model version %d); every stream's hidden state starts afresh and its next %d"
+            " forecasts say warm: false (normaliser, intervals and readers go on)",
+            self.config.model.checkpoint or "(the shipped model)",
+            engine.model_version,
+            rewarm,
+        )
+        return True
 
     def _restore(self, device: str) -> Checkpoint | None:
         """The newest good checkpoint of the state folder (None: there is none yet).

@@ -13,6 +13,7 @@ The sample journal beside it is ``journal`` (re-exported here for its importers)
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +56,13 @@ class Checkpoint:
     @property
     def model_version(self) -> int:
         return int(self.manifest.get("model_version", 0))
+
+
+def source_id(path: Path | str | None) -> str:
+    """A model file's identity (SHA-256 of its bytes, 16 hex digits; None: the shipped model):
+    recorded in every state checkpoint, so a restart with another ``model.checkpoint`` is seen."""
+    data = Path(path if path is not None else DEFAULT_CHECKPOINT).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def kept_path(path: Path, index: int) -> Path:
@@ -146,7 +154,10 @@ class CheckpointData:
 
 
 def _crc(tensor: torch.Tensor) -> int:
-    """CRC-32 of a tensor's bytes as stored (any dtype; a 0-d tensor too)."""
+    """CRC-32 of a tensor's bytes as stored (any dtype; a 0-d tensor too; an empty one: no
+    bytes, which torch cannot view as bytes: a daemon stopped before any sample came)."""
+    if tensor.numel() == 0:
+        return zlib.crc32(b"")
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return zlib.crc32(data)
 

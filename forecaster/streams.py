@@ -19,8 +19,9 @@ from forecaster.scoring import Scorer, ScoringConfig
 # NaN until known; last_lower/last_upper: the interval published with last_prediction.
 FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "last_lower", "last_upper", "interval")
 # last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
-# times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap.
-INT_COLUMNS = ("seq", "last_used", "intervals", "cold")
+# times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap
+# or a new model; epoch: the model deployment whose weights built the hidden state.
+INT_COLUMNS = ("seq", "last_used", "intervals", "cold", "epoch")
 
 
 class StreamTable:
@@ -47,6 +48,7 @@ class StreamTable:
         self.last_used = np.zeros(capacity, dtype=np.int64)
         self.intervals = np.zeros(capacity, dtype=np.int64)
         self.cold = np.zeros(capacity, dtype=np.int64)
+        self.epoch = np.zeros(capacity, dtype=np.int64)
         self.scratch = np.zeros(capacity, dtype=np.int64)  # the engine's work space, not state
         self.interval = np.full(capacity, np.nan)
         self.last_value = np.full(capacity, np.nan)

@@ -349,3 +349,20 @@ def test_journal_gaps_hole_and_unknown_tail(tmp_path: Path) -> None:
     Path(f"{path}-end").unlink()  # no end marker (a journal from before it): tail unknown
     path.write_bytes(b"")
     assert gaps_of(path, 8) == [(9, None)]
+
+
+def test_a_checkpoint_of_no_streams_writes_and_loads(tmp_path: Path) -> None:
+    """A daemon stopped before any sample came checkpoints an empty table (its CRCs included)."""
+    checkpoint = load_checkpoint()
+    engine = Engine(checkpoint.model, checkpoint.normalizer)
+    path = tmp_path / "empty.safetensors"
+    save_checkpoint(
+        path,
+        engine.model,
+        engine.normalizer_config,
+        stream_names=[],
+        stream_arrays=engine.streams.arrays(),
+    )
+    loaded = load_checkpoint(path)
+    assert loaded.stream_names == []
+    assert loaded.stream_arrays["seq"].shape == (0,)
