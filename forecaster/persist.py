@@ -61,7 +61,11 @@ class Checkpoint:
 def source_id(path: Path | str | None) -> str:
     """A model file's identity (SHA-256 of its bytes, 16 hex digits; None: the shipped model):
     recorded in every state checkpoint, so a restart with another ``model.checkpoint`` is seen."""
-    data = Path(path if path is not None else DEFAULT_CHECKPOINT).read_bytes()
+    file = Path(path if path is not None else DEFAULT_CHECKPOINT)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:  # as load_checkpoint says it: one line naming the file, no traceback
+        raise CheckpointError(file, "file", exc.strerror or "cannot be read") from exc
     return hashlib.sha256(data).hexdigest()[:16]
 
 

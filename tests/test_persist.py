@@ -21,6 +21,7 @@ from forecaster.persist import (
     load_checkpoint,
     save_checkpoint,
     snapshot,
+    source_id,
 )
 from forecaster.records import Sample, as_batch
 
@@ -366,3 +367,9 @@ def test_a_checkpoint_of_no_streams_writes_and_loads(tmp_path: Path) -> None:
     loaded = load_checkpoint(path)
     assert loaded.stream_names == []
     assert loaded.stream_arrays["seq"].shape == (0,)
+
+
+def test_a_missing_model_file_is_a_checkpoint_error_naming_it(tmp_path: Path) -> None:
+    """Its identity is read at every start (a saved state too): a clear error, not a traceback."""
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors"):
+        source_id(tmp_path / "missing.safetensors")
