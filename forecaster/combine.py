@@ -69,6 +69,12 @@ class CombinerConfig:
     prior_count: float = 5.0  # the stack's moments start as this many zero samples (naive)
     ridge: float = 0.01  # added to the stack's moments' diagonal: shrinks towards the last value
     clip: float = 6.0  # bound on predicted and actual changes, in typical changes
+    # The guard: the mix's own record against the last value, out of sample (the running mean,
+    # then the stack's EWM, of its squared error minus the last value's, in typical changes²).
+    # At an excess of ``guard`` the forecast is the last value; below it the mix is faded in.
+    # A record starts at ``guard_prior`` worth ``prior_count`` samples: a young stream earns its mix.
+    guard: float = 0.1
+    guard_prior: float = 0.3
 
     @property
     def features(self) -> int:
@@ -128,6 +134,8 @@ class Combiner:
         self.pred = np.full((capacity, len(COMPONENTS)), np.nan)  # forecasts of the next value
         self.sxx = np.zeros((capacity, 3))  # EW moments of the predicted changes (rnn, ar)
         self.sxy = np.zeros((capacity, 2))  # ... and of each with the change that followed
+        self.mixed = np.full(capacity, np.nan)  # the mix's forecast of the next value (unguarded)
+        self.record = np.full(capacity, np.nan)  # the guard's record (NaN: none kept yet)
 
     @property
     def capacity(self) -> int:
@@ -154,6 +162,8 @@ class Combiner:
             "pred": self.pred,
             "sxx": self.sxx,
             "sxy": self.sxy,
+            "mixed": self.mixed,
+            "record": self.record,
         }
 
     def grow(self, capacity: int) -> None:
@@ -235,6 +245,14 @@ class Combiner:
         var = self.change_var[slots]
         var = np.where(seen, var + weight * (change * change - var), var)
         self.change_var[slots] = var
+        if scored.any():
+            self._guard(
+                slots[scored],
+                x[scored] - self.mixed[slots[scored]],
+                change[scored],
+                var[scored],
+                count[scored],
+            )
         lags = self.lags[slots]
         recent = np.concatenate([change[:, None], lags[:, :-1]], axis=1).astype(np.float32)
         lags = np.where(seen[:, None], recent, lags)  # as stored: _learn reads the same features
@@ -257,7 +275,42 @@ class Combiner:
         pred = np.stack([x, rnn, x + scale * ar_change], axis=1)  # (B, components)
         self.pred[slots] = pred
         weights = self.weights(slots)
+        self.mixed[slots] = np.einsum("bc,bc->b", weights, pred)
+        # The guard: fade the mix towards the last value as its record says it does worse.
+        record = self._record(slots, self.count[slots])
+        trust = _clip(1.0 - np.maximum(record, 0.0) / config.guard, 0.0, 1.0)
+        weights *= trust[:, None]
+        weights[:, NAIVE] += 1.0 - trust
         return np.einsum("bc,bc->b", weights, pred), weights
+
+    def _guard(
+        self,
+        slots: np.ndarray,
+        missed: np.ndarray,
+        change: np.ndarray,
+        var: np.ndarray,
+        count: np.ndarray,
+    ) -> None:
+        """One step of the guard's record: the mix's squared miss less the last value's, in
+        typical changes² (this change included: one surprise weighs at most ``clip``²), at the
+        stack's pace."""
+        config = self.config
+        excess = (missed * missed - change * change) / np.maximum(var, 1e-300)
+        _clip(excess, -(config.clip**2), config.clip**2)
+        excess = np.where(np.isnan(excess), 0.0, excess)  # none mixed (an older checkpoint)
+        weight = np.maximum(
+            1.0 / (count + config.prior_count), config.alpha(config.weight_halflife)
+        )
+        record = self._record(slots, count)
+        self.record[slots] = record + weight * (excess - record)
+
+    def _record(self, slots: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """The guard's record; where none is kept yet, the prior's share of ``count`` samples (a
+        stream restored from a checkpoint older than the guard starts with a clean record)."""
+        config = self.config
+        record = self.record[slots]
+        prior = config.guard_prior * config.prior_count / (count + config.prior_count)
+        return np.where(np.isnan(record), prior, record)
 
     def _anchors(self, slots: np.ndarray) -> np.ndarray:
         """``(B, a)``: the levels a stream may revert to: smoothed levels, time of day."""

@@ -8,6 +8,7 @@ values parsed as YAML scalars), for containers and systemd units.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -69,6 +70,7 @@ class CombineConfig(Section):
     weight_halflife: PositiveFloat = _COMBINE.weight_halflife  # samples; how fast weights move
     day_bins: int = Field(_COMBINE.day_bins, ge=0, le=1440)  # time-of-day bins (0: none)
     learn_every: int = Field(_COMBINE.learn_every, ge=1, le=64)  # AR path fed 1 sample in N
+    guard: float = Field(_COMBINE.guard, ge=0)  # the mix's excess error at which it falls back
 
 
 class NewStreamsConfig(Section):
@@ -264,6 +266,7 @@ def combiner_config(config: Config) -> CombinerConfig:
         weight_halflife=c.weight_halflife,
         day_bins=c.day_bins,
         learn_every=c.learn_every,
+        guard=c.guard if c.guard > 0 else math.inf,
     )
 
 

@@ -14,9 +14,11 @@ from forecaster.outbox import forecast_bodies
 from forecaster.records import Batch
 
 
-def run(values: np.ndarray, rnn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run(
+    values: np.ndarray, rnn: np.ndarray, config: CombinerConfig | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Forecasts and weights of one stream fed ``values``, the RNN saying ``rnn[t]`` at t."""
-    combiner = Combiner(CombinerConfig(), capacity=1)
+    combiner = Combiner(config or CombinerConfig(), capacity=1)
     slot = np.array([0])
     out, weights = np.empty(len(values)), np.empty((len(values), len(COMPONENTS)))
     for t in range(len(values)):
@@ -56,6 +58,37 @@ def test_an_rnn_that_reads_the_stream_carries_its_forecast() -> None:
     forecasts, weights = run(x, rnn)
     assert weights[-1, COMPONENTS.index("rnn")] > 0.9
     assert np.mean((x[1001:] - forecasts[1000:-1]) ** 2) < 0.05
+
+
+def test_the_guard_falls_back_to_the_last_value_when_the_mix_keeps_missing() -> None:
+    """An RNN that read the stream perfectly goes wrong. The stack turns away from it, but its
+    moments still credit the RNN's long good run; the guard's out-of-sample record of the mix
+    against the last value closes sooner and the forecast is the last value."""
+    rng = np.random.default_rng(3)
+    values = np.cumsum(rng.normal(size=600))
+    oracle = np.append(values[1:], values[-1])  # the next value, known in advance
+    rnn = oracle.copy()
+    rnn[400:] = values[400:] - 3.0 * (oracle[400:] - values[400:])  # now three times wrong
+    guarded, weights = run(values, rnn)
+    unguarded, unguarded_weights = run(values, rnn, CombinerConfig(guard=np.inf))
+    assert weights[399, 1] > 0.9  # the RNN carried the stream
+    assert weights[470, 0] == 1.0 and unguarded_weights[470, 0] < 0.95
+    after = slice(440, 500)
+    guarded_mse = np.mean((guarded[after] - oracle[after]) ** 2)
+    assert guarded_mse < 0.9 * np.mean((unguarded[after] - oracle[after]) ** 2)
+
+
+def test_a_young_stream_earns_its_mix() -> None:
+    """The guard's record starts against the mix: the first forecast the stack would hand to
+    the RNN is the last value; once the mix has beaten the last value, it serves."""
+    rng = np.random.default_rng(4)
+    values = np.cumsum(rng.normal(size=50))
+    oracle = np.append(values[1:], values[-1])
+    rnn = values + 0.5 * (oracle - values) + rng.normal(scale=0.5, size=50)  # informative
+    _, weights = run(values, rnn)
+    _, unguarded = run(values, rnn, CombinerConfig(guard=np.inf))
+    assert unguarded[1, 1] > 0.9 and weights[1, 0] == 1.0
+    assert weights[10, 1] > 0.9
 
 
 def test_a_flat_stream_keeps_finite_state() -> None:
