@@ -105,6 +105,7 @@ class Checkpoints:
         info: dict[str, int | str] = {
             "model_source": keeper.model_source,
             "model_epoch": engine.model_epoch,
+            "challenger_source": keeper.challenger_source,
         }
         if store is not None:
             info["evicted_generation"] = store.generation

@@ -124,6 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.accept_state_loss:
         state = config.state.model_copy(update={"accept_state_loss": True})
         config = config.model_copy(update={"state": state})
+    if args.challenger is not None:
+        model = config.model.model_copy(update={"challenger": args.challenger})
+        config = config.model_copy(update={"model": model})
     logging.getLogger().setLevel(config.logging.level if not args.verbose else logging.DEBUG)
     runtime.tune_process(config.model.threads)
     daemon = Daemon(config)
@@ -262,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon: MQTT in, forecasts out, /metrics")
     run.add_argument("-c", "--config", type=Path, help="YAML config (default: built-in defaults)")
+    run.add_argument(
+        "--challenger",
+        type=Path,
+        help="a second model (.safetensors) run in the shadow on every sample, scored, never"
+        " published (as model.challenger)",
+    )
     run.add_argument(
         "--accept-state-loss",
         action="store_true",

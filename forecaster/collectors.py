@@ -48,6 +48,8 @@ class LabelTable:
         self.rolling_n = np.zeros(capacity, dtype=np.int64)
         self.interval = np.zeros((capacity, 2))  # EWMA of covered (0/1) and width
         self.interval_n = np.zeros(capacity, dtype=np.int64)
+        self.challenger = np.zeros((capacity, 1))  # EWMA of the shadow challenger's e^2
+        self.challenger_n = np.zeros(capacity, dtype=np.int64)
 
     def rows(self, streams: list[str], cap: int) -> np.ndarray:
         """Each stream's row: its own label while fewer than ``cap`` streams have one, else
@@ -90,6 +92,8 @@ class LabelTable:
                     *self.rolling[row].tolist(),
                     int(self.interval_n[row]),
                     *self.interval[row].tolist(),
+                    int(self.challenger_n[row]),
+                    float(self.challenger[row, 0]),
                 ),
             )
             for row, label in enumerate(self.names)
@@ -111,10 +115,16 @@ class Numbers:
     interval_n: int
     coverage: float
     width: float
+    challenger_n: int = 0
+    challenger_sq: float = 0.0
 
     @property
     def skill(self) -> float:
         return 1.0 - self.sq / self.naive_sq if self.naive_sq > 0 else 0.0
+
+    @property
+    def challenger_skill(self) -> float:
+        return 1.0 - self.challenger_sq / self.naive_sq if self.naive_sq > 0 else 0.0
 
 
 def fold(
@@ -184,6 +194,11 @@ def rolling(attribute: str, transform: Callable[[float], float] = float) -> Call
     return lambda n: transform(getattr(n, attribute)) if n.rolling_n else None
 
 
+def shadow(attribute: str, transform: Callable[[float], float] = float) -> Callable:
+    """A rolling statistic of the shadow challenger, exported from its first error on."""
+    return lambda n: transform(getattr(n, attribute)) if n.challenger_n and n.rolling_n else None
+
+
 def interval(attribute: str) -> Callable:
     """A rolling interval statistic, exported from the label's first scored interval on."""
     return lambda n: getattr(n, attribute) if n.interval_n else None
@@ -201,6 +216,16 @@ STREAM_GAUGES: tuple[tuple[str, str, Callable[[Numbers], float | None]], ...] = 
     ("naive_mae", "Rolling MAE of the last-value forecast", rolling("naive_abs")),
     ("naive_rmse", "Rolling RMSE of the last-value forecast", rolling("naive_sq", math.sqrt)),
     ("skill", "1 - MSE/naive MSE (rolling); below 0 the model loses", rolling("skill")),
+    (
+        "challenger_rmse",
+        "Rolling RMSE of the shadow challenger's forecast (model.challenger; never published)",
+        shadow("challenger_sq", math.sqrt),
+    ),
+    (
+        "challenger_skill",
+        "1 - challenger MSE/naive MSE (rolling); compare with forecaster_stream_skill",
+        shadow("challenger_skill"),
+    ),
     (
         "interval_coverage",
         "Rolling (EWMA) share of values inside the interval published before them",
@@ -266,7 +291,29 @@ class StreamCollector(Collector):
             for label, numbers in snapshot or ():
                 counter.add_metric([label], count(numbers))
             families.append(counter)
+        families.append(StreamCollector._models(snapshot or []))
         return families
+
+    @staticmethod
+    def _models(snapshot: list[tuple[str, Numbers]]) -> Metric:
+        """Served model against the challenger over every labelled stream both have scored: the
+        geometric mean of each stream's rolling MSE / naive MSE (``bench accuracy``'s summary)."""
+        gauge = GaugeMetricFamily(
+            "forecaster_model_geo_rel_mse",
+            "Geometric mean over streams of rolling MSE / naive MSE, by role (champion: served,"
+            " challenger: model.challenger); lower is better, 1 = the last value",
+            labels=["role"],
+        )
+        both = [
+            n
+            for label, n in snapshot
+            if label != OTHER and n.challenger_n and n.rolling_n and n.naive_sq > 0
+        ]
+        if both:
+            for role, sq in (("champion", "sq"), ("challenger", "challenger_sq")):
+                ratios = np.array([getattr(n, sq) / n.naive_sq for n in both])
+                gauge.add_metric([role], float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-300))))))
+        return gauge
 
 
 class TickHistogram(Collector):

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # scoring loads torch; check-config and parse must not
 
 class ModelSection(Section):
     checkpoint: Path | None = None  # None: the model shipped inside the package
+    challenger: Path | None = None  # a second model, run in the shadow and scored, never published
     device: str = "cpu"  # "cuda", "cuda:1", ...
     threads: int = Field(1, ge=1)  # torch threads; 1 is fastest below ~10k streams per tick
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from forecaster.admission import admit
-from forecaster.combine import COMPONENTS, CombinerConfig
+from forecaster.combine import COMPONENTS, RNN, CombinerConfig
 from forecaster.gaps import GapPolicy, detect_gaps
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
@@ -83,6 +83,7 @@ class Engine:
         scoring: ScoringConfig | None = None,
         horizon: int = 1,
         combine: CombinerConfig | None = None,
+        challenger: Forecaster | None = None,
     ) -> None:
         self.horizon = horizon  # steps ahead published; the state never sees its own forecasts
         self.device = torch.device(device)
@@ -90,12 +91,16 @@ class Engine:
         self.normalizer_config = normalizer or NormalizerConfig()
         self.scoring_config = scoring or ScoringConfig()
         self.combine_config = combine or CombinerConfig()
+        # A shadow challenger: stepped on the same samples with its own hidden states, scored,
+        # never published (``_shadow``).
+        self.challenger = None if challenger is None else challenger.to(self.device).eval()
         self.streams = StreamTable(
             self.model,
             self.normalizer_config,
             self.device,
             scoring=self.scoring_config,
             combine=self.combine_config,
+            challenger=self.challenger,
         )
         self.max_abs_value = max_abs_value
         self.model_version = model_version
@@ -286,6 +291,7 @@ class Engine:
             path_lower=np.empty((m, horizon)) if horizon else None,
             path_upper=np.empty((m, horizon)) if horizon else None,
             weights=np.empty((m, len(COMPONENTS))) if self.combine_config.enabled else None,
+            challenger_error=floats() if self.challenger is not None else None,
         )
 
     def _make_room(self, needed: set[str]) -> None:
@@ -352,18 +358,17 @@ class Engine:
             cold = table.cold[slots]
             out.warm[rows] = cold == 0
             table.cold[slots] = np.maximum(cold - 1, 0)
-        z_next, state = self.model.step(
-            torch.from_numpy(z.astype(np.float32)).to(self.device),
-            before,
-            out=self._block("after", shape),
-        )
+        z_in = torch.from_numpy(z.astype(np.float32)).to(self.device)
+        z_next, state = self.model.step(z_in, before, out=self._block("after", shape))
         if observer is not None:
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
         scale = table.normalizer.frame_scale(slots)  # after the update: the forecast's frame
-        prediction = self._forecast(
+        prediction, rnn = self._forecast(
             out, rows, slots, values, ts, z, z_next.double().cpu().numpy(), scale
         )
+        if self.challenger is not None:
+            self._shadow(out, rows, slots, values, index, z_in, scale, prediction, rnn)
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
         half = table.scorer.halfwidth(slots) * scale
@@ -396,19 +401,57 @@ class Engine:
         z: np.ndarray,
         z_next: np.ndarray,
         scale: np.ndarray,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The published forecast: the RNN's, mixed with the AR path and the last value
         (``forecaster.combine``; their weights go to ``out.weights[rows]``), or the RNN's
-        alone, shrunk by the normaliser's gain."""
+        alone, shrunk by the normaliser's gain. Also the RNN's part, before mixing."""
         norm = self.streams.normalizer
         if not self.combine_config.enabled:
-            return norm.forecast(slots, z_next, scale)
+            prediction = norm.forecast(slots, z_next, scale)
+            return prediction, prediction
         # After a value the normaliser clipped, the RNN cannot tell how far it went: last value.
         rnn = np.where(norm.clipped[slots] > 0, values, norm.denormalize(slots, z_next, scale))
         prediction, weights = self.streams.combiner.step(slots, values, rnn, z, ts)
         assert out.weights is not None
         out.weights[rows] = weights
-        return prediction
+        return prediction, rnn
+
+    def _shadow(
+        self,
+        out: ForecastColumns,
+        rows: slice | np.ndarray,
+        slots: np.ndarray,
+        values: np.ndarray,
+        index: torch.Tensor,
+        z_in: torch.Tensor,
+        scale: np.ndarray,
+        prediction: np.ndarray,
+        rnn: np.ndarray,
+    ) -> None:
+        """The challenger's turn: score its last forecast, step its own hidden states on the
+        same input and forecast. Its forecast is the published one with the challenger's RNN in
+        place of the served RNN (same mix weights, same normaliser), so the two differ by the
+        model alone; nothing the published forecast depends on is touched."""
+        table = self.streams
+        assert self.challenger is not None and table.challenger_state is not None
+        assert out.challenger_error is not None
+        out.challenger_error[rows] = values - table.challenger_prediction[slots]
+        states = table.challenger_state
+        shape = (states.shape[0], len(slots), states.shape[2])
+        before = torch.index_select(states, 1, index, out=self._block("shadow_before", shape))
+        z_next, state = self.challenger.step(z_in, before, out=self._block("shadow_after", shape))
+        states.index_copy_(1, index, state)
+        norm = table.normalizer
+        raw = norm.denormalize(slots, z_next.double().cpu().numpy(), scale)
+        clipped = norm.clipped[slots] > 0
+        if self.combine_config.enabled:
+            assert out.weights is not None
+            mine = np.where(clipped, values, raw)
+            forecast = prediction + out.weights[rows][:, RNN] * (mine - rnn)
+        else:  # the normaliser's gain, as ``Normalizer.forecast`` applies it (without its record)
+            last = norm.last[slots]
+            forecast = last + np.where(clipped, 0.0, norm.gain(slots)) * (raw - last)
+        table.challenger_prediction[slots] = forecast
 
     def _paths(
         self,

@@ -21,6 +21,7 @@ from forecaster.engine import Batch, Engine, GapPolicy
 from forecaster.errors import CheckpointError, ConfigError, StateLossError
 from forecaster.faults import RateLimitedLog, StorageFault
 from forecaster.metrics import Metrics
+from forecaster.model import Forecaster
 from forecaster.outbox import Outbox
 from forecaster.persist import (
     Checkpoint,
@@ -69,6 +70,7 @@ class StateKeeper:
         # The configured model file's identity, and its weights when they are not the ones the
         # restored state was built under (``deploy_new_model`` serves them after the replay).
         self.model_source = ""
+        self.challenger_source = ""  # source_id of model.challenger ("": none)
         self.new_model: Checkpoint | None = None
         self.kept: list[KeptCheckpoint] = []  # durable checkpoints on disk, newest first
         # A replay (or an accepted loss) is followed by a checkpoint as soon as its forecasts
@@ -81,6 +83,7 @@ class StateKeeper:
         device = self.config.model.device
         restored = self._restore(device)
         self.model_source = source_id(self.config.model.checkpoint)
+        challenger = self._challenger(restored, device)
         if restored is not None:
             checkpoint = restored
             self._check_model_source(restored, device)
@@ -113,6 +116,7 @@ class StateKeeper:
             scoring=scoring_config(self.config),
             horizon=self.config.engine.horizon,
             combine=combiner_config(self.config),
+            challenger=challenger,
         )
         engine.model_epoch = int(checkpoint.manifest.get("info", {}).get("model_epoch", 0))
         if checkpoint.stream_names:
@@ -120,6 +124,21 @@ class StateKeeper:
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
         self.engine = engine
         return checkpoint
+
+    def _challenger(self, restored: Checkpoint | None, device: str) -> Forecaster | None:
+        """``model.challenger``'s model; its hidden states from the saved state only when they
+        were built by the same file (else they start afresh)."""
+        path = self.config.model.challenger
+        self.challenger_source = "" if path is None else source_id(path)
+        if path is None:
+            return None
+        if restored is not None:
+            recorded = restored.manifest.get("info", {}).get("challenger_source")
+            if recorded != self.challenger_source:
+                restored.stream_arrays.pop("challenger_state", None)
+        model = load_checkpoint(path, device).model
+        log.info("challenger %s runs in the shadow (scored, never published)", path)
+        return model
 
     def _check_model_source(self, restored: Checkpoint, device: str) -> None:
         """A restart with another ``model.checkpoint`` deploys it (same architecture) instead of

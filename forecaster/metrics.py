@@ -354,6 +354,7 @@ class Metrics(LinkEvents):
             f.anomaly,
             covered,
             f.weights,
+            f.challenger_error,
         )
 
     def observe_forecasts(self, forecasts: Iterable[Forecast]) -> None:
@@ -392,6 +393,7 @@ class Metrics(LinkEvents):
         anomaly: np.ndarray,
         covered: np.ndarray,
         weights: np.ndarray | None = None,
+        challenger_error: np.ndarray | None = None,
     ) -> None:
         """Fold a tick's forecasts into each label's numbers (NaN error: none yet; NaN covered:
         no interval yet), in arrival order, as columns. ``StreamCollector`` exports them at
@@ -436,6 +438,17 @@ class Metrics(LinkEvents):
                 self.coverage_alpha,
                 distinct,
             )
+            if challenger_error is not None:
+                shadow = bounded(challenger_error, 1e150)
+                both = scored & ~np.isnan(shadow)
+                fold(
+                    table.challenger,
+                    table.challenger_n,
+                    rows[both],
+                    (shadow[both] * shadow[both])[:, None],
+                    self.alpha,
+                    distinct,
+                )
         self.abs_error.observe_many(np.abs(errors[scored]))
 
     def labelled(self, start: int = 0) -> list[str]:

@@ -36,6 +36,7 @@ from forecaster.journal import Journal as Journal  # its old home, kept for impo
 from forecaster.journal import Messages as Messages
 from forecaster.model import Forecaster, ModelConfig
 from forecaster.normalize import NormalizerConfig
+from forecaster.store import STATE_KEYS
 
 FORMAT = "forecaster-checkpoint/1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "default.safetensors"
@@ -324,7 +325,7 @@ def load_checkpoint(
         k[len("streams.") :]: v.numpy() for k, v in tensors.items() if k.startswith("streams.")
     }
     for key, array in arrays.items():
-        width = array.shape[1] if key == "state" else array.shape[0]
+        width = array.shape[1] if key in STATE_KEYS else array.shape[0]
         if width != len(names):
             raise CheckpointError(
                 path, f"streams.{key}", f"{width} streams, manifest names {len(names)}"

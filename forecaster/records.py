@@ -144,6 +144,9 @@ class ForecastColumns:
     # (M, len(COMPONENTS)): each component's share of the prediction (``forecaster.combine``);
     # None when combination is off
     weights: np.ndarray | None = None
+    # (M,): the shadow challenger's error on each value (``model.challenger``; NaN: none yet);
+    # None without a challenger. Never part of a published forecast.
+    challenger_error: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.streams)

@@ -21,6 +21,10 @@ from typing import Protocol
 
 import numpy as np
 
+# Hidden-state arrays (num_layers, streams, width): the served model's, and the shadow
+# challenger's (``model.challenger``) beside it, warmed on the same samples.
+STATE_KEYS = ("state", "challenger_state")
+
 # Only plain numbers: an evicted row holds float32 states, float64 and int64 columns.
 DTYPES = frozenset({"<f4", "<f8", "<i8", "|b1"})
 
@@ -208,11 +212,11 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
 
 def stream_row(arrays: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     """Stream ``i`` of a ``StreamTable.arrays()`` result, keeping the axes (state: (L, 1, W))."""
-    return {k: (v[:, i : i + 1] if k == "state" else v[i : i + 1]) for k, v in arrays.items()}
+    return {k: (v[:, i : i + 1] if k in STATE_KEYS else v[i : i + 1]) for k, v in arrays.items()}
 
 
 def stack_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Inverse of ``stream_row`` for several streams (columns all of them have: older rows may lack
     newer columns, which then start fresh)."""
     keys = set(rows[0]).intersection(*rows[1:])
-    return {k: np.concatenate([r[k] for r in rows], axis=1 if k == "state" else 0) for k in keys}
+    return {k: np.concatenate([r[k] for r in rows], axis=1 if k in STATE_KEYS else 0) for k in keys}

@@ -17,7 +17,16 @@ from forecaster.normalize import Normalizer, NormalizerConfig
 from forecaster.scoring import Scorer, ScoringConfig
 
 # NaN until known; last_lower/last_upper: the interval published with last_prediction.
-FLOAT_COLUMNS = ("last_value", "last_prediction", "last_ts", "last_lower", "last_upper", "interval")
+# challenger_prediction: the shadow challenger's last forecast (``model.challenger``).
+FLOAT_COLUMNS = (
+    "last_value",
+    "last_prediction",
+    "last_ts",
+    "last_lower",
+    "last_upper",
+    "interval",
+    "challenger_prediction",
+)
 # last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
 # times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap
 # or a new model; epoch: the model deployment whose weights built the hidden state.
@@ -35,12 +44,16 @@ class StreamTable:
         capacity: int = 16,
         scoring: ScoringConfig | None = None,
         combine: CombinerConfig | None = None,
+        challenger: Forecaster | None = None,
     ) -> None:
         self.model = model
+        self.challenger = challenger
         self.device = torch.device(device)
         self.slots: dict[str, int] = {}
         self.names: list[str] = []
         self.state = model.init_state(capacity, self.device)  # (num_layers, capacity, width)
+        self.challenger_state = self._challenger_state(capacity)
+        self.challenger_prediction = np.full(capacity, np.nan)
         self.normalizer = Normalizer(normalizer, capacity)
         self.scorer = Scorer(scoring, capacity)  # interval and anomaly statistics
         self.combiner = Combiner(combine, capacity)  # the AR path and the component weights
@@ -59,6 +72,18 @@ class StreamTable:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def _challenger_state(self, capacity: int) -> torch.Tensor | None:
+        if self.challenger is None:
+            return None
+        return self.challenger.init_state(capacity, self.device)
+
+    def states(self) -> dict[str, torch.Tensor]:
+        """The hidden-state tensors under their ``arrays()`` keys (the challenger's if any)."""
+        out = {"state": self.state}
+        if self.challenger_state is not None:
+            out["challenger_state"] = self.challenger_state
+        return out
 
     def __contains__(self, stream: object) -> bool:
         return stream in self.slots
@@ -88,6 +113,9 @@ class StreamTable:
         extra = capacity - self.capacity
         fresh = self.model.init_state(extra, self.device)  # (num_layers, extra, width)
         self.state = torch.cat([self.state, fresh], dim=1)  # (num_layers, capacity, width)
+        if self.challenger is not None and self.challenger_state is not None:
+            more = self.challenger.init_state(extra, self.device)
+            self.challenger_state = torch.cat([self.challenger_state, more], dim=1)
         self.normalizer.grow(capacity)
         self.scorer.grow(capacity)
         self.combiner.grow(capacity)
@@ -111,12 +139,18 @@ class StreamTable:
         """
         if slots is None:  # the used slots are 0..n-1: slices, copied once
             n = len(self.names)
-            out = {"state": self.state[:, :n].detach().to("cpu", copy=True).numpy()}
+            out = {
+                key: state[:, :n].detach().to("cpu", copy=True).numpy()
+                for key, state in self.states().items()
+            }
             out.update({key: column[:n].copy() for key, column in self.columns().items()})
             return out
         index = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         # index_select and NumPy's fancy indexing both copy.
-        out = {"state": self.state.index_select(1, index).detach().cpu().numpy()}
+        out = {
+            key: state.index_select(1, index).detach().cpu().numpy()
+            for key, state in self.states().items()
+        }
         out.update({key: column[slots] for key, column in self.columns().items()})
         return out
 
@@ -128,6 +162,15 @@ class StreamTable:
         self.names = list(names)
         self.state = self.model.init_state(capacity, self.device)
         self.state[:, :n] = torch.as_tensor(arrays["state"], device=self.device)
+        self.challenger_state = self._challenger_state(capacity)
+        kept = arrays.get("challenger_state")  # built by another challenger: afresh
+        shadow = self.challenger_state
+        if (
+            shadow is not None
+            and kept is not None
+            and kept.shape == (shadow.shape[0], n, shadow.shape[2])
+        ):
+            shadow[:, :n] = torch.as_tensor(kept, device=self.device)
         self.normalizer = Normalizer(self.normalizer.config, capacity)
         self.scorer = Scorer(self.scorer.config, capacity)
         self.combiner = Combiner(self.combiner.config, capacity)
@@ -157,7 +200,8 @@ class StreamTable:
         if len(src):
             s_index = torch.as_tensor(src, device=self.device)
             d_index = torch.as_tensor(dst, device=self.device)
-            self.state.index_copy_(1, d_index, self.state.index_select(1, s_index))
+            for state in self.states().values():
+                state.index_copy_(1, d_index, state.index_select(1, s_index))
             for column in self.columns().values():
                 column[dst] = column[src]
         for stream in streams:
@@ -178,8 +222,17 @@ class StreamTable:
             self._grow(self._next_capacity(end))
         slots = np.arange(start, end)
         index = torch.as_tensor(slots, device=self.device)
-        state = torch.as_tensor(arrays["state"], device=self.device)  # (num_layers, k, width)
-        self.state.index_copy_(1, index, state.to(self.state.dtype))
+        for key, served in self.states().items():
+            state = arrays.get(key)  # (num_layers, k, width); a challenger's may be missing
+            if (
+                state is not None
+                and state.shape[0] == served.shape[0]
+                and state.shape[2] == served.shape[2]
+            ):
+                state = torch.as_tensor(state, device=self.device)
+                served.index_copy_(1, index, state.to(served.dtype))
+            else:  # parked before this challenger: a fresh state
+                served.index_fill_(1, index, 0.0)
         for key, column in self.columns().items():
             if key in arrays:
                 column[slots] = arrays[key]
@@ -190,7 +243,8 @@ class StreamTable:
     def _reset(self, slots: np.ndarray) -> None:
         """Fresh (never used) values in ``slots``."""
         index = torch.as_tensor(slots, device=self.device)
-        self.state.index_fill_(1, index, 0.0)
+        for state in self.states().values():
+            state.index_fill_(1, index, 0.0)
         self.normalizer.reset(slots)
         self.scorer.reset(slots)
         self.combiner.reset(slots)

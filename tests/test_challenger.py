@@ -1,0 +1,133 @@
+"""A shadow challenger (``model.challenger``): a second model stepped on the same samples with its
+own hidden states, scored on every value, never published; its states are checkpointed and parked
+with the served ones."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forecaster.engine import Engine
+from forecaster.persist import load_checkpoint, save_checkpoint
+from forecaster.records import Sample
+from forecaster.store import MemoryStore
+from tests.conftest import Broker, Collector
+from tests.helpers import RunningDaemon, daemon_config, metric_value
+
+
+def scaled_model(scale: float = 0.8) -> torch.nn.Module:
+    """The shipped model with its weights scaled: same architecture, other forecasts."""
+    model = copy.deepcopy(load_checkpoint().model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    return model
+
+
+def ticks(n: int, streams: int = 5, seed: int = 0) -> list[list[Sample]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [
+            Sample(f"s{i}", float(np.sin(t / 4 + i) + rng.normal(scale=0.1)), ts=float(t))
+            for i in rng.permutation(streams)[: rng.integers(1, streams + 1)]
+        ]
+        for t in range(n)
+    ]
+
+
+def engine(challenger: torch.nn.Module | None = None, **kwargs: object) -> Engine:
+    checkpoint = load_checkpoint()
+    return Engine(
+        copy.deepcopy(checkpoint.model), checkpoint.normalizer, challenger=challenger, **kwargs
+    )
+
+
+def test_a_challenger_never_changes_a_published_forecast() -> None:
+    """With streams parked and restored (max_streams 2 of 5) so the challenger's states travel
+    with the served ones."""
+    plain = engine(max_streams=2, store=MemoryStore())
+    shadowed = engine(scaled_model(), max_streams=2, store=MemoryStore())
+    for samples in ticks(300):
+        a, b = plain.tick(samples), shadowed.tick(samples)
+        assert [(f.stream, f.prediction, f.lower, f.upper, f.anomaly) for f in a.forecasts] == [
+            (f.stream, f.prediction, f.lower, f.upper, f.anomaly) for f in b.forecasts
+        ]
+        assert a.columns.challenger_error is None and b.columns.challenger_error is not None
+    assert shadowed.evictions > 0 and shadowed.restores > 0
+
+
+def test_the_same_model_as_challenger_scores_exactly_as_the_champion() -> None:
+    shadowed = engine(copy.deepcopy(load_checkpoint().model))
+    scored = 0
+    for samples in ticks(200):
+        columns = shadowed.tick(samples).columns
+        assert columns.challenger_error is not None
+        np.testing.assert_array_equal(columns.challenger_error, columns.error)
+        scored += int(np.isfinite(columns.error).sum())
+    assert scored > 300
+
+
+def test_a_challenger_is_scored_on_its_own_forecasts_and_its_states_survive_a_checkpoint() -> None:
+    """Another model: other errors; stopping half-way and loading every stream's arrays (what a
+    checkpoint carries) continues the challenger's errors exactly."""
+    run = ticks(300)
+    whole = engine(scaled_model())
+    want = [whole.tick(s).columns for s in run]
+    first = engine(scaled_model())
+    for samples in run[:150]:
+        first.tick(samples)
+    arrays = first.streams.arrays()
+    assert "challenger_state" in arrays
+    second = engine(scaled_model())
+    second.streams.load(list(first.streams.names), arrays)
+    for samples, expected in zip(run[150:], want[150:], strict=True):
+        got = second.tick(samples).columns
+        np.testing.assert_array_equal(got.challenger_error, expected.challenger_error)
+    errors = np.concatenate([c.error for c in want])
+    shadow = np.concatenate([c.challenger_error for c in want])  # type: ignore[misc]
+    scored = np.isfinite(errors) & np.isfinite(shadow)
+    assert not np.allclose(errors[scored], shadow[scored])
+
+
+def test_the_daemon_runs_a_challenger_exports_both_and_keeps_its_states(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    path = tmp_path / "challenger.safetensors"
+    save_checkpoint(path, scaled_model(), load_checkpoint().normalizer)
+    state = tmp_path / "state"
+    config = daemon_config(broker, prefix, state, model={"challenger": str(path)})
+    plain = daemon_config(broker, f"{prefix}-plain", tmp_path / "plain")
+    values = [float(v) for v in 10 + 3 * np.sin(np.arange(80) / 3)]
+
+    def send(topic_prefix: str, part: slice) -> None:
+        for v in values[part]:
+            publisher.publish(f"{topic_prefix}/sensors/s/value", repr(v), qos=1)
+
+    with (
+        Collector(broker, f"{prefix}/forecasts/+") as shadowed,
+        Collector(broker, f"{prefix}-plain/forecasts/+") as alone,
+    ):
+        with RunningDaemon(plain):
+            send(f"{prefix}-plain", slice(0, 80))
+            want = alone.wait_for(80)
+        with RunningDaemon(config) as running:
+            send(prefix, slice(0, 40))
+            shadowed.wait_for(40)
+            text = running.scrape()
+            assert metric_value(text, "forecaster_stream_challenger_rmse", stream="s") > 0
+            champion = metric_value(text, "forecaster_model_geo_rel_mse", role="champion")
+            challenger = metric_value(text, "forecaster_model_geo_rel_mse", role="challenger")
+            assert champion != challenger
+            before = running.daemon.engine.streams.challenger_state[:, :1].clone()
+        saved = load_checkpoint(state / "checkpoint.safetensors")
+        assert torch.equal(torch.as_tensor(saved.stream_arrays["challenger_state"]), before)
+        with RunningDaemon(config) as running:  # restored, not afresh
+            restored = running.daemon.engine.streams.challenger_state[:, :1]
+            assert torch.equal(restored, before)
+            send(prefix, slice(40, 80))
+            got = shadowed.wait_for(80)
+    # published forecasts are those of the daemon without a challenger, restart included
+    assert [f["prediction"] for f in got] == [f["prediction"] for f in want]
