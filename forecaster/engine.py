@@ -125,6 +125,12 @@ class Engine:
         self.model_epoch = 0
         self.rewarm_samples = 0
         self.rewarming = False  # some stream may still owe warm=False forecasts
+        # Role swaps between the served model and the challenger so far (``promote``), and the
+        # evidence since the last: each role's squared errors in the stream's scale, summed over
+        # the values both forecast (the frame the intervals use), and how many.
+        self.promotions = 0
+        self.shadow_sq = np.zeros(2)  # served, challenger
+        self.shadow_n = 0
 
     def _block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused work tensor of ``shape`` (contents undefined), kept as large as the largest
@@ -157,6 +163,28 @@ class Engine:
         self.model_epoch += 1
         self.rewarm_samples = rewarm
         self._rewarm(np.arange(len(self.streams)))
+
+    def promote(self) -> None:
+        """The challenger serves from the next sample on, with the hidden states it warmed on
+        live data (no cold start); the model it replaces becomes the challenger, its states kept,
+        so a second ``promote`` is a rollback. The mix of readers goes on (its weights follow the
+        new RNN at their usual pace), so the next forecast is the one the challenger was scored
+        with. Between ticks only."""
+        table = self.streams
+        if self.challenger is None or table.challenger is None:
+            raise ValueError("no challenger to promote")
+        assert table.challenger_state is not None
+        self.model, self.challenger = self.challenger, self.model
+        table.model, table.challenger = table.challenger, table.model
+        table.state, table.challenger_state = table.challenger_state, table.state
+        # the model now in the shadow made the published forecasts: those are its own
+        table.challenger_prediction[:] = table.last_prediction
+        table.roles[:] = self.promotions + 1
+        self._blocks.clear()  # state-shaped work blocks: the served model's shape may differ
+        self.model_version += 1
+        self.promotions += 1
+        self.shadow_sq[:] = 0.0
+        self.shadow_n = 0
 
     def _rewarm(self, slots: np.ndarray) -> None:
         table = self.streams
@@ -237,6 +265,7 @@ class Engine:
         for i in np.flatnonzero(slots < 0).tolist():
             slots[i] = table.slot(names[i])  # a new stream: fresh state
             table.epoch[slots[i]] = self.model_epoch
+            table.roles[slots[i]] = self.promotions
         if self.max_streams:
             table.last_used[slots] = self.ticks
         out = self._empty_columns(admission.index, names)
@@ -302,7 +331,18 @@ class Engine:
         self._evict(len(table) + len(new) - self.max_streams, needed)
         if parked:
             names = list(parked)
-            table.put(names, stack_rows([parked[name] for name in names]))
+            for row in parked.values():  # parked before a promotion: its states swap roles
+                if (self.promotions - int(row["roles"][0] if "roles" in row else 0)) % 2:
+                    served, shadow = row.pop("state", None), row.pop("challenger_state", None)
+                    row.update({} if shadow is None else {"state": shadow})
+                    row.update({} if served is None else {"challenger_state": served})
+                    row["challenger_prediction"] = row["last_prediction"]
+                row["roles"] = np.array([self.promotions])
+            kinds: dict[frozenset[str], list[str]] = {}  # rows of one layout stack together
+            for name in names:
+                kinds.setdefault(frozenset(parked[name]), []).append(name)
+            for group in kinds.values():
+                table.put(group, stack_rows([parked[name] for name in group]))
             self.restores += len(names)
             back = np.fromiter(map(table.slots.__getitem__, names), np.int64, len(names))
             stale = back[table.epoch[back] != self.model_epoch]
@@ -343,6 +383,8 @@ class Engine:
         error = values - table.last_prediction[slots]  # NaN where there was no forecast yet
         out.naive_error[rows] = values - table.last_value[slots]
         anomaly, covered = self._score(slots, values, error)
+        if self.challenger is not None:
+            self._weigh(slots, values, error)
         observer = self.observer
         if observer is not None:  # the value in the frame its forecast was made in
             count = table.normalizer.count[slots].copy()
@@ -415,6 +457,20 @@ class Engine:
         assert out.weights is not None
         out.weights[rows] = weights
         return prediction, rnn
+
+    def _weigh(self, slots: np.ndarray, values: np.ndarray, error: np.ndarray) -> None:
+        """Add this round's evidence for ``promote``: both roles' errors on the values both
+        forecast, in the stream's scale (a large stream does not outweigh the others)."""
+        table = self.streams
+        mine = values - table.challenger_prediction[slots]
+        both = np.isfinite(error) & np.isfinite(mine)
+        both &= table.normalizer.count[slots] >= self.scoring_config.warmup
+        if not both.any():
+            return
+        scale = table.normalizer.frame_scale(slots[both])
+        served, shadow = error[both] / scale, mine[both] / scale
+        self.shadow_sq += (float(served @ served), float(shadow @ shadow))
+        self.shadow_n += int(both.sum())
 
     def _shadow(
         self,

@@ -131,3 +131,52 @@ def test_the_daemon_runs_a_challenger_exports_both_and_keeps_its_states(
             got = shadowed.wait_for(80)
     # published forecasts are those of the daemon without a challenger, restart included
     assert [f["prediction"] for f in got] == [f["prediction"] for f in want]
+
+
+def test_after_a_promotion_the_published_forecast_is_the_one_the_challenger_was_scored_with() -> (
+    None
+):
+    run = ticks(300)
+    shadow_only, promoted = engine(scaled_model()), engine(scaled_model())
+    for samples in run[:200]:
+        shadow_only.tick(samples)
+        promoted.tick(samples)
+    promoted.promote()
+    assert promoted.model_version == 1 and promoted.promotions == 1
+    samples = run[200]
+    shadow_only.tick(samples)
+    got = promoted.tick(samples).columns
+    slots = np.array([shadow_only.streams.slots[s] for s in got.streams])
+    np.testing.assert_allclose(
+        got.prediction, shadow_only.streams.challenger_prediction[slots], rtol=1e-12
+    )
+    # no cold start: the served states are the ones the challenger warmed in the shadow
+    n = len(promoted.streams)
+    order = [shadow_only.streams.slots[name] for name in promoted.streams.names]
+    shadow_states = shadow_only.streams.challenger_state[:, order]  # type: ignore[index]
+    assert torch.equal(promoted.streams.state[:, :n], shadow_states)
+    assert got.warm.all()
+
+
+def test_a_second_promotion_is_a_rollback_and_parked_streams_follow_the_roles() -> None:
+    """Three engines on the same ticks, promoting twice: unbounded, and with streams parked and
+    restored across both promotions: the same forecasts; after the rollback the original model
+    serves again with its states kept warm in the shadow."""
+    run = ticks(400, streams=6)
+    unbounded = engine(scaled_model())
+    bounded = engine(scaled_model(), max_streams=2, store=MemoryStore())
+    original = engine()
+    for t, samples in enumerate(run):
+        if t in (150, 250):
+            unbounded.promote()
+            bounded.promote()
+        a, b = unbounded.tick(samples).columns, bounded.tick(samples).columns
+        np.testing.assert_array_equal(a.prediction, b.prediction)
+        np.testing.assert_array_equal(a.challenger_error, b.challenger_error)
+        original.tick(samples)
+    assert bounded.evictions > 0 and bounded.restores > 0
+    assert unbounded.promotions == 2 and unbounded.model_version == 2
+    # rolled back: the original model serves; its hidden states went on in the shadow
+    served = unbounded.streams.state[:, : len(unbounded.streams)]
+    slots = [original.streams.slots[name] for name in unbounded.streams.names]
+    np.testing.assert_allclose(served, original.streams.state[:, slots], atol=1e-6)
