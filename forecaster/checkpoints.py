@@ -102,10 +102,14 @@ class Checkpoints:
             self.writing.future.exception()  # waits; a failure is counted just below
             self._finish_checkpoint()
         started = self._last_checkpoint = time.monotonic()
-        info: dict[str, int | str] = {
+        info: dict[str, int | str | float] = {
             "model_source": keeper.model_source,
             "model_epoch": engine.model_epoch,
             "challenger_source": keeper.challenger_source,
+            "promotions": engine.promotions,
+            "shadow_served_sq": float(engine.shadow_sq[0]),
+            "shadow_challenger_sq": float(engine.shadow_sq[1]),
+            "shadow_n": engine.shadow_n,
         }
         if store is not None:
             info["evicted_generation"] = store.generation

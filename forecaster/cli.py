@@ -141,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: daemon.request_swap("promote"))
+    signal.signal(signal.SIGUSR2, lambda signum, frame: daemon.request_swap("rollback"))
     daemon.start()
     pid_file = write_pid(config.state.dir)
     runtime.settle(learner=config.online_learning.enabled)
@@ -159,6 +161,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(
         f"sent SIGHUP to the daemon (pid {pid}): it re-reads {args.config} between two ticks;"
         " its log and forecaster_config_reloads_total{outcome} say what it applied"
+    )
+    return 0
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from forecaster.config import load_config
+    from forecaster.lifecycle import SIGNALS, send
+
+    pid = send(load_config(args.config), args.action)
+    print(
+        f"sent {SIGNALS[args.action].name} to the daemon (pid {pid}): it will {args.action}"
+        " between two ticks; its log and forecaster_model_promotions_total{outcome} say whether"
+        " it did"
     )
     return 0
 
@@ -357,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("-c", "--config", type=Path, required=True, help="the daemon's config")
     reload.set_defaults(func=cmd_reload)
+    for action, what in (
+        ("promote", "the shadow challenger serves from the next sample, with its warmed states"),
+        ("rollback", "the model the last promotion replaced serves again"),
+    ):
+        swap = sub.add_parser(action, help=f"{what} (model.challenger)")
+        swap.add_argument("-c", "--config", type=Path, required=True, help="the daemon's config")
+        swap.set_defaults(func=cmd_swap, action=action)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("config", type=Path)

@@ -42,9 +42,21 @@ if TYPE_CHECKING:  # scoring loads torch; check-config and parse must not
     from forecaster.scoring import ScoringConfig
 
 
+class PromoteConfig(Section):
+    """When the shadow challenger takes over by itself (``forecaster.lifecycle``)."""
+
+    auto: bool = True  # false: only ``forecaster promote`` swaps the models
+    # values both models forecast since the challenger started (or the last swap) ...
+    samples: int = Field(2000, ge=1)
+    # ... over which the challenger's squared error (in each stream's scale) is at most
+    # (1 - margin) x the served model's
+    margin: float = Field(0.1, ge=0.0, lt=1.0)
+
+
 class ModelSection(Section):
     checkpoint: Path | None = None  # None: the model shipped inside the package
     challenger: Path | None = None  # a second model, run in the shadow and scored, never published
+    promote: PromoteConfig = PromoteConfig()
     device: str = "cpu"  # "cuda", "cuda:1", ...
     threads: int = Field(1, ge=1)  # torch threads; 1 is fastest below ~10k streams per tick
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
+from forecaster import lifecycle
 from forecaster.checkpoints import Checkpoints
 from forecaster.config import Config
 from forecaster.engine import Engine, ForecastColumns
@@ -96,6 +97,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reload_from: Path | None = None
+        self._swap: str | None = None  # "promote" or "rollback" asked for (SIGUSR1, SIGUSR2)
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
         self._heartbeat = time.monotonic()
@@ -174,6 +176,10 @@ class Daemon:
         self._reload_from = path
         self._reload.set()
 
+    def request_swap(self, action: str) -> None:
+        """Promote the challenger or roll back between two ticks (``forecaster.lifecycle``)."""
+        self._swap = action
+
     def run(self) -> None:
         """Engine loop; returns after a clean shutdown."""
         try:
@@ -183,8 +189,17 @@ class Daemon:
                 if self._reload.is_set():
                     self._reload.clear()
                     reload_daemon(self, self._reload_from)
+                self._lifecycle()
         finally:
             self.shutdown()
+
+    def _lifecycle(self) -> None:
+        """A swap asked for, or one the evidence calls for (``model.promote``)."""
+        action, self._swap = self._swap, None
+        if action is not None:
+            lifecycle.swap(self.keeper, action, "manual")
+        elif self.engine is not None and lifecycle.due(self.engine, self.config.model.promote):
+            lifecycle.swap(self.keeper, "promote", "auto")
 
     def shutdown(self, drain_s: float = 3.0) -> None:
         with self._shutdown_lock:

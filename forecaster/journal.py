@@ -137,6 +137,11 @@ class Journal:
             self.db.execute("ALTER TABLE ticks ADD COLUMN messages BLOB")  # a journal before it
         if "crc" not in columns:
             self.db.execute("ALTER TABLE ticks ADD COLUMN crc INTEGER")  # NULL: not checked
+        # Role swaps of the served model and the challenger (``forecaster.lifecycle``): swap
+        # ``number`` happened after the sample at ``pos``, so a replay swaps at the same place.
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS promotions (number INTEGER PRIMARY KEY, pos INTEGER NOT NULL)"
+        )
         self._convert_sample_rows()
         row = self.db.execute("SELECT MAX(pos) FROM ticks").fetchone()
         self.position = int(row[0] or 0)
@@ -218,6 +223,17 @@ class Journal:
         self.position += len(batch)
         self.end.write(self.position, self.confirmed)
         return self.position
+
+    def record_promotion(self, number: int, position: int) -> None:
+        """Durably note that role swap ``number`` follows the sample at ``position``."""
+        self.db.execute("INSERT OR REPLACE INTO promotions VALUES (?, ?)", (number, position))
+
+    def promotions_after(self, number: int) -> list[tuple[int, int]]:
+        """Role swaps after the ``number``-th, as ``(number, position)``, in order."""
+        rows = self.db.execute(
+            "SELECT number, pos FROM promotions WHERE number > ? ORDER BY number", (number,)
+        )
+        return [(int(n), int(p)) for n, p in rows]
 
     def confirm(self, position: int) -> None:
         """Every forecast of the samples up to ``position`` has been confirmed by the broker: a

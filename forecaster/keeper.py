@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forecaster import lifecycle
 from forecaster.checkpoints import KeptCheckpoint
 from forecaster.config import Config, combiner_config, scoring_config
 from forecaster.engine import Batch, Engine, GapPolicy
@@ -118,7 +119,15 @@ class StateKeeper:
             combine=combiner_config(self.config),
             challenger=challenger,
         )
-        engine.model_epoch = int(checkpoint.manifest.get("info", {}).get("model_epoch", 0))
+        info = checkpoint.manifest.get("info", {})
+        engine.model_epoch = int(info.get("model_epoch", 0))
+        if challenger is not None:  # the roles and the evidence for the next swap
+            engine.promotions = int(info.get("promotions", 0))
+            engine.shadow_sq[:] = (
+                float(info.get("shadow_served_sq", 0.0)),
+                float(info.get("shadow_challenger_sq", 0.0)),
+            )
+            engine.shadow_n = int(info.get("shadow_n", 0))
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on
@@ -127,17 +136,26 @@ class StateKeeper:
 
     def _challenger(self, restored: Checkpoint | None, device: str) -> Forecaster | None:
         """``model.challenger``'s model; its hidden states from the saved state only when they
-        were built by the same file (else they start afresh)."""
+        were built by the same file (else they start afresh). After a promotion the saved state
+        serves the challenger's weights and ``model.checkpoint`` runs in the shadow."""
         path = self.config.model.challenger
         self.challenger_source = "" if path is None else source_id(path)
         if path is None:
             return None
-        if restored is not None:
-            recorded = restored.manifest.get("info", {}).get("challenger_source")
-            if recorded != self.challenger_source:
-                restored.stream_arrays.pop("challenger_state", None)
+        info = {} if restored is None else restored.manifest.get("info", {})
+        if (
+            info.get("model_source") == self.challenger_source
+            and info.get("challenger_source") == self.model_source
+        ):  # promoted: the roles as they were
+            path = self.config.model.checkpoint
+            self.model_source, self.challenger_source = self.challenger_source, self.model_source
+        if restored is not None and info.get("challenger_source") != self.challenger_source:
+            restored.stream_arrays.pop("challenger_state", None)
         model = load_checkpoint(path, device).model
-        log.info("challenger %s runs in the shadow (scored, never published)", path)
+        log.info(
+            "challenger %s runs in the shadow (scored, never published)",
+            path or "(the shipped model)",
+        )
         return model
 
     def _check_model_source(self, restored: Checkpoint, device: str) -> None:
@@ -292,7 +310,12 @@ class StateKeeper:
         )
         republished = 0
         ticks = self.journal.ticks_after(position, self._damaged_row)
+        swaps = self.journal.promotions_after(self.engine.promotions)
+        swaps = swaps if self.engine.challenger is not None else []
         for last, batch, messages in ticks:  # as ticked live
+            while swaps and swaps[0][1] <= last - len(batch):  # a swap before this tick
+                lifecycle.apply(self)
+                swaps.pop(0)
             result = self.engine.tick_batch(batch)
             for reason in result.rejected_reason:  # rows overlapping the checkpoint: never again
                 self.metrics.rejected.labels(reason).inc()
@@ -307,6 +330,8 @@ class StateKeeper:
             frames = [frame for _, frame in runs]
             origins = rows[forecasts.index].tolist()
             self.outbox.publish_forecasts(forecasts, origins, frames, self.outbox.later)
+        for _ in swaps:  # swapped after the last journaled tick
+            lifecycle.apply(self)
         self.metrics.journal_replayed.inc(replayed)
         self.metrics.journal_pending.set(replayed)
         if replayed:

@@ -276,6 +276,13 @@ class Metrics(LinkEvents):
             "HTTP connections refused because every worker was busy and the queue full",
             registry=r,
         )
+        self.promotions = Counter(
+            "forecaster_model_promotions_total",
+            "Swaps of the served model and the shadow challenger (model.challenger), by action"
+            " (promote, rollback), trigger (manual, auto) and outcome (done, refused)",
+            ["action", "trigger", "outcome"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "forecaster_config_reloads_total", "Config reloads (SIGHUP)", ["outcome"], registry=r
         )

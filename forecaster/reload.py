@@ -34,6 +34,7 @@ LIVE_KEYS = (
     "anomaly.",
     "intervals.",
     "engine.new_streams.",
+    "model.promote.",
     "engine.max_batch",
     "engine.max_rounds",
     "state.checkpoint_interval",
@@ -150,6 +151,11 @@ def write_pid(state_dir: Path) -> Path:
 
 def send_reload(config: Config) -> int:
     """SIGHUP the daemon whose pid file is in ``config``'s state folder; its pid."""
+    return signal_daemon(config, signal.SIGHUP)
+
+
+def signal_daemon(config: Config, signum: int) -> int:
+    """Send ``signum`` to the daemon whose pid file is in ``config``'s state folder; its pid."""
     path = config.state.dir / PID_FILE
     try:
         pid = int(path.read_text().split()[0])
@@ -159,7 +165,7 @@ def send_reload(config: Config) -> int:
             "running with this config's state.dir?)"
         ) from exc
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signum)
     except ProcessLookupError as exc:
         raise ConfigError(f"no running daemon found: pid {pid} in {path} is not running") from exc
     return pid

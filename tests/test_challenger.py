@@ -5,6 +5,8 @@ with the served ones."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,10 @@ from forecaster.persist import load_checkpoint, save_checkpoint
 from forecaster.records import Sample
 from forecaster.store import MemoryStore
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value
+from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until, write_config
+from tests.test_recovery import DaemonProcess, daemons, wait_forecasts
+
+__all__ = ["daemons"]  # the fixture, shared with test_recovery
 
 
 def scaled_model(scale: float = 0.8) -> torch.nn.Module:
@@ -180,3 +185,67 @@ def test_a_second_promotion_is_a_rollback_and_parked_streams_follow_the_roles() 
     served = unbounded.streams.state[:, : len(unbounded.streams)]
     slots = [original.streams.slots[name] for name in unbounded.streams.names]
     np.testing.assert_allclose(served, original.streams.state[:, slots], atol=1e-6)
+
+
+def test_sigkill_after_a_promotion_replays_it_at_the_same_sample(
+    broker: Broker, prefix: str, tmp_path: Path, publisher, daemons
+) -> None:
+    """``forecaster promote`` mid-stream, then SIGKILL before any checkpoint: the journal replay
+    swaps the models after the same sample, so every forecast equals an uninterrupted run that
+    promoted there; the restarted daemon goes on serving the promoted model."""
+    challenger = tmp_path / "challenger.safetensors"
+    save_checkpoint(challenger, scaled_model(), load_checkpoint().normalizer)
+    path = write_config(
+        tmp_path / "forecaster.yaml",
+        broker,
+        prefix,
+        tmp_path / "state",
+        mqtt={"qos_out": 1, "reconnect_min_delay": 0.5, "reconnect_max_delay": 1},
+        state={"checkpoint_interval": 3600},
+        model={"challenger": str(challenger), "promote": {"auto": False}},
+    )
+    values = [float(v) for v in 10 + 3 * np.sin(np.arange(100) / 4)]
+    reference = engine(scaled_model())
+    want = []
+    for k, v in enumerate(values):
+        if k == 40:
+            reference.promote()
+        want.append(reference.tick([Sample("s", v)]).forecasts[0].prediction)
+
+    def send(part: slice) -> None:
+        for v in values[part]:
+            publisher.publish(f"{prefix}/in/s", repr(v), qos=1)
+
+    daemon = DaemonProcess(path, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    with Collector(broker, f"{prefix}/out/+") as out:
+        daemon.start()
+        wait_until(lambda: "metrics on" in daemon.text(), "the daemon started", 60)
+        send(slice(0, 40))
+        assert len(wait_forecasts(out, {("s", k) for k in range(1, 41)}, 30)) == 40
+        done = subprocess.run(
+            [sys.executable, "-m", "forecaster.cli", "promote", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: "promote (manual)" in daemon.text(), "the promotion logged", 30)
+        send(slice(40, 60))
+        assert len(wait_forecasts(out, {("s", k) for k in range(1, 61)}, 30)) == 60
+        daemon.kill()
+        assert not (tmp_path / "state" / "checkpoint.safetensors").exists()
+        daemon.start()
+        send(slice(60, 90))
+        wait_forecasts(out, {("s", k) for k in range(1, 91)}, 60)
+        assert daemon.stop() == 0
+        saved = load_checkpoint(tmp_path / "state" / "checkpoint.safetensors")
+        assert saved.manifest["info"]["promotions"] == 1 and saved.model_version == 1
+        daemon.start()  # from the checkpoint: the promoted model serves, nothing re-deployed
+        send(slice(90, 100))
+        got = wait_forecasts(out, {("s", k) for k in range(1, 101)}, 60)
+        assert daemon.stop() == 0
+    assert "replayed 60 journaled samples" in daemon.text()
+    assert "is not the model the saved state was built with" not in daemon.text()
+    for k in range(1, 101):
+        assert got[("s", k)] and set(got[("s", k)]) == {want[k - 1]}, k
