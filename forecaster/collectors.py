@@ -48,8 +48,9 @@ class LabelTable:
         self.rolling_n = np.zeros(capacity, dtype=np.int64)
         self.interval = np.zeros((capacity, 2))  # EWMA of covered (0/1) and width
         self.interval_n = np.zeros(capacity, dtype=np.int64)
-        self.challenger = np.zeros((capacity, 1))  # EWMA of the shadow challenger's e^2
-        self.challenger_n = np.zeros(capacity, dtype=np.int64)
+        # EWMA of each model's own e^2 (served, shadow challenger; ``forecaster.shadow``)
+        self.models = np.zeros((capacity, 2))
+        self.models_n = np.zeros(capacity, dtype=np.int64)
 
     def rows(self, streams: list[str], cap: int) -> np.ndarray:
         """Each stream's row: its own label while fewer than ``cap`` streams have one, else
@@ -92,8 +93,8 @@ class LabelTable:
                     *self.rolling[row].tolist(),
                     int(self.interval_n[row]),
                     *self.interval[row].tolist(),
-                    int(self.challenger_n[row]),
-                    float(self.challenger[row, 0]),
+                    int(self.models_n[row]),
+                    *self.models[row].tolist(),
                 ),
             )
             for row, label in enumerate(self.names)
@@ -115,16 +116,13 @@ class Numbers:
     interval_n: int
     coverage: float
     width: float
-    challenger_n: int = 0
+    models_n: int = 0
+    served_sq: float = 0.0  # the served model's own forecast (before the mix)
     challenger_sq: float = 0.0
 
     @property
     def skill(self) -> float:
         return 1.0 - self.sq / self.naive_sq if self.naive_sq > 0 else 0.0
-
-    @property
-    def challenger_skill(self) -> float:
-        return 1.0 - self.challenger_sq / self.naive_sq if self.naive_sq > 0 else 0.0
 
 
 def fold(
@@ -194,11 +192,6 @@ def rolling(attribute: str, transform: Callable[[float], float] = float) -> Call
     return lambda n: transform(getattr(n, attribute)) if n.rolling_n else None
 
 
-def shadow(attribute: str, transform: Callable[[float], float] = float) -> Callable:
-    """A rolling statistic of the shadow challenger, exported from its first error on."""
-    return lambda n: transform(getattr(n, attribute)) if n.challenger_n and n.rolling_n else None
-
-
 def interval(attribute: str) -> Callable:
     """A rolling interval statistic, exported from the label's first scored interval on."""
     return lambda n: getattr(n, attribute) if n.interval_n else None
@@ -216,16 +209,6 @@ STREAM_GAUGES: tuple[tuple[str, str, Callable[[Numbers], float | None]], ...] = 
     ("naive_mae", "Rolling MAE of the last-value forecast", rolling("naive_abs")),
     ("naive_rmse", "Rolling RMSE of the last-value forecast", rolling("naive_sq", math.sqrt)),
     ("skill", "1 - MSE/naive MSE (rolling); below 0 the model loses", rolling("skill")),
-    (
-        "challenger_rmse",
-        "Rolling RMSE of the shadow challenger's forecast (model.challenger; never published)",
-        shadow("challenger_sq", math.sqrt),
-    ),
-    (
-        "challenger_skill",
-        "1 - challenger MSE/naive MSE (rolling); compare with forecaster_stream_skill",
-        shadow("challenger_skill"),
-    ),
     (
         "interval_coverage",
         "Rolling (EWMA) share of values inside the interval published before them",
@@ -291,29 +274,36 @@ class StreamCollector(Collector):
             for label, numbers in snapshot or ():
                 counter.add_metric([label], count(numbers))
             families.append(counter)
-        families.append(StreamCollector._models(snapshot or []))
+        families.extend(StreamCollector._models(snapshot or []))
         return families
 
     @staticmethod
-    def _models(snapshot: list[tuple[str, Numbers]]) -> Metric:
-        """Served model against the challenger over every labelled stream both have scored: the
-        geometric mean of each stream's rolling MSE / naive MSE (``bench accuracy``'s summary)."""
-        gauge = GaugeMetricFamily(
+    def _models(snapshot: list[tuple[str, Numbers]]) -> list[Metric]:
+        """The served model against the shadow challenger (``model.challenger``), each by its
+        own forecast (``forecaster.shadow``): per stream, and over every labelled stream both
+        have scored as the geometric mean of rolling MSE / naive MSE (``bench accuracy``'s)."""
+        roles = (("champion", "served_sq"), ("challenger", "challenger_sq"))
+        rmse = GaugeMetricFamily(
+            "forecaster_stream_model_rmse",
+            "Rolling RMSE of each model's own forecast (the RNN reader's, before the mix), by"
+            " role: champion (served), challenger (model.challenger, never published)",
+            labels=["stream", "role"],
+        )
+        overall = GaugeMetricFamily(
             "forecaster_model_geo_rel_mse",
-            "Geometric mean over streams of rolling MSE / naive MSE, by role (champion: served,"
-            " challenger: model.challenger); lower is better, 1 = the last value",
+            "Geometric mean over streams of each model's rolling MSE / naive MSE, by role"
+            " (champion, challenger); lower is better, 1 = the last value",
             labels=["role"],
         )
-        both = [
-            n
-            for label, n in snapshot
-            if label != OTHER and n.challenger_n and n.rolling_n and n.naive_sq > 0
-        ]
-        if both:
-            for role, sq in (("champion", "sq"), ("challenger", "challenger_sq")):
-                ratios = np.array([getattr(n, sq) / n.naive_sq for n in both])
-                gauge.add_metric([role], float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-300))))))
-        return gauge
+        scored = [(label, n) for label, n in snapshot if n.models_n and n.rolling_n]
+        for label, numbers in scored:
+            for role, sq in roles:
+                rmse.add_metric([label, role], math.sqrt(getattr(numbers, sq)))
+        both = [n for label, n in scored if label != OTHER and n.naive_sq > 0]
+        for role, sq in roles if both else ():
+            ratios = np.array([getattr(n, sq) / n.naive_sq for n in both])
+            overall.add_metric([role], float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-300))))))
+        return [rmse, overall]
 
 
 class TickHistogram(Collector):

@@ -46,10 +46,11 @@ class PromoteConfig(Section):
     """When the shadow challenger takes over by itself (``forecaster.lifecycle``)."""
 
     auto: bool = True  # false: only ``forecaster promote`` swaps the models
-    # values both models forecast since the challenger started (or the last swap) ...
+    # At least this many values forecast by both since the challenger started (or the last
+    # swap), the evidence being each one's squared errors (in each stream's scale), weighted
+    # with a half-life of as many values; ...
     samples: int = Field(2000, ge=1)
-    # ... over which the challenger's squared error (in each stream's scale) is at most
-    # (1 - margin) x the served model's
+    # ... and the challenger's at most (1 - margin) x the served model's
     margin: float = Field(0.1, ge=0.0, lt=1.0)
 
 

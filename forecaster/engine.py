@@ -16,8 +16,9 @@ from itertools import repeat
 import numpy as np
 import torch
 
+from forecaster import shadow
 from forecaster.admission import admit
-from forecaster.combine import COMPONENTS, RNN, CombinerConfig
+from forecaster.combine import COMPONENTS, CombinerConfig
 from forecaster.gaps import GapPolicy, detect_gaps
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
@@ -126,11 +127,13 @@ class Engine:
         self.rewarm_samples = 0
         self.rewarming = False  # some stream may still owe warm=False forecasts
         # Role swaps between the served model and the challenger so far (``promote``), and the
-        # evidence since the last: each role's squared errors in the stream's scale, summed over
-        # the values both forecast (the frame the intervals use), and how many.
+        # evidence since the last: each role's squared errors in the stream's scale on the values
+        # both forecast (the frame the intervals use), exponentially weighted (half-life
+        # ``shadow_halflife`` values: recent evidence counts, a regime change shows), and how many.
         self.promotions = 0
         self.shadow_sq = np.zeros(2)  # served, challenger
         self.shadow_n = 0
+        self.shadow_halflife = 2000.0
 
     def _block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused work tensor of ``shape`` (contents undefined), kept as large as the largest
@@ -165,26 +168,8 @@ class Engine:
         self._rewarm(np.arange(len(self.streams)))
 
     def promote(self) -> None:
-        """The challenger serves from the next sample on, with the hidden states it warmed on
-        live data (no cold start); the model it replaces becomes the challenger, its states kept,
-        so a second ``promote`` is a rollback. The mix of readers goes on (its weights follow the
-        new RNN at their usual pace), so the next forecast is the one the challenger was scored
-        with. Between ticks only."""
-        table = self.streams
-        if self.challenger is None or table.challenger is None:
-            raise ValueError("no challenger to promote")
-        assert table.challenger_state is not None
-        self.model, self.challenger = self.challenger, self.model
-        table.model, table.challenger = table.challenger, table.model
-        table.state, table.challenger_state = table.challenger_state, table.state
-        # the model now in the shadow made the published forecasts: those are its own
-        table.challenger_prediction[:] = table.last_prediction
-        table.roles[:] = self.promotions + 1
-        self._blocks.clear()  # state-shaped work blocks: the served model's shape may differ
-        self.model_version += 1
-        self.promotions += 1
-        self.shadow_sq[:] = 0.0
-        self.shadow_n = 0
+        """The challenger serves from the next sample on (``forecaster.shadow.promote``)."""
+        shadow.promote(self)
 
     def _rewarm(self, slots: np.ndarray) -> None:
         table = self.streams
@@ -321,6 +306,7 @@ class Engine:
             path_upper=np.empty((m, horizon)) if horizon else None,
             weights=np.empty((m, len(COMPONENTS))) if self.combine_config.enabled else None,
             challenger_error=floats() if self.challenger is not None else None,
+            model_error=floats() if self.challenger is not None else None,
         )
 
     def _make_room(self, needed: set[str]) -> None:
@@ -332,12 +318,7 @@ class Engine:
         if parked:
             names = list(parked)
             for row in parked.values():  # parked before a promotion: its states swap roles
-                if (self.promotions - int(row["roles"][0] if "roles" in row else 0)) % 2:
-                    served, shadow = row.pop("state", None), row.pop("challenger_state", None)
-                    row.update({} if shadow is None else {"state": shadow})
-                    row.update({} if served is None else {"challenger_state": served})
-                    row["challenger_prediction"] = row["last_prediction"]
-                row["roles"] = np.array([self.promotions])
+                shadow.follow_roles(row, self.promotions)
             kinds: dict[frozenset[str], list[str]] = {}  # rows of one layout stack together
             for name in names:
                 kinds.setdefault(frozenset(parked[name]), []).append(name)
@@ -384,7 +365,7 @@ class Engine:
         out.naive_error[rows] = values - table.last_value[slots]
         anomaly, covered = self._score(slots, values, error)
         if self.challenger is not None:
-            self._weigh(slots, values, error)
+            shadow.weigh(self, out, rows, slots, values)
         observer = self.observer
         if observer is not None:  # the value in the frame its forecast was made in
             count = table.normalizer.count[slots].copy()
@@ -406,11 +387,11 @@ class Engine:
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)
         scale = table.normalizer.frame_scale(slots)  # after the update: the forecast's frame
-        prediction, rnn = self._forecast(
+        prediction = self._forecast(
             out, rows, slots, values, ts, z, z_next.double().cpu().numpy(), scale
         )
         if self.challenger is not None:
-            self._shadow(out, rows, slots, values, index, z_in, scale, prediction, rnn)
+            shadow.step(self, slots, values, index, z_in, scale)
         table.last_prediction[slots] = prediction
         table.last_value[slots] = values
         half = table.scorer.halfwidth(slots) * scale
@@ -443,71 +424,19 @@ class Engine:
         z: np.ndarray,
         z_next: np.ndarray,
         scale: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> np.ndarray:
         """The published forecast: the RNN's, mixed with the AR path and the last value
         (``forecaster.combine``; their weights go to ``out.weights[rows]``), or the RNN's
-        alone, shrunk by the normaliser's gain. Also the RNN's part, before mixing."""
+        alone, shrunk by the normaliser's gain."""
         norm = self.streams.normalizer
         if not self.combine_config.enabled:
-            prediction = norm.forecast(slots, z_next, scale)
-            return prediction, prediction
+            return norm.forecast(slots, z_next, scale)
         # After a value the normaliser clipped, the RNN cannot tell how far it went: last value.
         rnn = np.where(norm.clipped[slots] > 0, values, norm.denormalize(slots, z_next, scale))
         prediction, weights = self.streams.combiner.step(slots, values, rnn, z, ts)
         assert out.weights is not None
         out.weights[rows] = weights
-        return prediction, rnn
-
-    def _weigh(self, slots: np.ndarray, values: np.ndarray, error: np.ndarray) -> None:
-        """Add this round's evidence for ``promote``: both roles' errors on the values both
-        forecast, in the stream's scale (a large stream does not outweigh the others)."""
-        table = self.streams
-        mine = values - table.challenger_prediction[slots]
-        both = np.isfinite(error) & np.isfinite(mine)
-        both &= table.normalizer.count[slots] >= self.scoring_config.warmup
-        if not both.any():
-            return
-        scale = table.normalizer.frame_scale(slots[both])
-        served, shadow = error[both] / scale, mine[both] / scale
-        self.shadow_sq += (float(served @ served), float(shadow @ shadow))
-        self.shadow_n += int(both.sum())
-
-    def _shadow(
-        self,
-        out: ForecastColumns,
-        rows: slice | np.ndarray,
-        slots: np.ndarray,
-        values: np.ndarray,
-        index: torch.Tensor,
-        z_in: torch.Tensor,
-        scale: np.ndarray,
-        prediction: np.ndarray,
-        rnn: np.ndarray,
-    ) -> None:
-        """The challenger's turn: score its last forecast, step its own hidden states on the
-        same input and forecast. Its forecast is the published one with the challenger's RNN in
-        place of the served RNN (same mix weights, same normaliser), so the two differ by the
-        model alone; nothing the published forecast depends on is touched."""
-        table = self.streams
-        assert self.challenger is not None and table.challenger_state is not None
-        assert out.challenger_error is not None
-        out.challenger_error[rows] = values - table.challenger_prediction[slots]
-        states = table.challenger_state
-        shape = (states.shape[0], len(slots), states.shape[2])
-        before = torch.index_select(states, 1, index, out=self._block("shadow_before", shape))
-        z_next, state = self.challenger.step(z_in, before, out=self._block("shadow_after", shape))
-        states.index_copy_(1, index, state)
-        norm = table.normalizer
-        raw = norm.denormalize(slots, z_next.double().cpu().numpy(), scale)
-        clipped = norm.clipped[slots] > 0
-        if self.combine_config.enabled:
-            assert out.weights is not None
-            mine = np.where(clipped, values, raw)
-            forecast = prediction + out.weights[rows][:, RNN] * (mine - rnn)
-        else:  # the normaliser's gain, as ``Normalizer.forecast`` applies it (without its record)
-            last = norm.last[slots]
-            forecast = last + np.where(clipped, 0.0, norm.gain(slots)) * (raw - last)
-        table.challenger_prediction[slots] = forecast
+        return prediction
 
     def _paths(
         self,

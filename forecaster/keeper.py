@@ -128,6 +128,7 @@ class StateKeeper:
                 float(info.get("shadow_challenger_sq", 0.0)),
             )
             engine.shadow_n = int(info.get("shadow_n", 0))
+            engine.shadow_halflife = float(self.config.model.promote.samples)
         if checkpoint.stream_names:
             engine.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
             engine.ticks = int(engine.streams.last_used.max(initial=0))  # the LRU clock goes on

@@ -361,6 +361,7 @@ class Metrics(LinkEvents):
             f.anomaly,
             covered,
             f.weights,
+            f.model_error,
             f.challenger_error,
         )
 
@@ -400,6 +401,7 @@ class Metrics(LinkEvents):
         anomaly: np.ndarray,
         covered: np.ndarray,
         weights: np.ndarray | None = None,
+        model_error: np.ndarray | None = None,
         challenger_error: np.ndarray | None = None,
     ) -> None:
         """Fold a tick's forecasts into each label's numbers (NaN error: none yet; NaN covered:
@@ -445,17 +447,10 @@ class Metrics(LinkEvents):
                 self.coverage_alpha,
                 distinct,
             )
-            if challenger_error is not None:
-                shadow = bounded(challenger_error, 1e150)
-                both = scored & ~np.isnan(shadow)
-                fold(
-                    table.challenger,
-                    table.challenger_n,
-                    rows[both],
-                    (shadow[both] * shadow[both])[:, None],
-                    self.alpha,
-                    distinct,
-                )
+            if model_error is not None and challenger_error is not None:
+                own = bounded(np.column_stack([model_error, challenger_error]), 1e150)
+                both = scored & ~np.isnan(own).any(axis=1)
+                fold(table.models, table.models_n, rows[both], own[both] ** 2, self.alpha, distinct)
         self.abs_error.observe_many(np.abs(errors[scored]))
 
     def labelled(self, start: int = 0) -> list[str]:

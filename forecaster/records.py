@@ -144,8 +144,10 @@ class ForecastColumns:
     # (M, len(COMPONENTS)): each component's share of the prediction (``forecaster.combine``);
     # None when combination is off
     weights: np.ndarray | None = None
-    # (M,): the shadow challenger's error on each value (``model.challenger``; NaN: none yet);
-    # None without a challenger. Never part of a published forecast.
+    # (M,): with a shadow challenger (``model.challenger``; else None), the error on each value
+    # of each model's own forecast, the RNN reader's before the mix (``forecaster.shadow``):
+    # the served model's and the challenger's (NaN: none yet). Never published.
+    model_error: np.ndarray | None = None
     challenger_error: np.ndarray | None = None
 
     def __len__(self) -> int:

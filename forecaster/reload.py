@@ -126,6 +126,7 @@ def _apply(daemon: Daemon, new: Config) -> None:
     engine = daemon.engine
     if engine is not None:
         engine.scoring_config = engine.streams.scorer.config = scoring_config(new)
+        engine.shadow_halflife = float(new.model.promote.samples)
     daemon.metrics.anomaly_threshold = new.anomaly.threshold
     if daemon.live is not None:
         daemon.live.anomaly_threshold = new.anomaly.threshold

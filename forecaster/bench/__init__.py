@@ -71,6 +71,12 @@ def anomaly(args: argparse.Namespace) -> None:
     print_anomaly(bench_anomaly(args.data, args.out, args.threshold), args.json)
 
 
+def challenger(args: argparse.Namespace) -> None:
+    from forecaster.bench.challenger import bench_challenger, print_challenger
+
+    print_challenger(bench_challenger(seed=args.seed), args.json)
+
+
 def journal(args: argparse.Namespace) -> None:
     from forecaster.bench.journal import bench_journal, print_journal
 
@@ -86,5 +92,6 @@ PARTS: dict[str, Callable[[argparse.Namespace], None]] = {
     "accuracy": accuracy,
     "anomaly": anomaly,
     "journal": journal,
+    "challenger": challenger,
     "profile": profile,
 }
