@@ -253,3 +253,40 @@ def test_sigkill_after_a_promotion_replays_it_at_the_same_sample(
     assert "is not the model the saved state was built with" not in daemon.text()
     for k in range(1, 101):
         assert got[("s", k)] and set(got[("s", k)]) == {want[k - 1]}, k
+
+
+def test_the_daemon_promotes_on_evidence_and_rolls_back_on_request(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    """A served model made poor (weights halved) and the shipped one as challenger: once
+    ``model.promote.samples`` values show the challenger ahead by the margin, it serves (auto);
+    ``rollback`` puts the poor one back; each swap counted."""
+    poor = tmp_path / "poor.safetensors"
+    save_checkpoint(poor, scaled_model(0.5), load_checkpoint().normalizer)
+    shipped = tmp_path / "shipped.safetensors"
+    save_checkpoint(shipped, load_checkpoint().model, load_checkpoint().normalizer)
+    config = daemon_config(
+        broker,
+        prefix,
+        tmp_path / "state",
+        model={"checkpoint": str(poor), "challenger": str(shipped), "promote": {"samples": 60}},
+    )
+    values = [float(v) for v in 10 + 3 * np.sin(np.arange(400) * np.pi / 20)]
+
+    def promotions(running: RunningDaemon, action: str, trigger: str) -> float:
+        labels = {"action": action, "trigger": trigger, "outcome": "done"}
+        return metric_value(running.scrape(), "forecaster_model_promotions_total", 0.0, **labels)
+
+    with Collector(broker, f"{prefix}/forecasts/+") as out, RunningDaemon(config) as running:
+        for v in values[:200]:
+            publisher.publish(f"{prefix}/sensors/s/value", repr(v), qos=1)
+        out.wait_for(200)
+        wait_until(lambda: promotions(running, "promote", "auto") == 1, "the auto promotion")
+        engine = running.daemon.engine
+        assert engine.model_version == 1 and engine.promotions == 1
+        running.daemon.request_swap("rollback")
+        wait_until(lambda: promotions(running, "rollback", "manual") == 1, "the rollback")
+        assert engine.model_version == 2
+        served = engine.model.state_dict()  # the poor weights again
+        for name, tensor in load_checkpoint(poor).model.state_dict().items():
+            assert torch.equal(served[name], tensor), name
