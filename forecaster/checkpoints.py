@@ -107,6 +107,7 @@ class Checkpoints:
             "model_epoch": engine.model_epoch,
             "challenger_source": keeper.challenger_source,
             "promotions": engine.promotions,
+            "challenger_epoch": engine.challenger_epoch,
             "shadow_served_sq": float(engine.shadow_sq[0]),
             "shadow_challenger_sq": float(engine.shadow_sq[1]),
             "shadow_n": engine.shadow_n,

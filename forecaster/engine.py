@@ -134,6 +134,7 @@ class Engine:
         self.shadow_sq = np.zeros(2)  # served, challenger
         self.shadow_n = 0
         self.shadow_halflife = 2000.0
+        self.challenger_epoch = 0  # challengers loaded: a parked state from another is dropped
 
     def _block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused work tensor of ``shape`` (contents undefined), kept as large as the largest
@@ -170,6 +171,11 @@ class Engine:
     def promote(self) -> None:
         """The challenger serves from the next sample on (``forecaster.shadow.promote``)."""
         shadow.promote(self)
+
+    def set_challenger(self, challenger: Forecaster | None) -> None:
+        """Run ``challenger`` in the shadow from the next tick on (None: none), its hidden
+        states afresh (``forecaster.shadow.attach``)."""
+        shadow.attach(self, challenger)
 
     def _rewarm(self, slots: np.ndarray) -> None:
         table = self.streams
@@ -251,6 +257,7 @@ class Engine:
             slots[i] = table.slot(names[i])  # a new stream: fresh state
             table.epoch[slots[i]] = self.model_epoch
             table.roles[slots[i]] = self.promotions
+            table.shadow_epoch[slots[i]] = self.challenger_epoch
         if self.max_streams:
             table.last_used[slots] = self.ticks
         out = self._empty_columns(admission.index, names)
@@ -318,7 +325,7 @@ class Engine:
         if parked:
             names = list(parked)
             for row in parked.values():  # parked before a promotion: its states swap roles
-                shadow.follow_roles(row, self.promotions)
+                shadow.follow_roles(row, self.promotions, self.challenger_epoch)
             kinds: dict[frozenset[str], list[str]] = {}  # rows of one layout stack together
             for name in names:
                 kinds.setdefault(frozenset(parked[name]), []).append(name)

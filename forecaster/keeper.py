@@ -72,6 +72,7 @@ class StateKeeper:
         # restored state was built under (``deploy_new_model`` serves them after the replay).
         self.model_source = ""
         self.challenger_source = ""  # source_id of model.challenger ("": none)
+        self.challenger_changed = False  # the saved state had another challenger
         self.new_model: Checkpoint | None = None
         self.kept: list[KeptCheckpoint] = []  # durable checkpoints on disk, newest first
         # A replay (or an accepted loss) is followed by a checkpoint as soon as its forecasts
@@ -121,6 +122,8 @@ class StateKeeper:
         )
         info = checkpoint.manifest.get("info", {})
         engine.model_epoch = int(info.get("model_epoch", 0))
+        engine.challenger_epoch = int(info.get("challenger_epoch", 0)) + self.challenger_changed
+        engine.streams.shadow_epoch[:] = engine.challenger_epoch  # resident: as loaded above
         if challenger is not None:  # the roles and the evidence for the next swap
             engine.promotions = int(info.get("promotions", 0))
             engine.shadow_sq[:] = (
@@ -141,17 +144,22 @@ class StateKeeper:
         serves the challenger's weights and ``model.checkpoint`` runs in the shadow."""
         path = self.config.model.challenger
         self.challenger_source = "" if path is None else source_id(path)
-        if path is None:
-            return None
         info = {} if restored is None else restored.manifest.get("info", {})
         if (
-            info.get("model_source") == self.challenger_source
+            path is not None
+            and info.get("model_source") == self.challenger_source
             and info.get("challenger_source") == self.model_source
         ):  # promoted: the roles as they were
             path = self.config.model.checkpoint
             self.model_source, self.challenger_source = self.challenger_source, self.model_source
-        if restored is not None and info.get("challenger_source") != self.challenger_source:
+        # Another challenger than the saved state's: its states and forecasts start afresh
+        # (parked streams' too when they return: a new challenger epoch).
+        self.challenger_changed = info.get("challenger_source", "") != self.challenger_source
+        if restored is not None and self.challenger_changed:
             restored.stream_arrays.pop("challenger_state", None)
+            restored.stream_arrays.pop("challenger_prediction", None)
+        if self.config.model.challenger is None:
+            return None
         model = load_checkpoint(path, device).model
         log.info(
             "challenger %s runs in the shadow (scored, never published)",
@@ -174,6 +182,15 @@ class StateKeeper:
                 " state.dir, or with the model it was built with"
             )
         self.new_model = new
+
+    def set_challenger(self, path: Path | None) -> None:
+        """Run another challenger (None: none) from the next tick on (a reload of
+        ``model.challenger``): its states start afresh (``Engine.set_challenger``)."""
+        assert self.engine is not None
+        model = None if path is None else load_checkpoint(path, self.config.model.device).model
+        self.engine.set_challenger(model)
+        self.challenger_source = "" if path is None else source_id(path)
+        log.info("challenger now %s (its hidden states start afresh)", path or "none")
 
     def deploy_new_model(self) -> bool:
         """After the replay (under the old weights, exactly as served): serve the configured

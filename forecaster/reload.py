@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forecaster.config import Config, load_config, scoring_config
-from forecaster.errors import ConfigError
+from forecaster.errors import ConfigError, ForecasterError
 
 if TYPE_CHECKING:
     from forecaster.daemon import Daemon
@@ -35,6 +35,7 @@ LIVE_KEYS = (
     "intervals.",
     "engine.new_streams.",
     "model.promote.",
+    "model.challenger",
     "engine.max_batch",
     "engine.max_rounds",
     "state.checkpoint_interval",
@@ -110,6 +111,22 @@ def _reload(daemon: Daemon, path: Path | None) -> str:
     if not plan.live:
         log.info("config reload: %s is unchanged", path)
         return "unchanged"
+    engine = daemon.engine
+    if "model.challenger" in plan.live and engine is not None and engine.promotions % 2:
+        log.error(
+            "config reload refused, nothing changed: model.challenger cannot change while the"
+            " challenger serves (promoted): roll back, or set model.checkpoint to the promoted"
+            " model and restart"
+        )
+        return "refused"
+    if "model.challenger" in plan.live and new.model.challenger is not None:
+        from forecaster.persist import load_checkpoint  # torch: loaded by the daemon already
+
+        try:  # before anything changes: a file that cannot serve leaves everything as it was
+            load_checkpoint(new.model.challenger)
+        except ForecasterError as exc:  # a CheckpointError naming the file and field
+            log.error("config reload refused, nothing changed: model.challenger: %s", exc)
+            return "invalid"
     _apply(daemon, new)
     log.info("config reloaded from %s: %s", path, ", ".join(plan.live))
     return "applied"
@@ -127,6 +144,8 @@ def _apply(daemon: Daemon, new: Config) -> None:
     if engine is not None:
         engine.scoring_config = engine.streams.scorer.config = scoring_config(new)
         engine.shadow_halflife = float(new.model.promote.samples)
+        if new.model.challenger != old.model.challenger:
+            daemon.keeper.set_challenger(new.model.challenger)
     daemon.metrics.anomaly_threshold = new.anomaly.threshold
     if daemon.live is not None:
         daemon.live.anomaly_threshold = new.anomaly.threshold

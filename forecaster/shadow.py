@@ -20,6 +20,7 @@ from forecaster.combine import RNN
 
 if TYPE_CHECKING:
     from forecaster.engine import Engine
+    from forecaster.model import Forecaster
     from forecaster.records import ForecastColumns
 
 
@@ -112,9 +113,25 @@ def promote(engine: Engine) -> None:
     engine.shadow_n = 0
 
 
-def follow_roles(row: dict[str, np.ndarray], promotions: int) -> None:
-    """A parked stream's row, as ``promote`` would have left it had it been resident: after an
-    odd number of promotions since it was parked, its two states and forecasts swap."""
+def attach(engine: Engine, challenger: Forecaster | None) -> None:
+    """Another challenger (None: none) from the next tick on: its hidden states and forecasts
+    start afresh, parked streams' too when they return (``challenger_epoch``); the evidence
+    starts again."""
+    table = engine.streams
+    engine.challenger = None if challenger is None else challenger.to(engine.device).eval()
+    table.challenger = engine.challenger
+    table.challenger_state = table._challenger_state(table.capacity)
+    table.challenger_prediction[:] = np.nan
+    engine.challenger_epoch += 1
+    table.shadow_epoch[:] = engine.challenger_epoch
+    engine.shadow_sq[:] = 0.0
+    engine.shadow_n = 0
+
+
+def follow_roles(row: dict[str, np.ndarray], promotions: int, epoch: int) -> None:
+    """A parked stream's row, as ``promote`` and ``attach`` would have left it had it been
+    resident: after an odd number of promotions since it was parked, its two states and
+    forecasts swap; a challenger state from another challenger is dropped (fresh)."""
     if (promotions - int(row["roles"][0] if "roles" in row else 0)) % 2:
         served, shadowed = row.pop("state", None), row.pop("challenger_state", None)
         row.update({} if shadowed is None else {"state": shadowed})
@@ -127,3 +144,7 @@ def follow_roles(row: dict[str, np.ndarray], promotions: int) -> None:
         else:
             row["challenger_prediction"] = row["last_prediction"].copy()
     row["roles"] = np.array([promotions])
+    if int(row["shadow_epoch"][0] if "shadow_epoch" in row else 0) != epoch:
+        row.pop("challenger_state", None)
+        row["challenger_prediction"] = np.array([np.nan])
+        row["shadow_epoch"] = np.array([epoch])

@@ -30,8 +30,9 @@ FLOAT_COLUMNS = (
 # last_used: the engine's tick counter (least recently used); intervals: how many inter-arrival
 # times ``interval`` (their EWM) has seen; cold: forecasts still to flag warm=False after a gap
 # or a new model; epoch: the model deployment whose weights built the hidden state; roles: the
-# engine's promotions when the stream was last resident (its two states swap with every one).
-INT_COLUMNS = ("seq", "last_used", "intervals", "cold", "epoch", "roles")
+# engine's promotions when the stream was last resident (its two states swap with every one);
+# shadow_epoch: the challenger load (``Engine.challenger_epoch``) its challenger state is from.
+INT_COLUMNS = ("seq", "last_used", "intervals", "cold", "epoch", "roles", "shadow_epoch")
 
 
 class StreamTable:
@@ -64,6 +65,7 @@ class StreamTable:
         self.cold = np.zeros(capacity, dtype=np.int64)
         self.epoch = np.zeros(capacity, dtype=np.int64)
         self.roles = np.zeros(capacity, dtype=np.int64)
+        self.shadow_epoch = np.zeros(capacity, dtype=np.int64)
         self.scratch = np.zeros(capacity, dtype=np.int64)  # the engine's work space, not state
         self.interval = np.full(capacity, np.nan)
         self.last_value = np.full(capacity, np.nan)

@@ -17,7 +17,14 @@ from forecaster.persist import load_checkpoint, save_checkpoint
 from forecaster.records import Sample
 from forecaster.store import MemoryStore
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until, write_config
+from tests.helpers import (
+    RunningDaemon,
+    daemon_config,
+    metric_value,
+    offline_predictions,
+    wait_until,
+    write_config,
+)
 from tests.test_recovery import DaemonProcess, daemons, wait_forecasts
 
 __all__ = ["daemons"]  # the fixture, shared with test_recovery
@@ -290,3 +297,77 @@ def test_the_daemon_promotes_on_evidence_and_rolls_back_on_request(
         served = engine.model.state_dict()  # the poor weights again
         for name, tensor in load_checkpoint(poor).model.state_dict().items():
             assert torch.equal(served[name], tensor), name
+
+
+def test_a_challenger_loads_and_changes_on_sighup(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    """``model.challenger`` is a live key: set by a reload it runs from the next tick, its states
+    afresh; a file that cannot be loaded changes nothing (``invalid``); while the challenger
+    serves (promoted) a change is refused. Published forecasts never move."""
+    from forecaster.config import load_config
+    from tests.test_reload import edit, reloads
+
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, scaled_model(), load_checkpoint().normalizer)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    path = write_config(tmp_path / "c.yaml", broker, prefix, tmp_path / "state")
+    values = [float(v) for v in 20 + 5 * np.sin(np.arange(90) / 4)]
+
+    def send(part: slice) -> None:
+        for v in values[part]:
+            publisher.publish(f"{prefix}/in/s", repr(v), qos=1)
+
+    with (
+        Collector(broker, f"{prefix}/out/+") as out,
+        RunningDaemon(load_config(path)) as running,
+    ):
+        send(slice(0, 30))
+        out.wait_for(30)
+        edit(path, "model", challenger=str(good))
+        running.daemon.request_reload(path)
+        wait_until(lambda: reloads(running, "applied") == 1, "the challenger loaded")
+        engine = running.daemon.engine
+        assert engine.challenger is not None and engine.challenger_epoch == 1
+        send(slice(30, 60))
+        out.wait_for(60)
+        text = running.scrape()
+        assert metric_value(text, "forecaster_stream_model_rmse", stream="s", role="challenger") > 0
+        edit(path, "model", challenger=str(broken))
+        running.daemon.request_reload(path)
+        wait_until(lambda: reloads(running, "invalid") == 1, "the broken file refused")
+        assert engine.challenger_epoch == 1 and running.daemon.config.model.challenger == good
+        running.daemon.request_swap("promote")
+        wait_until(lambda: engine.promotions == 1, "the promotion")
+        edit(path, "model", challenger=None)
+        running.daemon.request_reload(path)
+        wait_until(lambda: reloads(running, "refused") == 1, "a change refused while promoted")
+        running.daemon.request_swap("rollback")
+        wait_until(lambda: engine.promotions == 2, "the rollback")
+        running.daemon.request_reload(path)
+        wait_until(lambda: reloads(running, "applied") == 2, "the challenger dropped")
+        assert engine.challenger is None
+        send(slice(60, 90))
+        got = out.wait_for(90)
+    # the two swaps aside (the challenger served for no sample), the forecasts are those of the
+    # shipped model alone
+    np.testing.assert_allclose(
+        [f["prediction"] for f in got], offline_predictions(values, "s"), atol=1e-5
+    )
+
+
+def test_a_new_challenger_starts_afresh_for_parked_streams_too() -> None:
+    """Another challenger set mid-run: resident streams' challenger states start afresh at once,
+    parked ones' when they return, so a bounded engine scores it exactly as an unbounded one."""
+    run = ticks(300, streams=6)
+    unbounded = engine(scaled_model())
+    bounded = engine(scaled_model(), max_streams=2, store=MemoryStore())
+    for t, samples in enumerate(run):
+        if t == 150:
+            for e in (unbounded, bounded):
+                e.set_challenger(scaled_model(0.7))
+        a, b = unbounded.tick(samples).columns, bounded.tick(samples).columns
+        np.testing.assert_array_equal(a.challenger_error, b.challenger_error)
+        np.testing.assert_array_equal(a.prediction, b.prediction)
+    assert bounded.restores > 0 and bounded.challenger_epoch == 1
