@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from forecaster.config import Config, PromoteConfig
     from forecaster.engine import Engine
-    from forecaster.keeper import Keeper
+    from forecaster.keeper import StateKeeper
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def due(engine: Engine, config: PromoteConfig) -> bool:
     return bool(challenger <= (1.0 - config.margin) * served)
 
 
-def swap(keeper: Keeper, action: str, trigger: str) -> bool:
+def swap(keeper: StateKeeper, action: str, trigger: str) -> bool:
     """Promote the challenger (``action`` "promote") or put the replaced model back
     ("rollback"); ``trigger``: "manual" or "auto". False, logged and counted, when refused."""
     engine = keeper.engine
@@ -42,6 +42,7 @@ def swap(keeper: Keeper, action: str, trigger: str) -> bool:
     if refusal is not None:
         log.error("%s refused: %s", action, refusal)
         metrics.promotions.labels(action, trigger, "refused").inc()
+        _hold(engine, trigger)
         return False
     assert engine is not None
     if keeper.journal is not None:
@@ -50,6 +51,7 @@ def swap(keeper: Keeper, action: str, trigger: str) -> bool:
         except Exception as exc:  # the journal cannot be written: the roles stay as they are
             log.error("%s refused: the journal cannot record it (%s)", action, exc)
             metrics.promotions.labels(action, trigger, "refused").inc()
+            _hold(engine, trigger)
             return False
     served, challenger = engine.shadow_sq
     samples = engine.shadow_n
@@ -71,14 +73,21 @@ def swap(keeper: Keeper, action: str, trigger: str) -> bool:
     return True
 
 
-def apply(keeper: Keeper) -> None:
+def apply(keeper: StateKeeper) -> None:
     """The swap itself (live, or replayed at its journaled position)."""
     assert keeper.engine is not None
     keeper.engine.promote()
     keeper.model_source, keeper.challenger_source = keeper.challenger_source, keeper.model_source
 
 
-def _refusal(keeper: Keeper, action: str) -> str | None:
+def _hold(engine: Engine | None, trigger: str) -> None:
+    """After a refused automatic swap, gather ``samples`` values of evidence again before the
+    next try (else it would be tried, logged and counted between every two ticks)."""
+    if trigger == "auto" and engine is not None:
+        engine.shadow_n = 0
+
+
+def _refusal(keeper: StateKeeper, action: str) -> str | None:
     engine = keeper.engine
     if engine is None or engine.challenger is None:
         return "no challenger runs (model.challenger, forecaster run --challenger)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +372,37 @@ def test_a_new_challenger_starts_afresh_for_parked_streams_too() -> None:
         np.testing.assert_array_equal(a.challenger_error, b.challenger_error)
         np.testing.assert_array_equal(a.prediction, b.prediction)
     assert bounded.restores > 0 and bounded.challenger_epoch == 1
+
+
+def test_a_refused_automatic_promotion_waits_for_new_evidence(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    """With online learning on a swap is refused; the automatic rule then gathers
+    ``model.promote.samples`` values again before it tries (and logs) once more."""
+    poor = tmp_path / "poor.safetensors"
+    save_checkpoint(poor, scaled_model(0.5), load_checkpoint().normalizer)
+    shipped = tmp_path / "shipped.safetensors"
+    save_checkpoint(shipped, load_checkpoint().model, load_checkpoint().normalizer)
+    config = daemon_config(
+        broker,
+        prefix,
+        tmp_path / "state",
+        model={"checkpoint": str(poor), "challenger": str(shipped), "promote": {"samples": 40}},
+        online_learning={"enabled": True},
+    )
+    values = [float(v) for v in 10 + 3 * np.sin(np.arange(200) * np.pi / 20)]
+    labels = {"action": "promote", "trigger": "auto", "outcome": "refused"}
+    with Collector(broker, f"{prefix}/forecasts/+") as out, RunningDaemon(config) as running:
+        for v in values:
+            publisher.publish(f"{prefix}/sensors/s/value", repr(v), qos=1)
+        out.wait_for(200)
+
+        def refused() -> float:
+            text = running.scrape()
+            return metric_value(text, "forecaster_model_promotions_total", 0.0, **labels)
+
+        wait_until(lambda: refused() >= 1, "a refused automatic promotion")
+        first = refused()
+        time.sleep(1.0)  # several loop turns with no new values: no new try
+        assert refused() == first <= 200 / 40
+        assert running.daemon.engine.promotions == 0
