@@ -52,6 +52,43 @@ class LabelTable:
         self.models = np.zeros((capacity, 2))
         self.models_n = np.zeros(capacity, dtype=np.int64)
 
+    def fold_errors(
+        self,
+        rows: np.ndarray,
+        scored: np.ndarray,
+        errors: np.ndarray,
+        naives: np.ndarray,
+        alpha: float,
+        distinct: bool,
+    ) -> None:
+        """Fold the ``scored`` forecasts' errors and the last value's into the rolling means."""
+        e, n = errors[scored], naives[scored]
+        x = np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1)
+        fold(self.rolling, self.rolling_n, rows[scored], x, alpha, distinct)
+
+    def fold_intervals(
+        self,
+        rows: np.ndarray,
+        has_interval: np.ndarray,
+        covered: np.ndarray,
+        width: np.ndarray,
+        alpha: float,
+        distinct: bool,
+    ) -> None:
+        """Fold whether each value was covered, and the interval's width, where one existed."""
+        widths = finite(width[has_interval], 1e150)
+        x = np.stack([covered[has_interval], widths], axis=1)
+        fold(self.interval, self.interval_n, rows[has_interval], x, alpha, distinct)
+
+    def fold_models(
+        self, rows: np.ndarray, scored: np.ndarray, own: np.ndarray, alpha: float, distinct: bool
+    ) -> None:
+        """Fold each model's own error ``(m, 2)``: served, challenger (``forecaster.shadow``),
+        where both forecast a scored value."""
+        own = bounded(own, 1e150)
+        both = scored & ~np.isnan(own).any(axis=1)
+        fold(self.models, self.models_n, rows[both], own[both] ** 2, alpha, distinct)
+
     def rows(self, streams: list[str], cap: int) -> np.ndarray:
         """Each stream's row: its own label while fewer than ``cap`` streams have one, else
         ``_other``'s."""

@@ -16,7 +16,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from forecaster import shadow
+from forecaster import parking, shadow
 from forecaster.admission import admit
 from forecaster.combine import COMPONENTS, CombinerConfig
 from forecaster.gaps import GapPolicy, detect_gaps
@@ -33,7 +33,7 @@ from forecaster.records import (
     as_batch,
 )
 from forecaster.scoring import ScoringConfig
-from forecaster.store import MemoryStore, StreamStore, stack_rows, stream_row
+from forecaster.store import MemoryStore, StreamStore
 from forecaster.streams import StreamTable
 
 
@@ -121,7 +121,7 @@ class Engine:
         self.ticks = 0  # LRU clock: ticks applied so far
         # Told (gone slots, moved src slots, their dst slots) when eviction compacts the slots.
         self.slot_listener: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
-        self._blocks: dict[str, torch.Tensor] = {}  # work blocks, see _block
+        self._blocks: dict[str, torch.Tensor] = {}  # work blocks, see work_block
         # Model deployments so far (``deploy``): a stream whose ``epoch`` is older re-warms.
         self.model_epoch = 0
         self.rewarm_samples = 0
@@ -136,7 +136,7 @@ class Engine:
         self.shadow_halflife = 2000.0
         self.challenger_epoch = 0  # challengers loaded: a parked state from another is dropped
 
-    def _block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def work_block(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reused work tensor of ``shape`` (contents undefined), kept as large as the largest
         tick so far.
 
@@ -166,7 +166,7 @@ class Engine:
         self.swap_weights(weights, version)
         self.model_epoch += 1
         self.rewarm_samples = rewarm
-        self._rewarm(np.arange(len(self.streams)))
+        self.rewarm(np.arange(len(self.streams)))
 
     def promote(self) -> None:
         """The challenger serves from the next sample on (``forecaster.shadow.promote``)."""
@@ -177,7 +177,9 @@ class Engine:
         states afresh (``forecaster.shadow.attach``)."""
         shadow.attach(self, challenger)
 
-    def _rewarm(self, slots: np.ndarray) -> None:
+    def rewarm(self, slots: np.ndarray) -> None:
+        """Fresh hidden states for ``slots``, built under this model; their next
+        ``rewarm_samples`` forecasts say ``warm=False``."""
         table = self.streams
         table.state[:, torch.from_numpy(slots).to(self.device)] = 0.0  # a fresh state
         table.cold[slots] = self.rewarm_samples
@@ -248,7 +250,7 @@ class Engine:
         if self.max_streams and bool((admission.slots < 0).any()):
             # Before the tick counts: should the store fail here, no state has changed and the
             # same admission can be ticked again once it can be written.
-            self._make_room(set(names))
+            parking.make_room(self, set(names))
             slots = np.fromiter(map(table.slots.get, names, repeat(-1)), np.int64, len(names))
         else:
             slots = admission.slots.copy()
@@ -280,7 +282,7 @@ class Engine:
                     )
         if self.max_streams:  # a tick wider than the bound: back under it before the next one
             try:
-                self._evict(len(table) - self.max_streams, set())
+                parking.evict(self, len(table) - self.max_streams, set())
                 self.park_error = None
             except Exception as exc:  # the store cannot be written: the next tick tries again
                 self.park_error = exc
@@ -316,47 +318,6 @@ class Engine:
             model_error=floats() if self.challenger is not None else None,
         )
 
-    def _make_room(self, needed: set[str]) -> None:
-        """Bring back parked streams this tick needs, parking least recently used others first."""
-        table = self.streams
-        new = sorted(s for s in needed if s not in table)
-        parked = {s: row for s in new if (row := self.store.get(s)) is not None}
-        self._evict(len(table) + len(new) - self.max_streams, needed)
-        if parked:
-            names = list(parked)
-            for row in parked.values():  # parked before a promotion: its states swap roles
-                shadow.follow_roles(row, self.promotions, self.challenger_epoch)
-            kinds: dict[frozenset[str], list[str]] = {}  # rows of one layout stack together
-            for name in names:
-                kinds.setdefault(frozenset(parked[name]), []).append(name)
-            for group in kinds.values():
-                table.put(group, stack_rows([parked[name] for name in group]))
-            self.restores += len(names)
-            back = np.fromiter(map(table.slots.__getitem__, names), np.int64, len(names))
-            stale = back[table.epoch[back] != self.model_epoch]
-            if len(stale):  # parked before a new model: built under the old weights
-                self._rewarm(stale)
-
-    def _evict(self, excess: int, keep: set[str]) -> None:
-        """Park the ``excess`` least recently used streams, except those in ``keep``."""
-        table = self.streams
-        if excess <= 0:
-            return
-        idle = np.array([name not in keep for name in table.names], dtype=bool)
-        candidates = np.flatnonzero(idle)
-        order = np.argsort(table.last_used[candidates], kind="stable")  # oldest first
-        chosen = candidates[order[:excess]]
-        if not len(chosen):
-            return
-        names = [table.names[i] for i in chosen.tolist()]
-        arrays = table.arrays(chosen)
-        # Parked first, then removed: a store that cannot be written leaves the table as it was.
-        self.store.put({name: stream_row(arrays, i) for i, name in enumerate(names)})
-        _, src, dst = table.take(names)
-        self.evictions += len(names)
-        if self.slot_listener is not None:
-            self.slot_listener(chosen, src, dst)
-
     def _step_round(
         self,
         out: ForecastColumns,
@@ -380,7 +341,7 @@ class Engine:
         z = table.normalizer.update(slots, values)
         index = torch.from_numpy(slots).to(self.device)
         shape = (table.state.shape[0], len(slots), table.state.shape[2])  # (num_layers, B, width)
-        before = torch.index_select(table.state, 1, index, out=self._block("before", shape))
+        before = torch.index_select(table.state, 1, index, out=self.work_block("before", shape))
         if self.gaps is not None:
             out.warm[rows], resets = detect_gaps(self.gaps, self.streams, slots, ts, before)
             self.gap_resets += resets
@@ -389,7 +350,7 @@ class Engine:
             out.warm[rows] = cold == 0
             table.cold[slots] = np.maximum(cold - 1, 0)
         z_in = torch.from_numpy(z.astype(np.float32)).to(self.device)
-        z_next, state = self.model.step(z_in, before, out=self._block("after", shape))
+        z_next, state = self.model.step(z_in, before, out=self.work_block("after", shape))
         if observer is not None:
             observer(StepRecord(slots, count, z, z_target, before))
         table.state.index_copy_(1, index, state)

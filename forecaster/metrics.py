@@ -26,7 +26,6 @@ from forecaster.collectors import (
     TickHistogram,
     bounded,
     finite,
-    fold,
 )
 from forecaster.combine import COMPONENTS
 from forecaster.config import AnomalyConfig, MetricsConfig
@@ -429,28 +428,13 @@ class Metrics(LinkEvents):
             shares = np.full((len(value), len(COMPONENTS)), np.nan) if weights is None else weights
             lasts = np.column_stack([value, prediction, lower, upper, anomaly, shares])[latest]
             table.last[rows[latest]] = finite(lasts, 1e300)
-            e, n = errors[scored], naives[scored]
-            fold(
-                table.rolling,
-                table.rolling_n,
-                rows[scored],
-                np.stack([np.abs(e), e * e, np.abs(n), n * n], axis=1),
-                self.alpha,
-                distinct,
-            )
-            widths = finite(upper[has_interval] - lower[has_interval], 1e150)
-            fold(
-                table.interval,
-                table.interval_n,
-                rows[has_interval],
-                np.stack([covered[has_interval], widths], axis=1),
-                self.coverage_alpha,
-                distinct,
+            table.fold_errors(rows, scored, errors, naives, self.alpha, distinct)
+            table.fold_intervals(
+                rows, has_interval, covered, upper - lower, self.coverage_alpha, distinct
             )
             if model_error is not None and challenger_error is not None:
-                own = bounded(np.column_stack([model_error, challenger_error]), 1e150)
-                both = scored & ~np.isnan(own).any(axis=1)
-                fold(table.models, table.models_n, rows[both], own[both] ** 2, self.alpha, distinct)
+                own = np.column_stack([model_error, challenger_error])
+                table.fold_models(rows, scored, own, self.alpha, distinct)
         self.abs_error.observe_many(np.abs(errors[scored]))
 
     def labelled(self, start: int = 0) -> list[str]:

@@ -74,8 +74,10 @@ def step(
     assert engine.challenger is not None and table.challenger_state is not None
     states = table.challenger_state
     shape = (states.shape[0], len(slots), states.shape[2])
-    before = torch.index_select(states, 1, index, out=engine._block("shadow_before", shape))
-    z_next, state = engine.challenger.step(z_in, before, out=engine._block("shadow_after", shape))
+    before = torch.index_select(states, 1, index, out=engine.work_block("shadow_before", shape))
+    z_next, state = engine.challenger.step(
+        z_in, before, out=engine.work_block("shadow_after", shape)
+    )
     states.index_copy_(1, index, state)
     norm = table.normalizer
     raw = norm.denormalize(slots, z_next.double().cpu().numpy(), scale)
@@ -106,7 +108,6 @@ def promote(engine: Engine) -> None:
     if engine.combine_config.enabled:
         table.combiner.pred[:n, RNN] = theirs
     table.roles[:] = engine.promotions + 1
-    engine._blocks.clear()  # state-shaped work blocks: the served model's shape may differ
     engine.model_version += 1
     engine.promotions += 1
     engine.shadow_sq[:] = 0.0

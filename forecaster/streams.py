@@ -167,7 +167,7 @@ class StreamTable:
         self.state = self.model.init_state(capacity, self.device)
         self.state[:, :n] = torch.as_tensor(arrays["state"], device=self.device)
         self.challenger_state = self._challenger_state(capacity)
-        kept = arrays.get("challenger_state")  # built by another challenger: afresh
+        kept = arrays.get("challenger_state")  # absent after another challenger: afresh
         shadow = self.challenger_state
         if (
             shadow is not None
@@ -226,17 +226,17 @@ class StreamTable:
             self._grow(self._next_capacity(end))
         slots = np.arange(start, end)
         index = torch.as_tensor(slots, device=self.device)
-        for key, served in self.states().items():
+        for key, tensor in self.states().items():
             state = arrays.get(key)  # (num_layers, k, width); a challenger's may be missing
             if (
                 state is not None
-                and state.shape[0] == served.shape[0]
-                and state.shape[2] == served.shape[2]
+                and state.shape[0] == tensor.shape[0]
+                and state.shape[2] == tensor.shape[2]
             ):
                 state = torch.as_tensor(state, device=self.device)
-                served.index_copy_(1, index, state.to(served.dtype))
+                tensor.index_copy_(1, index, state.to(tensor.dtype))
             else:  # parked before this challenger: a fresh state
-                served.index_fill_(1, index, 0.0)
+                tensor.index_fill_(1, index, 0.0)
         for key, column in self.columns().items():
             if key in arrays:
                 column[slots] = arrays[key]

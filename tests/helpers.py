@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -168,6 +170,13 @@ def offline_predictions(values: list[float], stream: str = "s") -> list[float]:
     checkpoint = load_checkpoint()
     engine = Engine(checkpoint.model, checkpoint.normalizer)
     return [engine.tick([Sample(stream, v)]).forecasts[0].prediction for v in values]
+
+
+def forecaster_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``forecaster ARGS`` as a user runs it (a separate process), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:

@@ -5,8 +5,6 @@ with the served ones."""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from tests.conftest import Broker, Collector
 from tests.helpers import (
     RunningDaemon,
     daemon_config,
+    forecaster_cli,
     metric_value,
     offline_predictions,
     wait_until,
@@ -38,6 +37,16 @@ def scaled_model(scale: float = 0.8) -> torch.nn.Module:
         for parameter in model.parameters():
             parameter.mul_(scale)
     return model
+
+
+def poor_served_shipped_challenging(poor: Path) -> dict[str, str]:
+    """``model`` keys: the shipped model with its weights halved, saved at ``poor``, serves; the
+    shipped model (saved beside it) is the challenger, which the evidence favours."""
+    shipped = poor.with_name("shipped.safetensors")
+    checkpoint = load_checkpoint()
+    save_checkpoint(poor, scaled_model(0.5), checkpoint.normalizer)
+    save_checkpoint(shipped, checkpoint.model, checkpoint.normalizer)
+    return {"checkpoint": str(poor), "challenger": str(shipped)}
 
 
 def ticks(n: int, streams: int = 5, seed: int = 0) -> list[list[Sample]]:
@@ -235,12 +244,7 @@ def test_sigkill_after_a_promotion_replays_it_at_the_same_sample(
         wait_until(lambda: "metrics on" in daemon.text(), "the daemon started", 60)
         send(slice(0, 40))
         assert len(wait_forecasts(out, {("s", k) for k in range(1, 41)}, 30)) == 40
-        done = subprocess.run(
-            [sys.executable, "-m", "forecaster.cli", "promote", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = forecaster_cli("promote", "-c", str(path))
         assert done.returncode == 0, done.stderr
         wait_until(lambda: "promote (manual)" in daemon.text(), "the promotion logged", 30)
         send(slice(40, 60))
@@ -270,14 +274,11 @@ def test_the_daemon_promotes_on_evidence_and_rolls_back_on_request(
     ``model.promote.samples`` values show the challenger ahead by the margin, it serves (auto);
     ``rollback`` puts the poor one back; each swap counted."""
     poor = tmp_path / "poor.safetensors"
-    save_checkpoint(poor, scaled_model(0.5), load_checkpoint().normalizer)
-    shipped = tmp_path / "shipped.safetensors"
-    save_checkpoint(shipped, load_checkpoint().model, load_checkpoint().normalizer)
     config = daemon_config(
         broker,
         prefix,
         tmp_path / "state",
-        model={"checkpoint": str(poor), "challenger": str(shipped), "promote": {"samples": 60}},
+        model={**poor_served_shipped_challenging(poor), "promote": {"samples": 60}},
     )
     values = [float(v) for v in 10 + 3 * np.sin(np.arange(400) * np.pi / 20)]
 
@@ -380,14 +381,11 @@ def test_a_refused_automatic_promotion_waits_for_new_evidence(
     """With online learning on a swap is refused; the automatic rule then gathers
     ``model.promote.samples`` values again before it tries (and logs) once more."""
     poor = tmp_path / "poor.safetensors"
-    save_checkpoint(poor, scaled_model(0.5), load_checkpoint().normalizer)
-    shipped = tmp_path / "shipped.safetensors"
-    save_checkpoint(shipped, load_checkpoint().model, load_checkpoint().normalizer)
     config = daemon_config(
         broker,
         prefix,
         tmp_path / "state",
-        model={"checkpoint": str(poor), "challenger": str(shipped), "promote": {"samples": 40}},
+        model={**poor_served_shipped_challenging(poor), "promote": {"samples": 40}},
         online_learning={"enabled": True},
     )
     values = [float(v) for v in 10 + 3 * np.sin(np.arange(200) * np.pi / 20)]

@@ -13,7 +13,14 @@ import yaml
 from forecaster.config import load_config
 from forecaster.reload import plan_reload
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, metric_value, offline_predictions, wait_until, write_config
+from tests.helpers import (
+    RunningDaemon,
+    forecaster_cli,
+    metric_value,
+    offline_predictions,
+    wait_until,
+    write_config,
+)
 
 
 def reloads(running: RunningDaemon, outcome: str) -> float:
@@ -111,12 +118,7 @@ def test_forecaster_reload_signals_the_running_daemon(
     try:
         wait_until(lambda: "metrics on" in log.read_text(), "the daemon started", 60)
         edit(path, "anomaly", threshold=0.95)
-        done = subprocess.run(
-            [sys.executable, "-m", "forecaster.cli", "reload", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = forecaster_cli("reload", "-c", str(path))
         assert done.returncode == 0, done.stderr
         assert "sent SIGHUP" in done.stdout
         wait_until(lambda: "config reloaded" in log.read_text(), "the reload logged", 30)
@@ -125,10 +127,5 @@ def test_forecaster_reload_signals_the_running_daemon(
     finally:
         proc.terminate()
         proc.wait(30)
-    gone = subprocess.run(
-        [sys.executable, "-m", "forecaster.cli", "reload", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    gone = forecaster_cli("reload", "-c", str(path))
     assert gone.returncode != 0 and "no running daemon" in gone.stderr
