@@ -30,8 +30,10 @@ debs:
 		else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); fi; \
 	fi
 
+# Two pytest-xdist workers: every fixture (brokers, ports, folders) is per test, and most tests
+# wait on brokers and subprocesses, so two workers halve the wall time on two cores.
 test: $(STAMP) debs
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist worksteal
 
 test-slow: $(STAMP) debs
 	$(BIN)/pytest -q -m slow

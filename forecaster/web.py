@@ -89,6 +89,17 @@ class PooledWSGIServer(WSGIServer):
         for thread in (*self.workers, self.reaper):
             thread.start()
 
+    @property
+    def queue_depth(self) -> int:
+        """How many accepted connections may wait for a worker before more are refused."""
+        return self._pending.maxsize
+
+    @property
+    def busy_workers(self) -> int:
+        """Workers on a connection now (the rest wait for one)."""
+        with self._serving_lock:
+            return len(self._serving)
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Runs on the accepting thread: queue the connection, or refuse it when the queue is full."""
         request.settimeout(self.timeout_s)  # a slow or silent client frees its worker

@@ -241,7 +241,7 @@ def test_sigkill_after_a_promotion_replays_it_at_the_same_sample(
     daemons.append(daemon)
     with Collector(broker, f"{prefix}/out/+") as out:
         daemon.start()
-        wait_until(lambda: "metrics on" in daemon.text(), "the daemon started", 60)
+        wait_until(lambda: "subscribed to" in daemon.text(), "the daemon subscribed", 60)
         send(slice(0, 40))
         assert len(wait_forecasts(out, {("s", k) for k in range(1, 41)}, 30)) == 40
         done = forecaster_cli("promote", "-c", str(path))

@@ -71,7 +71,7 @@ def test_many_slow_connections_do_not_grow_threads() -> None:
             sock.sendall(b"GET /metr")  # and nothing more
             slow.append(sock)
         # every connection is with a worker, queued, or refused
-        held = len(server.workers) + server._pending.maxsize
+        held = len(server.workers) + server.queue_depth
         wait_until(lambda: server.refused >= 300 - held, "the connections beyond the pool refused")
         assert threading.active_count() == threads
         assert metrics.registry.get_sample_value("forecaster_http_refused_total") == server.refused
@@ -124,7 +124,7 @@ def test_close_does_not_wait_for_slow_clients() -> None:
     try:
         for sock in slow:
             sock.sendall(b"GET /met")
-        wait_until(lambda: len(http.server._serving) == 2, "both workers on a slow client")
+        wait_until(lambda: http.server.busy_workers == 2, "both workers on a slow client")
         http.close()  # would wait an hour per worker if it waited for them
         assert not any(thread.is_alive() for thread in http.server.workers)
     finally:

@@ -169,7 +169,7 @@ class Publisher:
         if self.disconnects == seen:
             return seen
         seen = self.disconnects
-        while not self.client.is_connected() or not all(i._published for i in self.infos):
+        while not self.client.is_connected() or not all(i.is_published() for i in self.infos):
             time.sleep(0.01)
         return seen
 
@@ -194,7 +194,7 @@ class Publisher:
         deadline = time.monotonic() + timeout
         # paho's is_published() raises for a message queued while disconnected (rc NO_CONN) even
         # though paho sends it after reconnecting; the flag it sets on the PUBACK is the truth.
-        while not all(info._published for info in self.infos):
+        while not all(info.is_published() for info in self.infos):
             assert time.monotonic() < deadline, "the broker did not accept every sample"
             time.sleep(0.05)
 
