@@ -138,6 +138,8 @@ class Collector:
         if topic.startswith("load/status"):
             if payload == b"online":
                 self.online.add(topic)
+            else:  # "offline" (a clean stop or the last will): the next start must say online
+                self.online.discard(topic)
             return
         # orjson: the stdlib parser on 20 KB output frames cost the collector, which shares the
         # 2 cores with the daemon, about as much CPU as the daemon itself spent.
@@ -234,12 +236,17 @@ def start_target(
         )
         cmd = [sys.executable, "-m", "forecaster.cli", "run", "-c", str(config)]
         status = "load/status/daemon"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A target started before in this run said "online" too: only this start's word counts (the
+    # second daemon of a run was once offered its load before it had subscribed, and got none).
+    collector.online.discard(status)
+    log = folder / f"{kind}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while status not in collector.online:
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            raise RuntimeError(f"the {kind} did not come online")
+            raise RuntimeError(f"the {kind} did not come online: {log.read_text()[-2000:]}")
         time.sleep(0.1)
     time.sleep(0.5)  # subscribed after online
     return proc
