@@ -356,12 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--streams", type=int, default=5000)
     bench.add_argument("--cap", type=int, default=100, help="metrics.stream_label_cap")
     bench.add_argument("--sizes", default="1,100,1000,10000", help="throughput: stream counts")
-    bench.add_argument("--count", type=int, default=20_000, help="throughput: messages per run")
+    bench.add_argument(
+        "--count", type=int, default=20_000, help="throughput: messages per run, at least"
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=10.0, help="throughput: each offer lasts at least this"
+    )
     bench.add_argument(
         "--repeats",
         type=int,
-        default=1,
-        help="throughput: relay-then-daemon pairs per stream count (medians reported)",
+        default=3,
+        help="throughput: interleaved relay-then-daemon pairs per stream count (medians reported)",
     )
     bench.add_argument("--json", action="store_true")
     add_progress(bench)

@@ -254,7 +254,9 @@ class Combiner:
                 count[scored],
             )
         lags = self.lags[slots]
-        recent = np.concatenate([change[:, None], lags[:, :-1]], axis=1).astype(np.float32)
+        recent = np.empty_like(lags)  # float32, as stored
+        recent[:, 0] = change
+        recent[:, 1:] = lags[:, :-1]
         lags = np.where(seen[:, None], recent, lags)  # as stored: _learn reads the same features
         self.lags[slots] = lags
         self.last[slots] = x
@@ -403,9 +405,10 @@ class Combiner:
         else:
             for i, (start, end) in enumerate(self._row_spans):  # phi_i phi_j for j >= i
                 np.multiply(phi32[i], phi32[i:], out=pairs[start:end])
-        gram = pairs.T  # (B, k (k + 1) / 2)
-        old = np.take(self.gram, slots, axis=0)
-        gram -= old
+        # The update slot-major and contiguous: the products are read transposed once (three
+        # in-place passes over the transposed view cost ~3x as much at 10,000 streams).
+        old = np.take(self.gram, slots, axis=0)  # (B, k (k + 1) / 2)
+        gram = np.subtract(pairs.T, old, out=np.empty_like(old))
         gram *= rate.astype(np.float32)[:, None]
         gram += old
         self.gram[slots] = gram
@@ -420,8 +423,9 @@ class Combiner:
             | (count % config.refit_every == 0)
         )
         if due.any():
-            a = np.take(gram[due], self._unpack, axis=1).astype(np.float64).reshape(-1, k, k)
-            a += (rate[due] / config.prior)[:, None, None] * np.eye(k)
+            a = np.take(gram[due].astype(np.float64), self._unpack, axis=1)  # (B, k * k)
+            a[:, :: k + 1] += (rate[due] / config.prior)[:, None]  # the prior on the diagonal
+            a = a.reshape(-1, k, k)
             self.coef[slots[due]] = np.linalg.solve(a, cross[due][:, :, None])[:, :, 0]
 
 

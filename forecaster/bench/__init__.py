@@ -37,7 +37,8 @@ def throughput(args: argparse.Namespace) -> None:
     from forecaster.bench.throughput import bench_throughput, print_throughput
 
     sizes = tuple(int(n) for n in args.sizes.split(",") if n)  # "": the frames figure only
-    print_throughput(bench_throughput(sizes, args.count, repeats=args.repeats), args.json)
+    result = bench_throughput(sizes, args.count, args.seconds, repeats=args.repeats)
+    print_throughput(result, args.json)
 
 
 def profile(args: argparse.Namespace) -> None:

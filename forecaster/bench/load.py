@@ -17,22 +17,32 @@ import orjson
 LOAD_IN, LOAD_OUT = "load/in/{stream}", "load/out/{stream}"
 
 
-def publish_load(port: int, streams: int, count: int, rate: float) -> None:
+def publish_load(port: int, streams: int, count: int, rate: float, seconds: float = 0.0) -> int:
     """Publisher process: ``count`` JSON samples round-robin over ``streams`` streams, at ``rate``
-    messages/s (0: as fast as paho takes them); each carries its send time in ``ts``."""
+    messages/s (0: as fast as paho takes them, and for at least ``seconds``); each carries its
+    send time in ``ts``. Returns how many it sent."""
 
     def body(i: int) -> str:
         value = math.sin(0.157 * (i // streams))
         return json.dumps({"value": round(value, 6), "ts": time.time()})
 
-    publish_paced(port, "bench-load", [f"s{i}" for i in range(streams)], count, rate, body)
+    names = [f"s{i}" for i in range(streams)]
+    return publish_paced(port, "bench-load", names, count, rate, body, seconds)
 
 
 def publish_paced(
-    port: int, client_id: str, names: list[str], count: int, rate: float, body: Callable[[int], str]
-) -> None:
+    port: int,
+    client_id: str,
+    names: list[str],
+    count: int,
+    rate: float,
+    body: Callable[[int], str],
+    seconds: float = 0.0,
+) -> int:
     """Publish ``body(i)`` for i < ``count`` round-robin to ``names``' input topics, at ``rate``
-    messages/s (0: as fast as paho takes them)."""
+    messages/s (0: as fast as paho takes them, and on past ``count`` until ``seconds`` have
+    passed: a saturating offer of a fixed length, whatever the target's speed). Returns how
+    many it published."""
     import paho.mqtt.client as paho
 
     from simulators.client import connected_client
@@ -40,7 +50,9 @@ def publish_paced(
     client = connected_client("127.0.0.1", port, client_id)
     topics = [LOAD_IN.format(stream=name) for name in names]
     started = time.monotonic()
-    for i in range(count):
+    until = started + (seconds if rate <= 0 else 0.0)
+    i = 0
+    while i < count or time.monotonic() < until:
         if rate > 0:
             delay = started + i / rate - time.monotonic()
             if delay > 0:
@@ -50,8 +62,10 @@ def publish_paced(
             client.publish(topics[i % len(topics)], payload, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE
         ):
             time.sleep(0.001)
+        i += 1
     client.disconnect()
     client.loop_stop()
+    return i
 
 
 def device_frame(step: int, size: int) -> str:
@@ -61,15 +75,18 @@ def device_frame(step: int, size: int) -> str:
     return json.dumps(frame)
 
 
-def publish_frames(port: int, devices: int, count: int, rate: float, size: int = 100) -> None:
+def publish_frames(
+    port: int, devices: int, count: int, rate: float, seconds: float = 0.0, size: int = 100
+) -> int:
     """Publisher process: ``count`` device frames of ``size`` readings each (``{"r0": .., ...,
     "ts": send time}``), round-robin over ``devices`` devices, at ``rate`` frames/s (0: as fast
-    as paho takes them)."""
+    as paho takes them, and for at least ``seconds``). Returns how many it sent."""
 
     def body(i: int) -> str:
         return device_frame(i // devices, size)
 
-    publish_paced(port, "bench-frames", [f"d{i}" for i in range(devices)], count, rate, body)
+    names = [f"d{i}" for i in range(devices)]
+    return publish_paced(port, "bench-frames", names, count, rate, body, seconds)
 
 
 def run_relay(port: int) -> None:
@@ -165,18 +182,25 @@ def offer(
     rate: float,
     publisher: str = "publish_load",
     per_message: int = 1,
+    seconds: float = 0.0,
 ) -> dict:
-    """Offer ``count`` messages (``per_message`` outputs expected from each); rates are of outputs."""
+    """Offer ``count`` messages (``per_message`` outputs expected from each; with ``rate`` 0, as
+    fast as they go for at least ``seconds``); rates are of outputs. Latency percentiles come
+    with the number of samples behind them."""
     import subprocess
     import sys
 
     collector.reset()
-    code = f"from forecaster.bench.load import {publisher}; {publisher}({port}, {streams}, {count}, {rate})"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = (
+        f"from forecaster.bench.load import {publisher}; "
+        f"print({publisher}({port}, {streams}, {count}, {rate}, {seconds}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    sent = int(done.stdout.split()[-1])
     # Nothing new for 5 s: the rest was dropped (a daemon mid-way through one long tick is
     # silent for seconds; a 1 s window cut the one-stream runs short and inflated their CPU/1k).
     deadline, seen, quiet_since = time.monotonic() + 60, -1, time.monotonic()
-    while len(collector.times) < count * per_message and time.monotonic() < deadline:
+    while len(collector.times) < sent * per_message and time.monotonic() < deadline:
         if len(collector.times) != seen:
             seen, quiet_since = len(collector.times), time.monotonic()
         elif time.monotonic() - quiet_since > 5.0:
@@ -185,10 +209,12 @@ def offer(
     times, latencies = list(collector.times), [x for x in collector.latencies if x == x]
     span = times[-1] - times[0] if len(times) > 1 else math.nan
     return {
+        "sent": sent,
         "received": len(times),
         "per_s": (len(times) - 1) / span if span > 0 else math.nan,
         "p50_ms": 1000 * float(np.percentile(latencies, 50)) if latencies else math.nan,
         "p99_ms": 1000 * float(np.percentile(latencies, 99)) if latencies else math.nan,
+        "latency_samples": len(latencies),  # a p99 over 2,000 samples rests on 20 of them
     }
 
 

@@ -21,10 +21,16 @@ from forecaster.runtime import tune_process
 
 
 def bench_frames(
-    port: int, folder: Path, collector: Collector, size: int = 100, count: int = 1500
+    port: int,
+    folder: Path,
+    collector: Collector,
+    size: int = 100,
+    count: int = 1500,
+    seconds: float = 10.0,
 ) -> dict[str, object]:
     """Device frames of ``size`` readings (100 devices, so 100 x ``size`` streams) offered as fast
-    as the publisher goes, to the relay (payload republished) and to the daemon (output frames)."""
+    as the publisher goes for at least ``seconds`` (and ``count`` frames), to the relay (payload
+    republished) and to the daemon (output frames)."""
     import shutil
     import signal
 
@@ -34,7 +40,7 @@ def bench_frames(
         try:
             cpu0, _ = proc_figures(proc.pid)  # type: ignore[attr-defined]
             per = size if kind == "forecaster" else 1
-            got = offer(collector, port, 100, count, 0, "publish_frames", per)
+            got = offer(collector, port, 100, count, 0, "publish_frames", per, seconds)
             cpu1, rss = proc_figures(proc.pid)  # type: ignore[attr-defined]
         finally:
             proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
@@ -46,12 +52,14 @@ def bench_frames(
     return {
         "samples_per_frame": size,
         "streams": 100 * size,
-        "frames_offered": count,
+        "frames_offered": daemon["sent"],
+        "relay_frames_offered": relay["sent"],
         "samples_per_s": daemon["per_s"],
         "relay_samples_per_s": relay_samples,
         "ratio": daemon["per_s"] / relay_samples,
         "p50_ms_saturated": daemon["p50_ms"],
         "p99_ms_saturated": daemon["p99_ms"],
+        "p99_samples": daemon["latency_samples"],
         "cpu_s_per_1000": 1000 * daemon["cpu_s"] / max(1, daemon["received"]),
         "rss_mb": daemon["rss_mb"],
         "received": daemon["received"],
@@ -62,17 +70,20 @@ def bench_frames(
 def bench_throughput(
     sizes: tuple[int, ...] = (1, 100, 1000, 10_000),
     count: int = 20_000,
-    seconds: float = 5.0,
+    seconds: float = 10.0,
     frame_size: int = 100,
-    repeats: int = 1,
+    repeats: int = 3,
 ) -> dict[str, object]:
     """For each stream count: the relay's and the daemon's sustained rate at saturation (and the
     p99 latency there), then p50/p99 latency at half the relay's peak rate, CPU per 1,000 samples
-    and peak RSS; the two run one after the other over the same Mosquitto broker.
+    and peak RSS; the two run one after the other over the same Mosquitto broker. Each offer
+    lasts at least ``seconds`` (at saturation: as fast as the publisher goes, at least ``count``
+    messages), so a p99 rests on thousands of samples (``p99_samples`` says how many).
 
-    With ``repeats`` > 1 the relay-then-daemon pair runs that many times per stream count and
-    each figure is the median over the pairs (the ratio: of each pair's own ratio, all listed in
-    ``ratios``): on a shared 2-core machine one pair's ratio moved between 0.69 and 1.09."""
+    The relay-then-daemon pair runs ``repeats`` times per stream count, interleaved; each
+    figure is the median over the pairs (the ratios: of each pair's own), with its spread
+    (``spread``: min and max) and every pair (``pairs``): on a shared 2-core machine one pair's
+    ratio moved between 0.69 and 1.09."""
     import shutil
     import signal
     import tempfile
@@ -95,7 +106,9 @@ def bench_throughput(
                     try:
                         cpu0, _ = proc_figures(proc.pid)  # type: ignore[attr-defined]
                         broker0, _ = proc_figures(broker.pid)
-                        saturated = offer(collector, port, streams, max(count, 2 * streams), 0)
+                        saturated = offer(
+                            collector, port, streams, max(count, 2 * streams), 0, seconds=seconds
+                        )
                         cpu1, _ = proc_figures(proc.pid)  # type: ignore[attr-defined]
                         broker1, _ = proc_figures(broker.pid)
                         peak = (
@@ -120,13 +133,23 @@ def bench_throughput(
                         "rss_mb": rss,
                     }
                 pairs.append(_pair_figures(streams, figures["relay"], figures["forecaster"]))
-            run = {
-                key: float(np.median([p[key] for p in pairs]))
-                for key in pairs[0]
-                if key != "streams"
-            }
-            runs.append({"streams": streams, **run, "ratios": [p["ratio"] for p in pairs]})
-        frames = bench_frames(port, folder, collector, frame_size) if frame_size else None
+            keys = [key for key in pairs[0] if key != "streams"]
+            run = {key: float(np.median([p[key] for p in pairs])) for key in keys}
+            spread = {key: [min(p[key] for p in pairs), max(p[key] for p in pairs)] for key in keys}
+            runs.append(
+                {
+                    "streams": streams,
+                    **run,
+                    "ratios": [p["ratio"] for p in pairs],
+                    "spread": spread,
+                    "pairs": pairs,
+                }
+            )
+        frames = (
+            bench_frames(port, folder, collector, frame_size, seconds=seconds)
+            if frame_size
+            else None
+        )
     finally:
         collector.close()
         broker.terminate()
@@ -134,7 +157,8 @@ def bench_throughput(
         shutil.rmtree(folder, ignore_errors=True)
     return {
         "broker": name,
-        "messages_per_run": count,
+        "messages_per_run": count,  # at least: each offer lasts at least ``seconds``
+        "seconds_per_offer": seconds,
         "repeats": repeats,
         "runs": runs,
         "frames": frames,
@@ -151,9 +175,13 @@ def _pair_figures(streams: int, relay: dict, daemon: dict) -> dict[str, float]:
         "offered_per_s": relay["saturated"]["per_s"] / 2,
         "p50_ms": daemon["half_peak"]["p50_ms"],
         "p99_ms": daemon["half_peak"]["p99_ms"],
+        "p99_samples": daemon["half_peak"]["latency_samples"],
         "p99_ms_saturated": daemon["saturated"]["p99_ms"],
         "relay_p50_ms": relay["half_peak"]["p50_ms"],
         "relay_p99_ms": relay["half_peak"]["p99_ms"],
+        "relay_p99_samples": relay["half_peak"]["latency_samples"],
+        # the daemon's tail in units of the relay's, the same pair (same machine state)
+        "p99_ratio": daemon["half_peak"]["p99_ms"] / relay["half_peak"]["p99_ms"],
         "cpu_s_per_1000": daemon["cpu_s_per_1000"],
         "relay_cpu_s_per_1000": relay["cpu_s_per_1000"],
         # Mosquitto's CPU for the same messages: in with the load, out with the daemon's forecasts
@@ -161,7 +189,9 @@ def _pair_figures(streams: int, relay: dict, daemon: dict) -> dict[str, float]:
         "relay_broker_cpu_s_per_1000": relay["broker_cpu_s_per_1000"],
         "rss_mb": daemon["rss_mb"],
         "relay_rss_mb": relay["rss_mb"],
+        "sent": daemon["saturated"]["sent"],
         "received": daemon["saturated"]["received"],
+        "relay_sent": relay["saturated"]["sent"],
         "relay_received": relay["saturated"]["received"],
     }
 
@@ -177,21 +207,23 @@ def print_throughput(result: dict[str, object], as_json: bool) -> None:
     )
     print(
         f"  {'streams':>7} {'forecaster/s':>12} {'relay/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
-        f" {'p99 sat':>8} {'cpu s/1k':>9} {'relay cpu':>9} {'broker':>7} {'(relay)':>7}"
-        f" {'RSS MB':>7}"
+        f" {'(n)':>6} {'/relay':>6} {'p99 sat':>8} {'cpu s/1k':>9} {'relay cpu':>9} {'broker':>7}"
+        f" {'(relay)':>7} {'RSS MB':>7}"
     )
     for r in result["runs"]:  # type: ignore[attr-defined]
         print(
             f"  {r['streams']:>7} {r['forecaster_per_s']:>12.0f} {r['relay_per_s']:>8.0f} {r['ratio']:>6.2f}"
-            f" {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['p99_ms_saturated']:>8.1f}"
+            f" {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['p99_samples']:>6.0f} {r['p99_ratio']:>6.2f}"
+            f" {r['p99_ms_saturated']:>8.1f}"
             f" {r['cpu_s_per_1000']:>9.3f} {r['relay_cpu_s_per_1000']:>9.3f}"
             f" {r['broker_cpu_s_per_1000']:>7.3f} {r['relay_broker_cpu_s_per_1000']:>7.3f}"
             f" {r['rss_mb']:>7.0f}"
             + (f"  ratios {', '.join(f'{x:.2f}' for x in r['ratios'])}" if repeats != 1 else "")
         )
     print(
-        "  (p50/p99 at half the relay's peak rate; p99 sat at saturation; CPU s per 1,000 messages"
-        " at saturation: the daemon, the relay, Mosquitto beside each)"
+        "  (p50/p99 at half the relay's peak rate, (n) latencies behind the p99, /relay the p99 over"
+        " the relay's in the same pair; p99 sat at saturation; CPU s per 1,000 messages at"
+        " saturation: the daemon, the relay, Mosquitto beside each)"
     )
     frames = result.get("frames")
     if frames:
