@@ -363,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=10.0, help="throughput: each offer lasts at least this"
     )
     bench.add_argument(
+        "--down",
+        type=float,
+        default=60.0,
+        help="throughput, backlog: seconds of 1,000 streams' QoS 1 samples queued while the"
+        " daemon is down (0: throughput skips the backlog part)",
+    )
+    bench.add_argument(
         "--repeats",
         type=int,
         default=3,

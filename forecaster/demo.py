@@ -143,8 +143,11 @@ def serve_amqtt(port: int) -> None:
     asyncio.run(serve())
 
 
-def start_broker(folder: Path, kind: str = "auto") -> tuple[subprocess.Popen, int, str]:
-    """Mosquitto if installed (``kind="auto"``), else amqtt; returns (process, port, name)."""
+def start_broker(
+    folder: Path, kind: str = "auto", settings: str = ""
+) -> tuple[subprocess.Popen, int, str]:
+    """Mosquitto if installed (``kind="auto"``), else amqtt; returns (process, port, name).
+    ``settings``: more lines for Mosquitto's configuration file."""
     port = free_port()
     mosquitto = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -159,6 +162,7 @@ def start_broker(folder: Path, kind: str = "auto") -> tuple[subprocess.Popen, in
         stay = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
         conf.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n{stay}"
+            + settings
         )
         cmd, name = [mosquitto, "-c", str(conf)], "mosquitto"
     else:

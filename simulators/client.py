@@ -9,9 +9,13 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 
-def connected_client(host: str, port: int, client_id: str, timeout: float = 30.0) -> paho.Client:
-    """Connect (retrying until ``timeout`` while the broker starts) and run the network loop."""
+def connected_client(
+    host: str, port: int, client_id: str, timeout: float = 30.0, inflight: int = 20
+) -> paho.Client:
+    """Connect (retrying until ``timeout`` while the broker starts) and run the network loop;
+    ``inflight``: QoS 1 messages sent before their acknowledgements (paho's default 20)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{client_id}-{time.time_ns()}")
+    client.max_inflight_messages_set(inflight)
     client.on_socket_open = lambda c, u, sock: sock.setsockopt(
         socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
     )

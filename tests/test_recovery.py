@@ -139,7 +139,16 @@ def wait_online(status: Collector, timeout: float = 30) -> None:
 class Publisher:
     """The simulator: round-robin over the streams at ``rate`` messages/s, QoS 1, JSON with seq."""
 
-    def __init__(self, broker: Broker, prefix: str, values: dict[str, list[float]], rate: float):
+    def __init__(
+        self,
+        broker: Broker,
+        prefix: str,
+        values: dict[str, list[float]],
+        rate: float,
+        hold_from: int | None = None,
+    ):
+        """``hold_from``: the round it waits at until ``release()`` (a disruption under way while
+        samples still arrive, however slow a loaded machine makes the disruption)."""
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}"
         )
@@ -150,11 +159,17 @@ class Publisher:
         self.client.loop_start()
         self.prefix, self.values, self.rate = prefix, values, rate
         self.infos: list[paho.MQTTMessageInfo] = []
+        self.hold_from = hold_from
+        self.released = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Publisher:
         self.thread.start()
         return self
+
+    def release(self) -> None:
+        """Let a held publisher go on (its pace restarts from here)."""
+        self.released.set()
 
     def _on_disconnect(self, *args: object) -> None:
         self.disconnects += 1
@@ -169,7 +184,7 @@ class Publisher:
         if self.disconnects == seen:
             return seen
         seen = self.disconnects
-        while not self.client.is_connected() or not all(i.is_published() for i in self.infos):
+        while not self.client.is_connected() or not all(i._published for i in self.infos):
             time.sleep(0.01)
         return seen
 
@@ -179,6 +194,9 @@ class Publisher:
         sent = 0
         seen = 0
         for k in range(rounds):
+            if k == self.hold_from:
+                self.released.wait()
+                began, sent = time.monotonic(), 0
             for stream, vs in self.values.items():
                 seen = self._in_order(seen)
                 payload = json.dumps({"value": vs[k], "seq": k + 1, "ts": time.time()})
@@ -194,7 +212,7 @@ class Publisher:
         deadline = time.monotonic() + timeout
         # paho's is_published() raises for a message queued while disconnected (rc NO_CONN) even
         # though paho sends it after reconnecting; the flag it sets on the PUBACK is the truth.
-        while not all(info.is_published() for info in self.infos):
+        while not all(info._published for info in self.infos):
             assert time.monotonic() < deadline, "the broker did not accept every sample"
             time.sleep(0.05)
 
@@ -275,7 +293,8 @@ def sigkill_run(
     daemons.append(daemon)
     daemon.start()
     wait_online(status)
-    publisher = Publisher(broker, prefix, values, rate).start()
+    # The last tenth waits until every kill is done: each lands while samples still arrive.
+    publisher = Publisher(broker, prefix, values, rate, hold_from=rounds * 9 // 10).start()
     duration = streams * rounds / rate
     rng = random.Random(7)
     # Random moments, at least 1.5 s apart (a restart takes a second or two): some land while the
@@ -297,6 +316,7 @@ def sigkill_run(
             restart_s.append(time.monotonic() - started)
     assert daemon.kills == kills
     assert publisher.thread.is_alive(), "every kill must land while samples are still arriving"
+    publisher.release()
     publisher.wait_accepted(timeout=duration + 60)
     want = {(s, k) for s in values for k in range(1, rounds + 1)}
     got = wait_forecasts(out, want, timeout=60 + rounds * streams / 1000)
@@ -356,12 +376,14 @@ def down_while_publishing(
     daemons.append(daemon)
     daemon.start()
     wait_online(status)
-    publisher = Publisher(broker, prefix, values, rate).start()
+    # The last tenth waits until the restart: samples arrive all through the downtime.
+    publisher = Publisher(broker, prefix, values, rate, hold_from=rounds * 9 // 10).start()
     time.sleep(2.0)
     assert daemon.stop() == 0
     time.sleep(down_for)
     assert publisher.thread.is_alive(), "the publisher must still be sending during the downtime"
     daemon.start()
+    publisher.release()
     publisher.wait_accepted(timeout=10 * rounds / rate + 60)
     want = {(s, k) for s in values for k in range(1, rounds + 1)}
     got = wait_forecasts(out, want, timeout=60)
@@ -430,7 +452,8 @@ def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
         wait_online(status)
         status.close()
         time.sleep(1.2)  # the daemon's session is in the broker's saved state
-        publisher = Publisher(broker, prefix, values, rate).start()
+        # The last tenth waits until the broker is back: it dies while samples are arriving.
+        publisher = Publisher(broker, prefix, values, rate, hold_from=rounds * 9 // 10).start()
         time.sleep(4.0)
         assert read_dropped(broker) == 0
         broker.proc.send_signal(signal.SIGKILL)
@@ -440,6 +463,7 @@ def test_broker_killed_and_restarted_under_load_loses_nothing_it_accepted(
         broker.start()
         out = Collector(broker, f"{prefix}/out/+")
         assert publisher.thread.is_alive(), "the broker must die while samples are arriving"
+        publisher.release()
         publisher.wait_accepted(timeout=60)
         last = {(s, rounds) for s in values}  # every accepted sample applied, the last ones too
         assert last <= wait_forecasts(out, last, timeout=60).keys()

@@ -38,7 +38,17 @@ def throughput(args: argparse.Namespace) -> None:
 
     sizes = tuple(int(n) for n in args.sizes.split(",") if n)  # "": the frames figure only
     result = bench_throughput(sizes, args.count, args.seconds, repeats=args.repeats)
+    if args.down > 0:  # and the catch-up after an outage (bench backlog)
+        from forecaster.bench.backlog import bench_backlog
+
+        result["backlog"] = bench_backlog(seconds=args.down)
     print_throughput(result, args.json)
+
+
+def backlog(args: argparse.Namespace) -> None:
+    from forecaster.bench.backlog import bench_backlog, print_backlog
+
+    print_backlog(bench_backlog(seconds=args.down), args.json)
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -90,6 +100,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], None]] = {
     "drift": drift,
     "engine": engine,
     "throughput": throughput,
+    "backlog": backlog,
     "accuracy": accuracy,
     "anomaly": anomaly,
     "journal": journal,

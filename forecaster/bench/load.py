@@ -17,17 +17,19 @@ import orjson
 LOAD_IN, LOAD_OUT = "load/in/{stream}", "load/out/{stream}"
 
 
-def publish_load(port: int, streams: int, count: int, rate: float, seconds: float = 0.0) -> int:
+def publish_load(
+    port: int, streams: int, count: int, rate: float, seconds: float = 0.0, qos: int = 0
+) -> int:
     """Publisher process: ``count`` JSON samples round-robin over ``streams`` streams, at ``rate``
     messages/s (0: as fast as paho takes them, and for at least ``seconds``); each carries its
-    send time in ``ts``. Returns how many it sent."""
+    send time in ``ts``. Returns how many it sent (with ``qos`` 1: the broker acknowledged)."""
 
     def body(i: int) -> str:
         value = math.sin(0.157 * (i // streams))
         return json.dumps({"value": round(value, 6), "ts": time.time()})
 
     names = [f"s{i}" for i in range(streams)]
-    return publish_paced(port, "bench-load", names, count, rate, body, seconds)
+    return publish_paced(port, "bench-load", names, count, rate, body, seconds, qos)
 
 
 def publish_paced(
@@ -38,6 +40,7 @@ def publish_paced(
     rate: float,
     body: Callable[[int], str],
     seconds: float = 0.0,
+    qos: int = 0,
 ) -> int:
     """Publish ``body(i)`` for i < ``count`` round-robin to ``names``' input topics, at ``rate``
     messages/s (0: as fast as paho takes them, and on past ``count`` until ``seconds`` have
@@ -47,8 +50,10 @@ def publish_paced(
 
     from simulators.client import connected_client
 
-    client = connected_client("127.0.0.1", port, client_id)
+    # QoS 1: many acknowledgements in flight, not 20 at a time
+    client = connected_client("127.0.0.1", port, client_id, inflight=1000)
     topics = [LOAD_IN.format(stream=name) for name in names]
+    sending = None
     started = time.monotonic()
     until = started + (seconds if rate <= 0 else 0.0)
     i = 0
@@ -58,11 +63,13 @@ def publish_paced(
             if delay > 0:
                 time.sleep(delay)
         payload = body(i)
-        while (
-            client.publish(topics[i % len(topics)], payload, qos=0).rc == paho.MQTT_ERR_QUEUE_SIZE
+        while (sending := client.publish(topics[i % len(topics)], payload, qos=qos)).rc == (
+            paho.MQTT_ERR_QUEUE_SIZE
         ):
             time.sleep(0.001)
         i += 1
+    if qos and sending is not None:  # paho sends in order: the last acknowledged, all were
+        sending.wait_for_publish(300)
     client.disconnect()
     client.loop_stop()
     return i
@@ -219,7 +226,7 @@ def offer(
 
 
 def start_target(
-    kind: str, port: int, folder: Path, collector: Collector, frames: bool = False
+    kind: str, port: int, folder: Path, collector: Collector, frames: bool = False, qos: int = 0
 ) -> object:
     import subprocess
     import sys
@@ -241,7 +248,7 @@ def start_target(
                     "mqtt": {
                         "port": port,
                         "client_id": "bench-daemon",
-                        "qos_in": 0,
+                        "qos_in": qos,
                         "output_topic": LOAD_OUT,
                         "status_topic": "load/status/daemon",
                         # frames: the same topics carry device frames, answered by output frames

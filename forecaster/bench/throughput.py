@@ -225,6 +225,11 @@ def print_throughput(result: dict[str, object], as_json: bool) -> None:
         " the relay's in the same pair; p99 sat at saturation; CPU s per 1,000 messages at"
         " saturation: the daemon, the relay, Mosquitto beside each)"
     )
+    backlog = result.get("backlog")
+    if backlog:
+        from forecaster.bench.backlog import print_backlog
+
+        print_backlog(backlog, False)  # type: ignore[arg-type]
     frames = result.get("frames")
     if frames:
         print(
