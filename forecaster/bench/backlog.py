@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from forecaster.bench.load import Collector, start_target
+from forecaster.bench.load import Collector, close_bench, start_target
 from forecaster.runtime import tune_process
 
 
@@ -23,7 +23,6 @@ def bench_backlog(streams: int = 1000, seconds: float = 60.0, hz: float = 1.0) -
     backlog (``streams * seconds * hz`` QoS 1 messages) is queued, then the daemon starts.
     Reports the time until it is online, until it has forecast the whole backlog (caught up:
     live again), and the rate it worked the backlog off at."""
-    import shutil
     import tempfile
 
     from forecaster.demo import start_broker
@@ -67,10 +66,7 @@ def bench_backlog(streams: int = 1000, seconds: float = 60.0, hz: float = 1.0) -
         daemon.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
         daemon.wait(60)  # type: ignore[attr-defined]
     finally:
-        collector.close()
-        broker.terminate()
-        broker.wait(5)
-        shutil.rmtree(folder, ignore_errors=True)
+        close_bench(collector, broker, folder)
     return {
         "streams": streams,
         "down_s": seconds,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -126,6 +127,16 @@ def run_relay(port: int) -> None:
             continue
         link.publish("load/out/" + raw.topic[cut:], raw.payload, 0)
     link.close()
+
+
+def close_bench(collector: Collector, broker: subprocess.Popen, folder: Path) -> None:
+    """End a broker bench: the collector, the bench's Mosquitto, its temporary folder."""
+    import shutil
+
+    collector.close()
+    broker.terminate()
+    broker.wait(5)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def proc_figures(pid: int) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import numpy as np
 
 from forecaster.bench.load import (
     Collector,
+    close_bench,
     device_frame,
     offer,
     proc_figures,
@@ -151,10 +152,7 @@ def bench_throughput(
             else None
         )
     finally:
-        collector.close()
-        broker.terminate()
-        broker.wait(5)
-        shutil.rmtree(folder, ignore_errors=True)
+        close_bench(collector, broker, folder)
     return {
         "broker": name,
         "messages_per_run": count,  # at least: each offer lasts at least ``seconds``
