@@ -375,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="throughput: interleaved relay-then-daemon pairs per stream count (medians reported)",
     )
+    bench.add_argument(
+        "--device",
+        default="cpu",
+        help="engine: where the model and hidden states live (cpu, cuda, cuda:1; not cpu: no"
+        " memory row, larger sizes)",
+    )
     bench.add_argument("--json", action="store_true")
     add_progress(bench)
     bench.set_defaults(func=cmd_bench)

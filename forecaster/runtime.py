@@ -5,7 +5,7 @@ daemon in this process), the test harness (``tests/conftest.py``) and each bench
 changes is speed and memory, never a forecast: the same ticks give the same numbers under any of
 them.
 
-- ``tune_process`` before anything is built: the allocator and torch's thread count.
+- ``tune_process`` before anything is built: the allocator, torch's and NumPy's BLAS threads.
 - ``settle`` once the daemon has started: the garbage collector and the GIL switch interval.
 - ``tune_learner_thread`` on the learner's own thread.
 """
@@ -20,6 +20,7 @@ import sys
 import threading
 
 import torch
+from threadpoolctl import threadpool_limits
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 128 * 1024  # glibc's own default, made fixed
@@ -42,17 +43,25 @@ def return_freed_arrays() -> None:
 
 
 def tune_process(threads: int = 1, *, allocator: bool = True) -> None:
-    """Before building anything: glibc's fixed mmap threshold and torch's intra-op threads.
+    """Before building anything: glibc's fixed mmap threshold, torch's intra-op threads and
+    NumPy's BLAS threads.
 
     One thread is the sane default: ``nn.RNN`` on small batches gets slower with two (they
     contend with paho and the broker on these 2-core machines); more pay only for ticks of ~10k
     streams (``model.threads``). ``allocator=False`` keeps glibc's dynamic threshold, for the one
     bench figure (a bare ``nn.RNN`` call) that is best that way: fixed, it maps and faults in
     fresh blocks every call, ~3.5x slower at 10,000 streams here (``forecaster bench engine``).
+
+    NumPy's OpenBLAS always gets one thread: the readers' BLAS calls are small (a (B, 47) by
+    (47, 3) product, batched 14 x 14 solves), and OpenBLAS's second thread spins for a core the
+    broker and paho also want. With both cores busy, that product took 13 ms at 10,000 streams
+    against 0.5 ms on one thread, the batched solve 40 ms against 16 ms (``threadpoolctl`` sets
+    it at run time: the environment variable would have to precede NumPy's import).
     """
     if allocator:
         return_freed_arrays()
     torch.set_num_threads(threads)
+    threadpool_limits(1, user_api="blas")
 
 
 def settle(*, learner: bool) -> None:

@@ -30,7 +30,8 @@ def drift(args: argparse.Namespace) -> None:
 def engine(args: argparse.Namespace) -> None:
     from forecaster.bench.engine import bench_engine, bench_memory, print_engine
 
-    print_engine(bench_engine(), bench_memory(), args.json)
+    on_cpu = args.device == "cpu"
+    print_engine(bench_engine(device=args.device), bench_memory() if on_cpu else None, args.json)
 
 
 def throughput(args: argparse.Namespace) -> None:

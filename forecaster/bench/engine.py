@@ -24,13 +24,18 @@ def _timed(call: object, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -> dict[str, object]:
+CPU_SIZES = (1, 10, 100, 1000, 10_000, 100_000)
+GPU_SIZES = (1000, 10_000, 100_000, 1_000_000)
+
+
+def bench_engine(sizes: tuple[int, ...] | None = None, device: str = "cpu") -> dict[str, object]:
     """ns per stream-step of ``Engine.tick_batch`` (columns in and out: validation, gather,
     normalise, step, scatter, scoring) and of ``Engine.tick`` (``Sample`` objects in, ``Forecast``
     objects out) for ticks of ``n`` distinct streams, beside a plain ``nn.RNN`` + ``Linear`` call
     over the same batch, so the engine's own overhead is visible. Each engine first ticks its
     streams past their first samples (``refit_young + refit_every`` ticks), so the figures are a
-    running daemon's, not a cold start's."""
+    running daemon's, not a cold start's. ``device`` is ``model.device``: on ``cuda`` the model
+    and hidden states live on the GPU, the per-stream arithmetic stays on the host."""
     import torch
 
     from forecaster.combine import CombinerConfig
@@ -44,6 +49,9 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
     model = checkpoint.model.eval()
     settings = CombinerConfig()
     settling = settings.refit_young + settings.refit_every  # ticks before the timed ones
+    if sizes is None:
+        sizes = CPU_SIZES if device == "cpu" else GPU_SIZES
+    on_gpu = torch.device(device).type == "cuda"
     rows = []
     for n in progress_bar(sizes, desc="engine sizes", leave=False):
         rng = np.random.default_rng(0)
@@ -57,8 +65,8 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
             [[Sample(s, x) for s, x in zip(names, v.tolist(), strict=True)] for v in values]
         )
         columns, objects = (
-            Engine(model, checkpoint.normalizer),
-            Engine(model, checkpoint.normalizer),
+            Engine(model, checkpoint.normalizer, device=device),
+            Engine(model, checkpoint.normalizer, device=device),
         )
         # Streams past their first samples, as a running daemon's are: there the AR reader
         # solves its equations at every sample, which is not what serving costs.
@@ -75,19 +83,23 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
 
         # The same ticks with the RNN alone (engine.combine.enabled: false): what the readers
         # beside it (forecaster.combine) cost, side by side.
-        rnn_only = Engine(model, checkpoint.normalizer, combine=CombinerConfig(enabled=False))
+        rnn_only = Engine(
+            model, checkpoint.normalizer, device=device, combine=CombinerConfig(enabled=False)
+        )
         for _ in range(settling):
             rnn_only.tick_batch(Batch.of(names, rng.standard_normal(n)))
 
         def tick_rnn(engine: Engine = rnn_only, batches: Iterator[Batch] = batches_rnn) -> None:
             engine.tick_batch(next(batches))
 
-        state = model.init_state(n)
-        x = torch.randn(n, 1, 1)
+        state = model.init_state(n, torch.device(device))
+        x = torch.randn(n, 1, 1, device=device)
 
         def plain(state: torch.Tensor = state, x: torch.Tensor = x) -> None:
             with torch.inference_mode():
                 model(x, state)  # nn.RNN + Linear, nothing else
+            if on_gpu:  # the tick waits for its forecasts; so does this
+                torch.cuda.synchronize()
 
         batch_s, plain_s = _timed(tick_batch, repeats), _timed(plain, repeats)
         objects_s, rnn_s = _timed(tick, repeats), _timed(tick_rnn, repeats)
@@ -103,7 +115,12 @@ def bench_engine(sizes: tuple[int, ...] = (1, 10, 100, 1000, 10_000, 100_000)) -
                 "combine_cost": batch_s / rnn_s,
             }
         )
-    return {"cell": model.config.cell, "hidden_size": model.config.hidden_size, "sizes": rows}
+    return {
+        "cell": model.config.cell,
+        "hidden_size": model.config.hidden_size,
+        "device": device,
+        "sizes": rows,
+    }
 
 
 def bench_memory(streams: int = 100_000) -> dict[str, float]:
@@ -154,11 +171,15 @@ def _memory(streams: int, combine: bool) -> dict[str, float]:
     }
 
 
-def print_engine(result: dict[str, object], memory: dict[str, float], as_json: bool) -> None:
+def print_engine(result: dict[str, object], memory: dict[str, float] | None, as_json: bool) -> None:
+    """``memory`` None: not measured (a GPU run: the host's RSS says nothing about it)."""
     if as_json:
         print(json.dumps({"engine": result, "memory": memory}))
         return
-    print(f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread:")
+    print(
+        f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread,"
+        f" on {result['device']}:"
+    )
     print(
         f"  {'streams':>8} {'engine ns/step':>15} {'nn.RNN ns/step':>15} {'overhead':>9}"
         f" {'steps/s':>12} {'objects ns/step':>16} {'RNN-only ns/step':>17} {'readers':>8}"
@@ -169,6 +190,8 @@ def print_engine(result: dict[str, object], memory: dict[str, float], as_json: b
             f" {row['overhead']:>8.1f}x {row['stream_steps_per_s']:>12.0f} {row['objects_ns_per_step']:>16.0f}"
             f" {row['rnn_only_ns_per_step']:>17.0f} {row['combine_cost']:>7.1f}x"
         )
+    if memory is None:
+        return
     print(
         f"memory: {memory['streams']} active streams in ticks of {memory['tick']},"
         f" peak RSS {memory['rss_mb_peak']:.0f} MB"
