@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine: where the model and hidden states live (cpu, cuda, cuda:1; not cpu: no"
         " memory row, larger sizes)",
     )
+    bench.add_argument(
+        "--checkpoint", help="engine: a trained model to time instead of the shipped one"
+    )
     bench.add_argument("--json", action="store_true")
     add_progress(bench)
     bench.set_defaults(func=cmd_bench)

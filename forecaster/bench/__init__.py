@@ -31,7 +31,8 @@ def engine(args: argparse.Namespace) -> None:
     from forecaster.bench.engine import bench_engine, bench_memory, print_engine
 
     on_cpu = args.device == "cpu"
-    print_engine(bench_engine(device=args.device), bench_memory() if on_cpu else None, args.json)
+    result = bench_engine(device=args.device, checkpoint_path=args.checkpoint)
+    print_engine(result, bench_memory() if on_cpu else None, args.json)
 
 
 def throughput(args: argparse.Namespace) -> None:

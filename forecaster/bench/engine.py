@@ -28,14 +28,18 @@ CPU_SIZES = (1, 10, 100, 1000, 10_000, 100_000)
 GPU_SIZES = (1000, 10_000, 100_000, 1_000_000)
 
 
-def bench_engine(sizes: tuple[int, ...] | None = None, device: str = "cpu") -> dict[str, object]:
+def bench_engine(
+    sizes: tuple[int, ...] | None = None, device: str = "cpu", checkpoint_path: str | None = None
+) -> dict[str, object]:
     """ns per stream-step of ``Engine.tick_batch`` (columns in and out: validation, gather,
     normalise, step, scatter, scoring) and of ``Engine.tick`` (``Sample`` objects in, ``Forecast``
     objects out) for ticks of ``n`` distinct streams, beside a plain ``nn.RNN`` + ``Linear`` call
     over the same batch, so the engine's own overhead is visible. Each engine first ticks its
     streams past their first samples (``refit_young + refit_every`` ticks), so the figures are a
     running daemon's, not a cold start's. ``device`` is ``model.device``: on ``cuda`` the model
-    and hidden states live on the GPU, the per-stream arithmetic stays on the host."""
+    and hidden states live on the GPU, the per-stream arithmetic stays on the host.
+    ``checkpoint_path``: another trained model (``forecaster train --cell lstm --hidden-size
+    256 --num-layers 2``) instead of the shipped one."""
     import torch
 
     from forecaster.combine import CombinerConfig
@@ -45,7 +49,7 @@ def bench_engine(sizes: tuple[int, ...] | None = None, device: str = "cpu") -> d
     # The daemon's thread count; glibc's mmap threshold stays dynamic: the engine's figure is the
     # same either way, the bare call's is best this way (see ``runtime.tune_process``).
     tune_process(1, allocator=False)
-    checkpoint = load_checkpoint()
+    checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.model.eval()
     settings = CombinerConfig()
     settling = settings.refit_young + settings.refit_every  # ticks before the timed ones
@@ -118,6 +122,7 @@ def bench_engine(sizes: tuple[int, ...] | None = None, device: str = "cpu") -> d
     return {
         "cell": model.config.cell,
         "hidden_size": model.config.hidden_size,
+        "num_layers": model.config.num_layers,
         "device": device,
         "sizes": rows,
     }
@@ -177,7 +182,8 @@ def print_engine(result: dict[str, object], memory: dict[str, float] | None, as_
         print(json.dumps({"engine": result, "memory": memory}))
         return
     print(
-        f"engine tick, {result['cell']} hidden {result['hidden_size']}, one thread,"
+        f"engine tick, {result['cell']} hidden {result['hidden_size']}"
+        f" x {result['num_layers']} layer(s), one thread,"
         f" on {result['device']}:"
     )
     print(
