@@ -125,7 +125,9 @@ class Engine:
         # Model deployments so far (``deploy``): a stream whose ``epoch`` is older re-warms.
         self.model_epoch = 0
         self.rewarm_samples = 0
-        self.rewarming = False  # some stream may still owe warm=False forecasts
+        # Some stream still owes warm=False forecasts: worked out at each tick from the streams'
+        # ``cold`` counts (restored with them), so the countdown costs nothing once all are warm.
+        self.rewarming = False
         # Role swaps between the served model and the challenger so far (``promote``), and the
         # evidence since the last: each role's squared errors in the stream's scale on the values
         # both forecast (the frame the intervals use), exponentially weighted (half-life
@@ -184,7 +186,6 @@ class Engine:
         table.state[:, torch.from_numpy(slots).to(self.device)] = 0.0  # a fresh state
         table.cold[slots] = self.rewarm_samples
         table.epoch[slots] = self.model_epoch
-        self.rewarming = True
 
     def admit(self, batch: Batch) -> Admission:
         """What ``tick_batch(batch)`` would accept, with each sequence number filled in.
@@ -262,6 +263,7 @@ class Engine:
             table.shadow_epoch[slots[i]] = self.challenger_epoch
         if self.max_streams:
             table.last_used[slots] = self.ticks
+        self.rewarming = bool(table.cold[: len(table)].any())
         out = self._empty_columns(admission.index, names)
         out.seq = rows.seq
         values, ts, seq, level = rows.values, rows.ts, rows.seq, admission.level

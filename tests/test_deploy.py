@@ -5,6 +5,7 @@ another architecture is refused with a message naming both."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,30 @@ def test_a_parked_stream_rewarms_when_it_returns_after_a_new_model() -> None:
     warm = [engine.tick_batch(Batch.of(["a"], [1.5])).forecasts.warm[0] for _ in range(3)]
     assert warm == [False, False, True]
     assert engine.streams.epoch[engine.streams.slots["a"]] == 1
+
+
+def test_a_restart_mid_rewarm_flags_what_an_uninterrupted_run_does(tmp_path: Path) -> None:
+    checkpoint = load_checkpoint()
+    engine = Engine(copy.deepcopy(checkpoint.model), checkpoint.normalizer)
+    engine.tick_batch(Batch.of(["a"], [1.0]))
+    weights = {k: v * 0.9 for k, v in checkpoint.model.state_dict().items()}
+    engine.deploy(weights, version=1, rewarm=4)
+    for value in (1.1, 1.2):  # two of the four still owed
+        engine.tick_batch(Batch.of(["a"], [value]))
+    table = engine.streams
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(
+        path,
+        engine.model,
+        checkpoint.normalizer,
+        stream_names=list(table.names),
+        stream_arrays=table.arrays(),
+    )
+    saved = load_checkpoint(path)
+    restored = Engine(saved.model, saved.normalizer)
+    restored.streams.load(saved.stream_names, saved.stream_arrays)
+    rest = [1.3, 1.4, 1.5, 1.6]
+    got = [restored.tick_batch(Batch.of(["a"], [v])).forecasts.warm[0] for v in rest]
+    want = [engine.tick_batch(Batch.of(["a"], [v])).forecasts.warm[0] for v in rest]
+    assert want == [False, False, True, True]
+    assert got == want
