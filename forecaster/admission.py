@@ -70,7 +70,8 @@ def admit(
         level = None if level is None else level[accepted]
     bad = np.flatnonzero(reason)
     refused = [REJECT_REASONS[r - 1] for r in reason[bad].tolist()]
-    return Admission(admitted, index, bad, refused, slots, level, tick)
+    parked = frozenset(name for name, (_, last_seen) in outside.items() if last_seen >= 0)
+    return Admission(admitted, index, bad, refused, slots, level, tick, parked)
 
 
 def value_reasons(values: np.ndarray, max_abs_value: float) -> np.ndarray:

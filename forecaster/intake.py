@@ -160,7 +160,7 @@ class Intake:
         refused = self.new_streams.refused(
             [names[i] for i in outside.tolist()],
             [batch[origins[row]].topic for row in admission.index[outside].tolist()],
-            lambda stream: engine.last_seq(stream) >= 0,  # parked: seen before
+            admission.parked.__contains__,  # seen before: admit read the park store once
         )
         if not refused.any():
             return admission

@@ -230,6 +230,8 @@ class Admission:
     slots: np.ndarray  # (M,) int64: each admitted row's slot when admitted; -1: not resident
     level: np.ndarray | None  # (M,) each row's round in the tick; None: every stream once
     tick: int  # ``Engine.ticks`` when admitted
+    # Streams not resident that were seen before (parked): looked up once, by ``admit``
+    parked: frozenset[str] = frozenset()
 
     def without(self, rows: np.ndarray, reason: str) -> Admission:
         """The admission less the admitted ``rows`` (positions in ``batch``), now refused for
@@ -256,6 +258,7 @@ class Admission:
             self.slots[kept],
             None if self.level is None else self.level[kept],
             self.tick,
+            self.parked,
         )
 
 

@@ -75,6 +75,26 @@ def test_the_daemon_refuses_new_ids_past_the_allowance_and_counts_them(
     ]
 
 
+def test_a_parked_stream_is_not_new_to_the_allowance(
+    broker: Broker, prefix: str, tmp_path: Path, publisher
+) -> None:
+    engine = {"new_streams": {"burst": 3, "per_s": 0.001}, "max_streams": 2}
+    config = daemon_config(broker, prefix, tmp_path / "state", engine=engine)
+    with Collector(broker, f"{prefix}/forecasts/+") as collector, RunningDaemon(config) as running:
+        for i in range(3):  # the three tokens; s0 is parked to make room for s2
+            publisher.publish(f"{prefix}/sensors/s{i}/value", "1.5", qos=1)
+        collector.wait_for(3)
+        wait_until(lambda: running.daemon.engine.evictions >= 1, "s0 parked")
+        publisher.publish(f"{prefix}/sensors/s0/value", "2.5", qos=1)  # seen before: no token
+        got = collector.wait_for(4)
+        text = running.scrape()
+        assert (
+            metric_value(text, "forecaster_samples_rejected_total", 0.0, reason="new_stream_limit")
+            == 0
+        )
+    assert ("s0", 2) in [(f["stream"], f["seq"]) for f in got]
+
+
 def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
 
