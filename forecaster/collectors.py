@@ -89,6 +89,12 @@ class LabelTable:
         both = scored & ~np.isnan(own).any(axis=1)
         fold(self.models, self.models_n, rows[both], own[both] ** 2, alpha, distinct)
 
+    def forget_models(self) -> None:
+        """The challenger changed or left: the comparison starts afresh (none is exported until
+        both models have scored again)."""
+        self.models[:] = 0.0
+        self.models_n[:] = 0
+
     def rows(self, streams: list[str], cap: int) -> np.ndarray:
         """Each stream's row: its own label while fewer than ``cap`` streams have one, else
         ``_other``'s."""

@@ -339,6 +339,12 @@ class Metrics(LinkEvents):
             self.learn_loss.set(loss)
 
     # -- engine side --------------------------------------------------------------------------
+    def challenger_changed(self) -> None:
+        """A reload set another challenger or none: the per-stream and overall comparison of the
+        two models starts afresh (a dropped challenger's last figures would stand forever)."""
+        with self._lock:
+            self._labels.forget_models()
+
     def checkpointed(self, ok: bool) -> None:
         self.checkpoints.labels("ok" if ok else "error").inc()
         if ok:

@@ -146,6 +146,7 @@ def _apply(daemon: Daemon, new: Config) -> None:
         engine.shadow_halflife = float(new.model.promote.samples)
         if new.model.challenger != old.model.challenger:
             daemon.keeper.set_challenger(new.model.challenger)
+            daemon.metrics.challenger_changed()
     daemon.metrics.anomaly_threshold = new.anomaly.threshold
     if daemon.live is not None:
         daemon.live.anomaly_threshold = new.anomaly.threshold

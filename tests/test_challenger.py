@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from forecaster.engine import Engine
@@ -352,6 +353,12 @@ def test_a_challenger_loads_and_changes_on_sighup(
         assert engine.challenger is None
         send(slice(60, 90))
         got = out.wait_for(90)
+        text = running.scrape()  # no challenger: no model comparison left standing
+        for role in ("champion", "challenger"):
+            with pytest.raises(AssertionError, match="no series"):
+                metric_value(text, "forecaster_stream_model_rmse", stream="s", role=role)
+            with pytest.raises(AssertionError, match="no series"):
+                metric_value(text, "forecaster_model_geo_rel_mse", role=role)
     # the two swaps aside (the challenger served for no sample), the forecasts are those of the
     # shipped model alone
     np.testing.assert_allclose(
