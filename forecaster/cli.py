@@ -384,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--checkpoint", help="engine: a trained model to time instead of the shipped one"
     )
+    bench.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="engine: processes spinning beside the timed ticks (a busy machine; 2 on 2 cores)",
+    )
     bench.add_argument("--json", action="store_true")
     add_progress(bench)
     bench.set_defaults(func=cmd_bench)

@@ -31,7 +31,7 @@ def engine(args: argparse.Namespace) -> None:
     from forecaster.bench.engine import bench_engine, bench_memory, print_engine
 
     on_cpu = args.device == "cpu"
-    result = bench_engine(device=args.device, checkpoint_path=args.checkpoint)
+    result = bench_engine(device=args.device, checkpoint_path=args.checkpoint, busy=args.busy)
     print_engine(result, bench_memory() if on_cpu else None, args.json)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -29,7 +30,10 @@ GPU_SIZES = (1000, 10_000, 100_000, 1_000_000)
 
 
 def bench_engine(
-    sizes: tuple[int, ...] | None = None, device: str = "cpu", checkpoint_path: str | None = None
+    sizes: tuple[int, ...] | None = None,
+    device: str = "cpu",
+    checkpoint_path: str | None = None,
+    busy: int = 0,
 ) -> dict[str, object]:
     """ns per stream-step of ``Engine.tick_batch`` (columns in and out: validation, gather,
     normalise, step, scatter, scoring) and of ``Engine.tick`` (``Sample`` objects in, ``Forecast``
@@ -39,7 +43,35 @@ def bench_engine(
     running daemon's, not a cold start's. ``device`` is ``model.device``: on ``cuda`` the model
     and hidden states live on the GPU, the per-stream arithmetic stays on the host.
     ``checkpoint_path``: another trained model (``forecaster train --cell lstm --hidden-size
-    256 --num-layers 2``) instead of the shipped one."""
+    256 --num-layers 2``) instead of the shipped one. ``busy``: that many processes spin
+    beside the timed ticks, as a broker, paho and a collector do beside a daemon on a small
+    machine (``--busy 2`` on 2 cores: every core wanted)."""
+    if sizes is None:
+        sizes = CPU_SIZES if device == "cpu" else GPU_SIZES
+    with _spinning(busy):
+        return _time_sizes(sizes, device, checkpoint_path) | {"busy": busy}
+
+
+@contextlib.contextmanager
+def _spinning(processes: int) -> Iterator[None]:
+    """``processes`` busy loops (separate processes: no GIL shared) while the block runs."""
+    import subprocess
+    import sys
+
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)
+    ]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def _time_sizes(
+    sizes: tuple[int, ...], device: str, checkpoint_path: str | None
+) -> dict[str, object]:
     import torch
 
     from forecaster.combine import CombinerConfig
@@ -53,8 +85,6 @@ def bench_engine(
     model = checkpoint.model.eval()
     settings = CombinerConfig()
     settling = settings.refit_young + settings.refit_every  # ticks before the timed ones
-    if sizes is None:
-        sizes = CPU_SIZES if device == "cpu" else GPU_SIZES
     on_gpu = torch.device(device).type == "cuda"
     rows = []
     for n in progress_bar(sizes, desc="engine sizes", leave=False):
@@ -183,7 +213,7 @@ def print_engine(result: dict[str, object], memory: dict[str, float] | None, as_
         return
     print(
         f"engine tick, {result['cell']} hidden {result['hidden_size']}"
-        f" x {result['num_layers']} layer(s), one thread,"
+        f" x {result['num_layers']} layer(s), one thread, {result['busy']} busy process(es),"
         f" on {result['device']}:"
     )
     print(
