@@ -144,10 +144,26 @@ def serve_amqtt(port: int) -> None:
 
 
 def start_broker(
-    folder: Path, kind: str = "auto", settings: str = ""
+    folder: Path, kind: str = "auto", settings: str = "", attempts: int = 5
 ) -> tuple[subprocess.Popen, int, str]:
     """Mosquitto if installed (``kind="auto"``), else amqtt; returns (process, port, name).
-    ``settings``: more lines for Mosquitto's configuration file."""
+    ``settings``: more lines for Mosquitto's configuration file.
+
+    The port is a free one when chosen, but another process can take it before the broker
+    binds it (two test suites or benches on one machine did): the broker then exits, or a
+    connection reaches the other process's listener while ours fails. Either way another free
+    port is tried, up to ``attempts`` times."""
+    for _ in range(attempts - 1):
+        with contextlib.suppress(PortTaken):
+            return _start_broker(folder, kind, settings)
+    return _start_broker(folder, kind, settings)
+
+
+class PortTaken(RuntimeError):
+    """The demo broker exited at start: its port was taken (or it cannot start at all)."""
+
+
+def _start_broker(folder: Path, kind: str, settings: str) -> tuple[subprocess.Popen, int, str]:
     port = free_port()
     mosquitto = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -182,11 +198,18 @@ def start_broker(
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port, name
         except OSError:
             if proc.poll() is not None:
-                break
+                raise PortTaken(
+                    f"the demo broker ({name}) exited at start on port {port}"
+                ) from None
             time.sleep(0.1)
+            continue
+        # Someone listens; a broker that could not bind exits within milliseconds.
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            raise PortTaken(f"port {port} was taken by another process before {name} bound it")
+        return proc, port, name
     proc.kill()
     proc.wait(5)
     raise RuntimeError(f"the demo broker ({name}) did not start on port {port}")

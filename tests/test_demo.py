@@ -71,7 +71,13 @@ def piped(command: str, tmp: Path, wait: float = 90) -> Iterator[tuple[subproces
         start_new_session=True,
     )
     try:
-        wait_until(lambda: log.exists() and "sine-003" in log.read_text(), "the live view", wait)
+        try:
+            wait_until(
+                lambda: log.exists() and "sine-003" in log.read_text(), "the live view", wait
+            )
+        except AssertionError as exc:  # say what the demo said instead
+            said = log.read_text()[-3000:] if log.exists() else "(no output at all)"
+            raise AssertionError(f"{exc}; the demo's output ends with:\n{said}") from None
         assert demo_folders(tmp) and processes_mentioning(str(tmp))
         yield job, log
     finally:
@@ -170,3 +176,36 @@ def test_make_demo_under_a_pipe_then_ctrl_c_leaves_nothing(tmp_path: Path) -> No
         wait_until(lambda: not group_members(job.pid), "make, the demo and tee to exit", 60)
         wait_until(lambda: not processes_mentioning(str(tmp_path)), "the broker to exit", 30)
         assert demo_folders(tmp_path) == []
+
+
+def test_the_demo_broker_moves_on_when_its_port_is_taken_before_it_binds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process listens on the port chosen first (it took it between the choice and the
+    broker's bind): the broker exits, and another free port is tried."""
+    from forecaster import demo
+
+    mosquitto_path()
+    squatter = socket.create_server(("127.0.0.1", 0))
+    taken = squatter.getsockname()[1]
+    chosen = iter([taken])
+    monkeypatch.setattr(demo, "free_port", lambda: next(chosen, None) or _free_port())
+    try:
+        proc, port, name = demo.start_broker(tmp_path, "mosquitto")
+    finally:
+        squatter.close()
+    try:
+        assert name == "mosquitto" and port != taken and proc.poll() is None
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 10, 0, 0]))
+        assert client.recv(4)[:1] == b"\x20"  # CONNACK: an MQTT broker of ours answers
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
