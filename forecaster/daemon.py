@@ -49,12 +49,13 @@ from forecaster.intake import HeldTick, Intake
 from forecaster.keeper import StateKeeper
 from forecaster.learner import Learner
 from forecaster.live import LiveView
-from forecaster.metrics import HttpEndpoint, Metrics
+from forecaster.metrics import Metrics
 from forecaster.mqtt import MqttLink, RawMessage
 from forecaster.outbox import Outbox
 from forecaster.persist import Journal
 from forecaster.reload import reload_daemon
 from forecaster.store import SqliteStore
+from forecaster.web import HttpEndpoint
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from forecaster.config import AnomalyConfig, MetricsConfig
 from forecaster.mqtt import LinkEvents
 from forecaster.reasons import DROP_REASONS, REASONS
 from forecaster.records import Forecast, ForecastColumns
-from forecaster.web import HttpEndpoint as HttpEndpoint  # its old home, kept for importers
 
 STORAGE_PARTS = ("journal", "checkpoint", "park_store")
+LEARNER_TOTALS = ("updates", "skipped_nonfinite", "skipped_behind", "rollbacks", "failed")
 # Defaults: the config models' (one source; the daemon passes the configured values).
 _METRICS, _ANOMALY = MetricsConfig(), AnomalyConfig()
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -321,13 +321,7 @@ class Metrics(LinkEvents):
 
     def observe_learner(self, stats: object) -> None:
         """Fold the learner's running totals into counters (increments since the last call)."""
-        now = (
-            stats.updates,
-            stats.skipped_nonfinite,
-            stats.skipped_behind,
-            stats.rollbacks,
-            stats.failed,
-        )  # type: ignore[attr-defined]
+        now = tuple(getattr(stats, total) for total in LEARNER_TOTALS)
         before, self._learn_seen = self._learn_seen, now
         self.learn_updates.inc(max(0, now[0] - before[0]))
         self.learn_skipped.labels("non_finite").inc(max(0, now[1] - before[1]))
@@ -340,8 +334,7 @@ class Metrics(LinkEvents):
 
     # -- engine side --------------------------------------------------------------------------
     def challenger_changed(self) -> None:
-        """A reload set another challenger or none: the per-stream and overall comparison of the
-        two models starts afresh (a dropped challenger's last figures would stand forever)."""
+        """Another challenger or none (a reload): the comparison of the two starts afresh."""
         with self._lock:
             self._labels.forget_models()
 
