@@ -43,3 +43,16 @@ def test_readme_command_runs_in_a_clone(line: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_stays_short_and_every_module_small() -> None:
+    """Issue 21's bounds: a README a user reads in five minutes (the rest is docs/), and modules
+    a reviewer reads in one sitting."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    long = {
+        str(path.relative_to(ROOT)): length
+        for folder in ("forecaster", "simulators")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if (length := len(path.read_text().splitlines())) > 450
+    }
+    assert not long, f"modules over 450 lines: {long}"
