@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from forecaster.config import Config, MqttConfig
 from forecaster.daemon import Daemon
 from forecaster.engine import Engine
-from forecaster.persist import load_checkpoint
+from forecaster.persist import load_checkpoint, save_checkpoint
 from forecaster.records import Sample
 
 
@@ -170,6 +170,23 @@ def offline_predictions(values: list[float], stream: str = "s") -> list[float]:
     checkpoint = load_checkpoint()
     engine = Engine(checkpoint.model, checkpoint.normalizer)
     return [engine.tick([Sample(stream, v)]).forecasts[0].prediction for v in values]
+
+
+def restarted(engine: Engine, path: Path, **settings: Any) -> Engine:
+    """``engine`` written to a checkpoint at ``path`` and read back into a fresh Engine (built
+    with ``settings``), as a daemon's restart does."""
+    table = engine.streams
+    save_checkpoint(
+        path,
+        engine.model,
+        engine.normalizer_config,
+        stream_names=list(table.names),
+        stream_arrays=table.arrays(),
+    )
+    saved = load_checkpoint(path)
+    restored = Engine(saved.model, saved.normalizer, **settings)
+    restored.streams.load(saved.stream_names, saved.stream_arrays)
+    return restored
 
 
 def forecaster_cli(*args: str) -> subprocess.CompletedProcess[str]:

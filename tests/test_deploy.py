@@ -19,7 +19,7 @@ from forecaster.persist import load_checkpoint, save_checkpoint
 from forecaster.records import Batch
 from forecaster.store import MemoryStore
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, offline_predictions
+from tests.helpers import RunningDaemon, daemon_config, offline_predictions, restarted
 
 REWARM = 20  # engine.gaps.rewarm_samples' default
 
@@ -100,18 +100,7 @@ def test_a_restart_mid_rewarm_flags_what_an_uninterrupted_run_does(tmp_path: Pat
     engine.deploy(weights, version=1, rewarm=4)
     for value in (1.1, 1.2):  # two of the four still owed
         engine.tick_batch(Batch.of(["a"], [value]))
-    table = engine.streams
-    path = tmp_path / "c.safetensors"
-    save_checkpoint(
-        path,
-        engine.model,
-        checkpoint.normalizer,
-        stream_names=list(table.names),
-        stream_arrays=table.arrays(),
-    )
-    saved = load_checkpoint(path)
-    restored = Engine(saved.model, saved.normalizer)
-    restored.streams.load(saved.stream_names, saved.stream_arrays)
+    restored = restarted(engine, tmp_path / "c.safetensors")
     rest = [1.3, 1.4, 1.5, 1.6]
     got = [restored.tick_batch(Batch.of(["a"], [v])).forecasts.warm[0] for v in rest]
     want = [engine.tick_batch(Batch.of(["a"], [v])).forecasts.warm[0] for v in rest]

@@ -14,10 +14,9 @@ from forecaster.combine import CombinerConfig
 from forecaster.engine import Engine, GapPolicy
 from forecaster.model import Forecaster
 from forecaster.normalize import NormalizerConfig
-from forecaster.persist import load_checkpoint, save_checkpoint
 from forecaster.records import Sample
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
+from tests.helpers import RunningDaemon, daemon_config, metric_value, restarted, wait_until
 
 # Gain off: the forecast must follow the hidden state, so a reset shows in it.
 NORM = NormalizerConfig(halflife=50.0, gain_halflife=None)
@@ -86,17 +85,7 @@ def test_interval_and_cold_count_travel_in_the_checkpoint(
     engine = Engine(tiny_model, NORM, gaps=POLICY)
     for ts, value in [*series(10), *series(2, start=100.0)]:  # mid re-warm: 2 cold ones left
         engine.tick([Sample("a", value, ts)])
-    table = engine.streams
-    save_checkpoint(
-        tmp_path / "c.safetensors",
-        engine.model,
-        NORM,
-        stream_names=list(table.names),
-        stream_arrays=table.arrays(),
-    )
-    checkpoint = load_checkpoint(tmp_path / "c.safetensors")
-    restored = Engine(checkpoint.model, NORM, gaps=POLICY)
-    restored.streams.load(checkpoint.stream_names, checkpoint.stream_arrays)
+    restored = restarted(engine, tmp_path / "c.safetensors", gaps=POLICY)
     assert restored.streams.cold[0] == 2 and restored.streams.interval[0] == 1.0
     rest = series(4, start=102.0)
     got = [restored.tick([Sample("a", v, t)]).forecasts[0] for t, v in rest]

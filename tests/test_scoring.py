@@ -17,12 +17,12 @@ from forecaster.bench.anomaly import alarm_starts, bench_anomaly
 from forecaster.engine import Engine
 from forecaster.metrics import OTHER, Metrics
 from forecaster.outbox import forecast_bodies
-from forecaster.persist import load_checkpoint, save_checkpoint
+from forecaster.persist import load_checkpoint
 from forecaster.records import Forecast, Sample
 from forecaster.scoring import ScoringConfig, normal_cdf
 from simulators.signals import sine_wave
 from tests.conftest import Broker, Collector
-from tests.helpers import RunningDaemon, daemon_config, metric_value, wait_until
+from tests.helpers import RunningDaemon, daemon_config, metric_value, restarted, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 500  # samples per stream not judged (normaliser, hidden state and tracker settling)
@@ -169,18 +169,7 @@ def test_checkpoint_restart_continues_intervals_and_scores_exactly(tmp_path: Pat
     checkpoint = load_checkpoint()
     first = Engine(checkpoint.model, checkpoint.normalizer)
     replay(series[:, :600], first)
-    path = tmp_path / "c.safetensors"
-    table = first.streams
-    save_checkpoint(
-        path,
-        first.model,
-        first.normalizer_config,
-        stream_names=list(table.names),
-        stream_arrays=table.arrays(),
-    )
-    restored = load_checkpoint(path)
-    second = Engine(restored.model, restored.normalizer)
-    second.streams.load(restored.stream_names, restored.stream_arrays)
+    second = restarted(first, tmp_path / "c.safetensors")
     rest = replay(series[:, 600:], second)
     for key in ("lower", "upper", "anomaly", "covered"):
         np.testing.assert_array_equal(rest[key][:, 1:], whole[key][:, 601:], err_msg=key)
