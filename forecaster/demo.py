@@ -28,8 +28,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from forecaster import runtime
-from forecaster.config import load_config
+from forecaster.config import Config, load_config
 from forecaster.daemon import Daemon
+from forecaster.errors import ConfigError
 from simulators.client import connected_client
 from simulators.sine import SineSpec, SineStreams, publish_sine
 
@@ -284,6 +285,26 @@ def choose_metrics_port(requested: int | None) -> int:
     return DEFAULT_METRICS_PORT if port_is_free(DEFAULT_METRICS_PORT) else 0
 
 
+def start_daemon(overrides: dict[str, str], metrics_port: int | None) -> tuple[Config, Daemon]:
+    """The demo's daemon, started. When 9108 was free on looking and taken on binding (two demos
+    starting at once did that), the daemon's start says so and the demo takes any free port; a
+    port the user asked for stays an error."""
+    chosen = choose_metrics_port(metrics_port)
+    while True:
+        environ = {**overrides, "FORECASTER_METRICS__PORT": str(chosen)}
+        config = load_config(DEMO_CONFIG, environ=environ)
+        runtime.tune_process(config.model.threads)  # as ``forecaster run``
+        daemon = Daemon(config)
+        try:
+            daemon.start()
+        except ConfigError as exc:
+            if metrics_port is not None or chosen == 0 or not str(exc).startswith("metrics.port"):
+                raise
+            chosen = 0
+            continue
+        return config, daemon
+
+
 def run_demo(
     duration: float | None,
     streams: int,
@@ -309,12 +330,8 @@ def run_demo(
                 overrides = {
                     "FORECASTER_MQTT__PORT": str(port),
                     "FORECASTER_STATE__DIR": str(folder / "state"),
-                    "FORECASTER_METRICS__PORT": str(choose_metrics_port(metrics_port)),
                 }
-                config = load_config(DEMO_CONFIG, environ=overrides)
-                runtime.tune_process(config.model.threads)  # as ``forecaster run``
-                daemon = Daemon(config)
-                daemon.start()
+                config, daemon = start_daemon(overrides, metrics_port)
                 runtime.settle(learner=config.online_learning.enabled)
                 metrics_url = None
                 if daemon.http is not None:

@@ -209,3 +209,31 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_the_demo_takes_any_free_metrics_port_when_9108_is_gone_by_binding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two demos starting at once both saw 9108 free; the second one's bind fails. It runs on
+    any free port instead (a port the user asked for stays an error)."""
+    from forecaster import demo
+    from forecaster.errors import ConfigError
+
+    squatter = None
+    with contextlib.suppress(OSError):  # else something else holds 9108: taken all the same
+        squatter = socket.create_server(("127.0.0.1", demo.DEFAULT_METRICS_PORT))
+    monkeypatch.setattr(demo, "port_is_free", lambda port, host="127.0.0.1": True)  # the look
+    overrides = {"FORECASTER_MQTT__PORT": str(_free_port())}
+    try:
+        overrides["FORECASTER_STATE__DIR"] = str(tmp_path / "a")
+        _, daemon = demo.start_daemon(overrides, None)
+        try:
+            assert daemon.http is not None and daemon.http.port != demo.DEFAULT_METRICS_PORT
+        finally:
+            daemon.shutdown()
+        overrides["FORECASTER_STATE__DIR"] = str(tmp_path / "b")
+        with pytest.raises(ConfigError, match=r"metrics\.port"):
+            demo.start_daemon(overrides, demo.DEFAULT_METRICS_PORT)  # asked for: an error
+    finally:
+        if squatter is not None:
+            squatter.close()
