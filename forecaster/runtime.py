@@ -54,9 +54,9 @@ def tune_process(threads: int = 1, *, allocator: bool = True) -> None:
 
     NumPy's OpenBLAS always gets one thread: the readers' BLAS calls are small (a (B, 47) by
     (47, 3) product, batched 14 x 14 solves), and OpenBLAS's second thread spins for a core the
-    broker and paho also want. With both cores busy, that product took 13 ms at 10,000 streams
-    against 0.5 ms on one thread, the batched solve 40 ms against 16 ms (``threadpoolctl`` sets
-    it at run time: the environment variable would have to precede NumPy's import).
+    broker and paho also want. With both cores busy that product took erratic times, up to 25x
+    its one-thread time (docs/decisions/blas-threads.md). ``threadpoolctl`` sets it at run
+    time: the environment variable would have to precede NumPy's import.
     """
     if allocator:
         return_freed_arrays()
