@@ -125,8 +125,9 @@ class Engine:
         # Model deployments so far (``deploy``): a stream whose ``epoch`` is older re-warms.
         self.model_epoch = 0
         self.rewarm_samples = 0
-        # Some stream still owes warm=False forecasts: worked out at each tick from the streams'
-        # ``cold`` counts (restored with them), so the countdown costs nothing once all are warm.
+        # Some stream of this tick still owes warm=False forecasts: worked out at each tick from
+        # its streams' ``cold`` counts (checkpointed and parked with them), so a restart keeps
+        # flagging and the countdown costs nothing once they are warm.
         self.rewarming = False
         # Role swaps between the served model and the challenger so far (``promote``), and the
         # evidence since the last: each role's squared errors in the stream's scale on the values
@@ -263,7 +264,7 @@ class Engine:
             table.shadow_epoch[slots[i]] = self.challenger_epoch
         if self.max_streams:
             table.last_used[slots] = self.ticks
-        self.rewarming = bool(table.cold[: len(table)].any())
+        self.rewarming = bool(table.cold[slots].any())
         out = self._empty_columns(admission.index, names)
         out.seq = rows.seq
         values, ts, seq, level = rows.values, rows.ts, rows.seq, admission.level
