@@ -219,21 +219,20 @@ def test_the_demo_takes_any_free_metrics_port_when_9108_is_gone_by_binding(
     from forecaster import demo
     from forecaster.errors import ConfigError
 
-    squatter = None
-    with contextlib.suppress(OSError):  # else something else holds 9108: taken all the same
-        squatter = socket.create_server(("127.0.0.1", demo.DEFAULT_METRICS_PORT))
+    squatter = socket.create_server(("127.0.0.1", 0))  # holds "9108" (a port of its own here:
+    taken = squatter.getsockname()[1]  # another demo test may be using the real one)
+    monkeypatch.setattr(demo, "DEFAULT_METRICS_PORT", taken)
     monkeypatch.setattr(demo, "port_is_free", lambda port, host="127.0.0.1": True)  # the look
     overrides = {"FORECASTER_MQTT__PORT": str(_free_port())}
     try:
         overrides["FORECASTER_STATE__DIR"] = str(tmp_path / "a")
         _, daemon = demo.start_daemon(overrides, None)
         try:
-            assert daemon.http is not None and daemon.http.port != demo.DEFAULT_METRICS_PORT
+            assert daemon.http is not None and daemon.http.port != taken
         finally:
             daemon.shutdown()
         overrides["FORECASTER_STATE__DIR"] = str(tmp_path / "b")
         with pytest.raises(ConfigError, match=r"metrics\.port"):
-            demo.start_daemon(overrides, demo.DEFAULT_METRICS_PORT)  # asked for: an error
+            demo.start_daemon(overrides, taken)  # asked for: an error
     finally:
-        if squatter is not None:
-            squatter.close()
+        squatter.close()
