@@ -45,6 +45,15 @@ def status(port: int, path: str) -> int:
         return error.code
 
 
+def answers(port: int, path: str) -> int | None:
+    """``status``, or None while the server still refuses (closes) new connections: the pool is
+    busy with the slow ones being closed (a loaded machine took longer: loaded round 23)."""
+    try:
+        return status(port, path)
+    except OSError:
+        return None
+
+
 def test_known_paths_answer_and_others_are_404() -> None:
     http, _ = endpoint()
     try:
@@ -77,7 +86,7 @@ def test_many_slow_connections_do_not_grow_threads() -> None:
         assert metrics.registry.get_sample_value("forecaster_http_refused_total") == server.refused
         for sock in slow:
             sock.close()
-        wait_until(lambda: status(http.port, "/healthz") == 200, "the port answering again", 20)
+        wait_until(lambda: answers(http.port, "/healthz") == 200, "the port answering again", 20)
         assert threading.active_count() == threads
     finally:
         http.close()
